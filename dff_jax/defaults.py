@@ -1,0 +1,118 @@
+"""Config fields every experiment shares, with the paper's defaults (section 6.2) and MicroLens's (protocol 4).
+
+Each experiment file (`microlens.py`, `bili_movie.py`, `synthetic.py`, `smoke.py`) starts from `base_config()`
+and changes only what differs. `apply_variant` maps the study's variants onto the model fields.
+"""
+
+import ml_collections
+
+# The study's item-encoder variants (paper sections 4-5): name -> (item_encoder, content, layer).
+VARIANTS = {
+    "id": ("id", "layer", -1),  # ID embedding only (IDRec SASRec)
+    "replace": ("replace", "layer", -1),  # last decoder layer replaces the ID (Table 1 "Replacement")
+    "fusion_last": ("fusion", "layer", -1),  # last decoder layer gated with the ID (Table 1 "Fusion", Eq. 3-4)
+    "fusion_layer": ("fusion", "layer", None),  # one chosen layer (--config.model.layer), Figure 3's sweep
+    "fusion_mean": ("fusion", "mean", -1),  # uniform mean of all layers, Figure 3's red line
+    "dff": ("fusion", "learned", -1),  # DFF: learned global layer weights alpha + gate (Eq. 5-7)
+    "caption": ("fusion", "layer", -1),  # caption-centric: a one-layer text-embedding feature set (4.2)
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 42  # MicroLens seeds 42 + rank; the study varies it over runs
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # folder holding the interactions file
+    c.data.interactions = ""  # file name inside data.dir
+    c.data.format = "auto"  # auto | microlens_tsv | microlens_csv | ninerec | csv | movielens
+    c.data.columns = ""  # column order override for header-less CSVs, e.g. "item,user,timestamp"
+    c.data.min_seq_len = 5  # MicroLens read_behaviors: drop users with fewer items (0 = keep all)
+    c.data.max_seq_len = 10  # SASRec input length (MicroLens max_seq_len_list = [10])
+    c.data.window = 13  # keep each user's last max_seq_len + 3 items (0 = all history)
+    c.data.min_rating = 0  # MovieLens only: drop ratings below this (0 = implicit feedback, keep all)
+    c.data.generate = ""  # "synthetic": generate data.dir with dff_jax.synthetic when it is absent
+    c.data.synthetic = ml_collections.ConfigDict()  # generator arguments when generate == "synthetic"
+
+    c.features = ml_collections.ConfigDict()
+    c.features.dir = ""  # feature folder (*.tfrecord + schema.json); unused by the `id` encoder
+    c.features.allow_missing = False  # zero-fill items without features (and report the count) instead of failing
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 1024  # paper: selected from {512, 1024, 2048}; MicroLens: 1024
+    c.model.num_blocks = 2  # MicroLens transformer_block
+    c.model.num_heads = 2  # MicroLens num_attention_heads
+    c.model.dropout = 0.1  # MicroLens drop_rate
+    c.model.pre_ln = False  # MicroLens uses post-LN
+    c.model.max_seq_len = c.data.get_ref("max_seq_len")
+    c.model.item_encoder = "fusion"  # id | replace | fusion
+    c.model.content = "learned"  # layer | mean | learned (DFF)
+    c.model.layer = -1  # stored row for content == "layer" (0 = embedding output, -1 = last decoder layer)
+    c.model.layers = ()  # stored rows aggregated by mean/learned; () = all rows
+    c.model.alpha_softmax = True  # DFF alpha = softmax(w), w initialised to 0 (uniform, Eq. 5)
+    c.model.gate_hidden = 256  # hidden width of the gate MLP (Eq. 3/6)
+    c.model.gate_dim = "vector"  # vector | scalar gate g
+    c.model.proj_hidden = 0  # 0: one Linear projection of e_v into the behaviour space
+    c.model.feature_norm = "standardize"  # none | layernorm | standardize (per stored layer, from the table)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "inbatch_logq"  # inbatch_logq (MicroLens) | full_softmax | sampled_softmax | bce (NineRec)
+    c.loss.num_negatives = 256  # sampled_softmax only
+    c.loss.proposal = "uniform"  # sampled_softmax negatives: uniform | pop
+    c.loss.logq = True  # subtract log proposal probability (popularity for in-batch)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4  # paper: selected from {1e-4, 1e-5, 1e-6}; MicroLens 1e-4, constant
+    c.optim.weight_decay = 0.1  # paper/MicroLens AdamW wd; applied to kernels and embedding tables only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 5.0  # MicroLens clip_grad_norm_(max_norm=5)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 512  # global, users per step (MicroLens 512 per GPU on 1 GPU)
+    c.train.num_epochs = 100  # paper 6.2: at most 100 epochs
+    c.train.patience = 5  # paper 6.2: early stopping patience (0 = off)
+    c.train.select_metric = "NDCG@10"  # validation metric for the best checkpoint / early stopping
+    c.train.keep_checkpoints = 2  # latest checkpoints kept (the best is kept separately)
+    c.train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+    c.train.log_every_steps = 50
+    c.train.progress_bar = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.ks = (10, 20)
+    c.eval.batch_size = 1024  # users per evaluation batch (global)
+    c.eval.mask_history = True  # MicroLens: score[history] = -inf (valid: train items; test: train + valid)
+    c.eval.chunk_size = 4096  # items scored per chunk when ranking (bounded memory)
+    c.eval.ties = "optimistic"  # rank = 1 + #items scoring strictly higher ("pessimistic": >=)
+    c.eval.sampled_negatives = 0  # >0: also report sampled metrics vs K random negatives (labelled "sampled")
+    c.eval.cold_bins = (0, 1, 5, 20)  # lower edges of train-count bins for the cold-start slices
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.model_axis = 1  # size of the "model" mesh axis (data axis = devices / model_axis)
+    c.parallel.shard_items = False  # shard the item-ID table, feature table and their optimizer state on "model"
+    c.parallel.coordinator_address = ""  # multi-host: host:port of process 0 (env/Slurm/Open MPI auto-detected)
+    c.parallel.num_processes = 0
+    c.parallel.process_id = -1
+    c.parallel.initialization_timeout = 300  # seconds to wait for every process before failing
+    c.parallel.cpu_devices = 0  # >0: simulate this many CPU devices (tests)
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Sets the model fields of one study variant (see VARIANTS); "" keeps the config's defaults."""
+    if not variant:
+        return c
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    encoder, content, layer = VARIANTS[variant]
+    c.model.item_encoder = encoder
+    c.model.content = content
+    if layer is not None:
+        c.model.layer = layer
+    return c
+
+
+def split_arg(arg: str | None) -> tuple[str, str]:
+    """`variant` or `variant,size` from `--config configs/x.py:variant`."""
+    parts = (arg or "").split(",")
+    return parts[0], (parts[1] if len(parts) > 1 else "")
