@@ -1,0 +1,205 @@
+"""Tests for loading feature shards into an item-aligned table (dff_jax/features.py)."""
+
+import json
+import random
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dff_jax import features, records
+from dff_jax.features import FeatureError, load_features
+
+LAYERS, HIDDEN = 4, 6
+
+
+def _item_array(k: int, dtype="float16") -> np.ndarray:
+    """Distinct per item and per layer, so a misplaced row or layer cannot go unnoticed."""
+    values = np.arange(LAYERS * HIDDEN, dtype=np.float32).reshape(LAYERS, HIDDEN) / 8 + k
+    return values.astype(records.numpy_dtype(dtype))
+
+
+def _make_folder(path, shards: list[list[str]], dtype="float16", num_items=None, arrays=None, **schema_fields):
+    """Writes shards (a list of item-id lists) and schema.json; returns {item_id: array}."""
+    path.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for s, ids in enumerate(shards):
+        with records.ShardWriter(path / f"part-{s}.tfrecord") as w:
+            for item_id in ids:
+                array = (arrays or {}).get(item_id)
+                if array is None:
+                    array = _item_array(int(item_id.lstrip("i")), dtype)
+                w.write(item_id, array)
+                written[item_id] = array
+    fields = {
+        "model": "m",
+        "layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "dtype": dtype,
+        "pooling": "mean",
+        "prompt": "",
+        "modality": "video",
+        "num_frames": 4,
+        "extractor_version": "test",
+        "num_items": sum(len(ids) for ids in shards) if num_items is None else num_items,
+    }
+    fields.update(schema_fields)
+    records.write_schema(path, records.Schema(**fields))
+    return written
+
+
+@pytest.mark.parametrize("dtype", records.DTYPES)
+def test_table_rows_follow_the_dataset_index(tmp_path, dtype):
+    ids = [f"i{k}" for k in range(1, 11)]
+    written = _make_folder(tmp_path, [ids[:4], ids[4:]], dtype=dtype)
+    order = ids[:]
+    random.Random(0).shuffle(order)
+    item_ids = [""] + order
+    loaded = load_features(tmp_path, item_ids)
+    assert loaded.table.shape == (11, LAYERS, HIDDEN)
+    assert loaded.table.dtype == records.numpy_dtype(dtype)
+    assert loaded.layers == list(range(LAYERS))
+    assert (loaded.missing, loaded.unused, loaded.records, loaded.files) == (0, 0, 10, 2)
+    assert not loaded.table[0].astype(np.float32).any(), "row 0 is padding"
+    for row, item_id in enumerate(item_ids[1:], start=1):
+        np.testing.assert_array_equal(loaded.table[row].view(np.uint8), written[item_id].view(np.uint8))
+
+
+def test_layer_subset_with_negative_index(tmp_path):
+    written = _make_folder(tmp_path, [["i1", "i2", "i3"]])
+    loaded = load_features(tmp_path, ["", "i3", "i1", "i2"], layers=[1, -1])
+    assert loaded.layers == [1, LAYERS - 1]
+    assert loaded.table.shape == (4, 2, HIDDEN)
+    np.testing.assert_array_equal(loaded.table[1], written["i3"][[1, LAYERS - 1]])
+    np.testing.assert_array_equal(loaded.table[3], written["i2"][[1, LAYERS - 1]])
+
+
+def test_layer_out_of_range(tmp_path):
+    _make_folder(tmp_path, [["i1"]])
+    with pytest.raises(FeatureError, match=rf"layer {LAYERS} requested.*rows 0..{LAYERS - 1}"):
+        load_features(tmp_path, ["", "i1"], layers=[LAYERS])
+
+
+def test_items_not_in_the_dataset_are_counted_not_loaded(tmp_path):
+    _make_folder(tmp_path, [["i1", "i2", "i3", "i4"]])
+    loaded = load_features(tmp_path, ["", "i4", "i2"])
+    assert (loaded.unused, loaded.records, loaded.table.shape[0]) == (2, 4, 3)
+    assert "2 records for items not in the dataset" in loaded.report()
+
+
+def test_missing_features_error_lists_count_and_ids(tmp_path):
+    _make_folder(tmp_path, [["i1", "i2"]])
+    with pytest.raises(FeatureError, match=r"3 of 5 items have no features, e.g. ids \['i7', 'i8', 'i9'\]"):
+        load_features(tmp_path, ["", "i1", "i7", "i2", "i8", "i9"])
+
+
+def test_allow_missing_zero_fills_and_reports(tmp_path):
+    written = _make_folder(tmp_path, [["i1", "i2"]])
+    loaded = load_features(tmp_path, ["", "i1", "i7", "i2"], allow_missing=True)
+    assert loaded.missing == 1
+    assert not loaded.table[2].astype(np.float32).any()
+    np.testing.assert_array_equal(loaded.table[3], written["i2"])
+    assert "1 items zero-filled" in loaded.report()
+
+
+def test_duplicate_id_across_shards_names_both(tmp_path):
+    _make_folder(tmp_path, [["i1", "i2"], ["i3", "i2"]])
+    with pytest.raises(FeatureError) as err:
+        load_features(tmp_path, ["", "i1", "i2", "i3"])
+    message = str(err.value)
+    assert "part-1.tfrecord: record 1: item i2 stored twice" in message
+    assert "part-0.tfrecord: record 1" in message
+
+
+def test_record_dtype_differs_from_schema(tmp_path):
+    _make_folder(tmp_path, [["i1"]], arrays={"i1": _item_array(1, "float32")}, dtype="float16")
+    with pytest.raises(FeatureError, match=r"part-0.tfrecord: record 0: item i1: dtype float32, schema says float16"):
+        load_features(tmp_path, ["", "i1"])
+
+
+def test_record_shape_differs_from_schema(tmp_path):
+    bad = np.zeros((LAYERS + 1, HIDDEN), np.float16)
+    _make_folder(tmp_path, [["i1", "i2"]], arrays={"i2": bad})
+    with pytest.raises(FeatureError, match=r"record 1: item i2: shape \[5, 6\], schema says \[layers=4"):
+        load_features(tmp_path, ["", "i1", "i2"])
+
+
+@pytest.mark.parametrize("dtype", records.DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_names_item_and_file(tmp_path, dtype, bad):
+    array = _item_array(2, dtype)
+    array[2, 3] = bad
+    _make_folder(tmp_path, [["i1"], ["i2"]], dtype=dtype, arrays={"i2": array})
+    with pytest.raises(
+        FeatureError, match=r"part-1.tfrecord: record 0: item i2: 1 NaN/Inf values \(in stored rows \[2\]"
+    ):
+        load_features(tmp_path, ["", "i1", "i2"])
+
+
+def test_largest_finite_values_pass(tmp_path):
+    """The exponent-bit test must not flag the largest finite numbers of each dtype."""
+    for dtype in records.DTYPES:
+        np_dtype = records.numpy_dtype(dtype)
+        info = ml_dtypes.finfo(np_dtype)  # numpy's finfo does not know bfloat16
+        array = np.full((LAYERS, HIDDEN), info.max, np_dtype)
+        array[0, 0] = info.min
+        folder = tmp_path / dtype
+        _make_folder(folder, [["i1"]], dtype=dtype, arrays={"i1": array})
+        assert load_features(folder, ["", "i1"]).table[1, 0, 0] == info.min
+
+
+def test_num_items_mismatch_names_schema(tmp_path):
+    _make_folder(tmp_path, [["i1", "i2"]], num_items=3)
+    with pytest.raises(FeatureError, match=r"schema.json: num_items is 3 but the 1 shards hold 2 records"):
+        load_features(tmp_path, ["", "i1", "i2"])
+
+
+def test_expect_schema_mismatch(tmp_path):
+    _make_folder(tmp_path, [["i1"]])
+    assert load_features(tmp_path, ["", "i1"], expect_schema={"model": "m", "layers": LAYERS}).schema.model == "m"
+    with pytest.raises(
+        FeatureError, match=r"schema.json: schema does not match the config: hidden_size=6 \(expected 8\)"
+    ):
+        load_features(tmp_path, ["", "i1"], expect_schema={"hidden_size": 8})
+
+
+def test_corrupted_shard_is_a_feature_error_naming_the_record(tmp_path):
+    _make_folder(tmp_path, [["i1", "i2"]])
+    path = tmp_path / "part-0.tfrecord"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the last record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(FeatureError, match=r"part-0.tfrecord: record 1 .*payload CRC mismatch"):
+        load_features(tmp_path, ["", "i1", "i2"])
+
+
+def test_missing_folder_and_no_shards_say_how_to_make_them(tmp_path):
+    with pytest.raises(FeatureError, match=r"not found.*\*\.tfrecord.*schema\.json.*python -m dff_jax\.synthetic"):
+        load_features(tmp_path / "nope", ["", "i1"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeatureError, match=r"no \*\.tfrecord shards.*python -m extract"):
+        load_features(tmp_path / "empty", ["", "i1"])
+
+
+def test_bad_schema_is_a_feature_error(tmp_path):
+    _make_folder(tmp_path, [["i1"]])
+    raw = json.loads((tmp_path / "schema.json").read_text())
+    raw["dtype"] = "int4"
+    (tmp_path / "schema.json").write_text(json.dumps(raw))
+    with pytest.raises(FeatureError, match=r"schema.json: dtype 'int4'"):
+        load_features(tmp_path, ["", "i1"])
+
+
+def test_item_ids_must_start_with_padding(tmp_path):
+    _make_folder(tmp_path, [["i1"]])
+    with pytest.raises(ValueError, match="padding"):
+        load_features(tmp_path, ["i1"])
+
+
+def test_bench_small_shape(tmp_path):
+    """The benchmark runs end to end at a tiny shape (the full MicroLens shape is run by hand)."""
+    result = features.bench_feature_load(num_items=50, layers=3, hidden=16, dtype="float16", tmpdir=str(tmp_path))
+    assert result["table_bytes"] == 51 * 3 * 16 * 2
+    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
+    assert result["seconds"] > 0 and result["ratio"] > 1
+    assert list(tmp_path.iterdir()) == [], "the benchmark deletes what it wrote"
