@@ -93,7 +93,7 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
             )
         if not 0 <= pid < num:
             raise ValueError(f"config.parallel: process_id={pid} must be in [0, num_processes={num})")
-        args = dict(coordinator_address=address, num_processes=num, process_id=pid)
+        args = {"coordinator_address": address, "num_processes": num, "process_id": pid}
         host = address.rsplit(":", 1)[0]
         if host in ("127.0.0.1", "localhost", "[::1]"):
             # Loopback jobs: keep the coordinator off the other interfaces (jax binds [::]:port by default).
@@ -122,7 +122,7 @@ def initialize(parallel_cfg: Any = None) -> None:
     """
     cpu_devices = int(_get(parallel_cfg, "cpu_devices") or 0)
     if cpu_devices > 0 and jax.config.jax_num_cpu_devices != cpu_devices:
-        if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001 (no public probe in jax 0.10)
+        if jax._src.xla_bridge.backends_are_initialized():
             raise ValueError(
                 f"config.parallel.cpu_devices={cpu_devices}: jax is already running with "
                 f"{jax.local_device_count()} local device(s); cpu_devices must be set before the first jax operation"

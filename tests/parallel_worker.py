@@ -14,15 +14,15 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dff_jax import parallel  # noqa: E402
+from dff_jax import parallel
 
 STEPS, BATCH, SEQ, DIM, LAYERS, HIDDEN, EVAL_USERS = 5, 32, 5, 16, 3, 8, 40
 
