@@ -1,0 +1,155 @@
+"""Full-ranking metrics against a brute-force numpy reference (MicroLens utils/metrics.py::eval_model)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dff_jax import metrics
+
+
+def brute_force_ranks(user, items, targets, history, mask_history=True, ties="optimistic"):
+    """MicroLens's recipe: score everything, history -> -inf, drop the padding column, rank the target."""
+    n = items.shape[0] - 1
+    ranks = []
+    for b in range(len(targets)):
+        scores = items @ user[b]
+        t = targets[b]
+        hist = set(int(i) for i in history[b] if i > 0) if mask_history else set()
+        if t in hist:
+            ranks.append(n + 1)  # masked target: a miss
+            continue
+        others = [i for i in range(1, n + 1) if i != t and i not in hist]
+        if ties == "optimistic":
+            ranks.append(1 + sum(scores[i] > scores[t] for i in others))
+        else:
+            ranks.append(1 + sum(scores[i] >= scores[t] for i in others))
+    return np.array(ranks)
+
+
+def tie_heavy_case(seed, batch=9, n_items=37, dim=3, hist_len=6):
+    # Small integer embeddings make exact score ties frequent and float32 products exact.
+    rng = np.random.default_rng(seed)
+    user = rng.integers(-2, 3, (batch, dim)).astype(np.float32)
+    items = rng.integers(-1, 2, (n_items + 1, dim)).astype(np.float32)
+    targets = rng.integers(1, n_items + 1, batch)
+    history = rng.integers(0, n_items + 1, (batch, hist_len))
+    history[:, -2:] = 0  # padding
+    history[0, 1] = history[0, 0]  # duplicate history entries
+    history[1, 2] = targets[1]  # target inside its own history -> miss
+    history[2, :] = 0  # empty history
+    return user, items, targets, history
+
+
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+@pytest.mark.parametrize("mask_history", [True, False])
+@pytest.mark.parametrize("chunk_size", [5, 16, 38, 4096])
+def test_target_ranks_match_brute_force(ties, mask_history, chunk_size):
+    for seed in range(3):
+        user, items, targets, history = tie_heavy_case(seed)
+        got = np.asarray(
+            metrics.target_ranks(
+                user, items, targets, history, mask_history=mask_history, chunk_size=chunk_size, ties=ties
+            )
+        )
+        want = brute_force_ranks(user, items, targets, history, mask_history, ties)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ties_actually_occur_and_rules_differ():
+    user, items, targets, history = tie_heavy_case(0)
+    opt = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8))
+    pes = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8, ties="pessimistic"))
+    assert (pes >= opt).all() and (pes > opt).any()
+
+
+def test_masked_target_is_a_miss_and_padding_never_counts():
+    n = 10
+    items = np.zeros((n + 1, 2), np.float32)
+    items[0] = [100.0, 100.0]  # the padding row scores highest but must never count
+    items[1:, 0] = np.arange(n, 0, -1)  # item 1 scores 10, item 10 scores 1
+    user = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
+    targets = np.array([3, 3, 5])
+    history = np.array([[1, 1, 0], [3, 0, 0], [0, 0, 0]])
+    ranks = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=4))
+    # user 0: items 1, 2 above item 3, item 1 masked (twice) -> rank 2; user 1: target in history -> N+1.
+    np.testing.assert_array_equal(ranks, [2, n + 1, 5])
+    unmasked = np.asarray(metrics.target_ranks(user, items, targets, history, mask_history=False, chunk_size=4))
+    np.testing.assert_array_equal(unmasked, [3, 3, 5])
+
+
+def test_random_float_scores_match_argsort_rank():
+    # With continuous scores there are no ties; the rank equals the 1-based argsort position MicroLens takes.
+    rng = np.random.default_rng(1)
+    b, n, d = 16, 300, 8
+    user = rng.normal(size=(b, d)).astype(np.float32)
+    items = rng.normal(size=(n + 1, d)).astype(np.float32)
+    targets = rng.integers(1, n + 1, b)
+    history = rng.integers(0, n + 1, (b, 7))
+    history[history == targets[:, None]] = 0
+    got = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=64))
+    for i in range(b):
+        scores = (items @ user[i]).astype(np.float64)
+        scores[history[i][history[i] > 0]] = -np.inf
+        scores = scores[1:]
+        order = np.argsort(-scores)
+        assert got[i] == int(np.flatnonzero(order == targets[i] - 1)[0]) + 1
+
+
+def test_metrics_from_ranks_formulas_and_labels():
+    ranks = np.array([1, 3, 10, 11, 20, 21, 5000])
+    m = metrics.metrics_from_ranks(ranks, ks=(10, 20))
+    assert set(m) == {"HR@10", "NDCG@10", "HR@20", "NDCG@20"}
+    assert m["HR@10"] == pytest.approx(3 / 7)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(11)) / 7)
+    assert m["HR@20"] == pytest.approx(5 / 7)
+    assert m["NDCG@20"] == pytest.approx(
+        (1 + 1 / math.log2(4) + 1 / math.log2(11) + 1 / math.log2(12) + 1 / math.log2(21)) / 7
+    )
+    s = metrics.metrics_from_ranks(ranks, ks=(10,), sampled_negatives=100)
+    assert set(s) == {"sampled100/HR@10", "sampled100/NDCG@10"}
+    with pytest.raises(ValueError):
+        metrics.metrics_from_ranks(np.array([]))
+
+
+def test_sampled_ranks_avoid_interacted_items_and_match_brute_force():
+    rng = np.random.default_rng(0)
+    b, n, d, k = 6, 40, 3, 25
+    user = rng.integers(-2, 3, (b, d)).astype(np.float32)
+    items = rng.integers(-1, 2, (n + 1, d)).astype(np.float32)
+    targets = rng.integers(1, n + 1, b)
+    history = rng.integers(0, n + 1, (b, 30))  # most of the catalogue: many collisions to redraw
+    drawn = []
+    ranks = metrics.sampled_ranks(user, items, targets, history, num_negatives=k, rng=np.random.default_rng(3))
+    assert ranks.shape == (b,) and ranks.min() >= 1 and ranks.max() <= k + 1
+    # Re-derive the negatives with the same generator stream and check them against the brute-force definition.
+    negs = _replay_negatives(targets, history, n, k, np.random.default_rng(3))
+    for i in range(b):
+        forbidden = set(history[i][history[i] > 0].tolist()) | {int(targets[i])}
+        assert not forbidden & set(negs[i].tolist())
+        s = items @ user[i]
+        assert ranks[i] == 1 + int((s[negs[i]] > s[targets[i]]).sum())
+        drawn.extend(negs[i].tolist())
+    assert len(set(drawn)) > 5
+    # The list-of-sets form gives the same answer as the padded form.
+    as_sets = [set(r[r > 0].tolist()) for r in history]
+    same = metrics.sampled_ranks(user, items, targets, as_sets, num_negatives=k, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(same, ranks)
+
+
+def _replay_negatives(targets, history, n, k, rng):
+    """The documented sampling rule, written plainly: uniform draws, redraw the forbidden ones in row-major order."""
+    b = len(targets)
+    forbid = [set(history[i][history[i] > 0].tolist()) | {int(targets[i])} for i in range(b)]
+    draws = rng.integers(1, n + 1, size=(b, k))
+    bad = np.array([[draws[i, j] in forbid[i] for j in range(k)] for i in range(b)])
+    while bad.any():
+        draws[bad] = rng.integers(1, n + 1, size=int(bad.sum()))
+        bad = np.array([[draws[i, j] in forbid[i] for j in range(k)] for i in range(b)])
+    return draws
+
+
+def test_sampled_ranks_fails_when_no_negative_exists():
+    items = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="every item"):
+        metrics.sampled_ranks(np.ones((1, 2)), items, np.array([1]), np.array([[2, 3]]), num_negatives=5)
