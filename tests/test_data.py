@@ -127,7 +127,7 @@ def test_sasrec_style_protocol_keeps_all_history_and_short_users(tmp_path):
     assert ds.test["history"].shape == (4, 14)
     idx = ds.item_ids.index
     assert ds.test["targets"][1] == idx("t") and ds.test["inputs"][1, -1] == idx("s")
-    inputs, targets = ds.train_arrays(10)
+    _inputs, targets = ds.train_arrays(10)
     assert not targets[5].any()  # a 1-item train sequence has no target
 
 

@@ -15,7 +15,7 @@ def brute_force_ranks(user, items, targets, history, mask_history=True, ties="op
     for b in range(len(targets)):
         scores = items @ user[b]
         t = targets[b]
-        hist = set(int(i) for i in history[b] if i > 0) if mask_history else set()
+        hist = {int(i) for i in history[b] if i > 0} if mask_history else set()
         if t in hist:
             ranks.append(n + 1)  # masked target: a miss
             continue
