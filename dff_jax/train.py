@@ -53,7 +53,7 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dff_jax synthetic data")
-    return data_lib.build_dataset(config.data)
+    return data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
 
 
 def feature_rows(model_cfg: ml_collections.ConfigDict, num_stored: int) -> tuple[list[int], dict]:
@@ -271,7 +271,7 @@ class Trainer:
             num_negatives=e.sampled_negatives,
             rng=np.random.default_rng(self.config.seed),
         )
-        return metrics.metrics_from_ranks(ranks, e.ks, prefix=f"sampled{e.sampled_negatives}/")
+        return metrics.metrics_from_ranks(ranks, e.ks, sampled_negatives=e.sampled_negatives)
 
     def analysis(self, params) -> dict:
         """DFF's learned layer weights and the gate's distribution over items (fusion only)."""
@@ -361,7 +361,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     trainer = setup(config)
     ds = trainer.dataset
     if main:
-        print(data_lib.format_stats(ds.stats), flush=True)
         records.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
         data_lib.save_item_map(ds, workdir / "item_map.json")
         print(

@@ -1,0 +1,170 @@
+"""End to end: smoke train -> checkpoint -> evaluate -> recommend; kill and resume; NaN; config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import smoke
+from conftest import REPO
+from dff_jax import data as data_lib
+from dff_jax import evaluate, recommend, train
+
+
+def smoke_config(tmp_path, variant="dff", **overrides):
+    c = smoke.get_config(variant)
+    c.data.dir = str(tmp_path / "data")
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    config = smoke_config(tmp)
+    result = train.train_and_evaluate(config, tmp / "run")
+    return config, tmp / "run", result
+
+
+def test_smoke_run_writes_results_and_checkpoints(smoke_run):
+    config, workdir, result = smoke_run
+    assert (workdir / "results.json").is_file() and (workdir / "config.json").is_file()
+    assert (workdir / "item_map.json").is_file()
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["test"] == result["test"]
+    assert result["epochs_run"] == config.train.num_epochs
+    assert [h["epoch"] for h in result["valid_history"]] == [1, 2]
+    best = max(result["valid_history"], key=lambda h: h["valid"]["NDCG@10"])
+    assert result["best_epoch"] == best["epoch"]
+    for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"):
+        assert 0.0 <= result["test"][k] <= 1.0
+    assert result["test"]["HR@10"] <= result["test"]["HR@20"]
+    assert result["test"]["num_users"] == result["dataset"]["eval_users"]
+    assert sum(s["num_users"] for s in result["test"]["cold_start"].values()) == result["test"]["num_users"]
+    assert result["param_count"] > 0 and result["seconds_per_epoch"] > 0
+    weights = result["analysis"]["layer_weights"]
+    assert len(weights) == 4 and abs(sum(weights) - 1.0) < 1e-4  # softmax alpha over the 4 stored rows
+    assert 0.0 < result["analysis"]["gate_mean"] < 1.0
+    assert sorted(int(p.name) for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()) == [
+        result["best_epoch"]
+    ]
+    assert list((workdir / "tb").iterdir()), "TensorBoard event file missing"
+
+
+def test_evaluate_reproduces_the_test_metrics(smoke_run):
+    _, workdir, result = smoke_run
+    again = evaluate.evaluate_checkpoint(workdir, "test")
+    for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"):
+        assert again[k] == pytest.approx(result["test"][k], abs=1e-7)
+    valid = evaluate.evaluate_checkpoint(workdir, "valid", step=result["best_epoch"])
+    assert valid["NDCG@10"] == pytest.approx(result["best_valid"]["NDCG@10"], abs=1e-7)
+    with pytest.raises(train.TrainError, match="no checkpoint for epoch 7"):
+        evaluate.load_run(workdir, step=7)
+
+
+def test_recommend_excludes_history_and_orders_by_score(smoke_run):
+    _, workdir, _ = smoke_run
+    trainer, params, _ = evaluate.load_run(workdir)
+    history = trainer.dataset.item_ids[1:4]
+    recs = recommend.recommend(trainer, params, history, 5)
+    assert len(recs) == 5 and not set(history) & {r for r, _ in recs}
+    scores = [s for _, s in recs]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(train.TrainError, match="unknown item ids"):
+        recommend.recommend(trainer, params, ["no-such-item"], 5)
+
+
+def test_every_variant_trains_one_epoch(tmp_path):
+    for variant in ("id", "replace", "fusion_last", "fusion_mean"):
+        c = smoke_config(tmp_path, variant, train__num_epochs=1)
+        r = train.train_and_evaluate(c, tmp_path / variant)
+        assert 0.0 <= r["test"]["NDCG@10"] <= 1.0
+        assert ("gate_mean" in r["analysis"]) == (variant.startswith("fusion"))
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch):
+    c = smoke_config(tmp_path, "id", train__num_epochs=1, train__log_every_steps=100)
+    ds = train.prepare_dataset(c)
+    # the first train step (1-based) whose batch contains item 7: the patched loss turns NaN there
+    batches = data_lib.train_batches(ds, c.train.batch_size, c.data.max_seq_len, c.seed, 1)
+    first = next(i for i, b in enumerate(batches, 1) if (b["inputs"] == 7).any() or (b["targets"] == 7).any())
+    real = train.losses.compute_loss
+
+    def poisoned(model, batch, rng, loss_cfg, log_pop):
+        import jax.numpy as jnp
+
+        loss, aux = real(model, batch, rng, loss_cfg, log_pop)
+        bad = jnp.any(batch["inputs"] == 7) | jnp.any(batch["targets"] == 7)
+        return jnp.where(bad, jnp.nan, loss), aux
+
+    monkeypatch.setattr(train.losses, "compute_loss", poisoned)
+    with pytest.raises(train.TrainError, match=f"at train step {first} "):
+        train.train_and_evaluate(c, tmp_path / "nan")
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "dff_jax.train", *args], cwd=REPO, env=env, **kw)
+
+
+def test_config_typo_and_missing_data_fail_clearly(tmp_path):
+    p = _run_cli(
+        ["--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"), "--config.model.embd_dim=8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert "embd_dim" in p.stderr and "embed_dim" in p.stderr and "Traceback" not in p.stderr
+    p = _run_cli(
+        [
+            "--config",
+            "configs/microlens.py:dff",
+            "--workdir",
+            str(tmp_path / "w2"),
+            f"--config.data.dir={tmp_path / 'nowhere'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "MicroLens-100k_pairs.tsv" in p.stderr and str(tmp_path / "nowhere") in p.stderr
+
+
+def test_missing_features_message_says_how_to_make_them(tmp_path):
+    c = smoke_config(tmp_path, "dff")
+    c.features.dir = str(tmp_path / "no-features")
+    with pytest.raises(train.TrainError, match="python -m extract"):
+        train.train_and_evaluate(c, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = ["--config", "configs/smoke.py", f"--config.data.dir={tmp_path / 'data'}", "--config.train.num_epochs=4"]
+    full = train.train_and_evaluate(smoke_config(tmp_path, train__num_epochs=4), tmp_path / "full")
+    workdir = tmp_path / "killed"
+    proc = _run_cli([*common, "--workdir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = workdir / "checkpoints" / "latest" / "2"
+    deadline = time.time() + 240
+    while not target.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "results.json").exists()
+    resumed = train.train_and_evaluate(smoke_config(tmp_path, train__num_epochs=4), workdir)
+    assert resumed["epochs_run"] == 4
+    for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"):
+        assert resumed["test"][k] == pytest.approx(full["test"][k], abs=1e-6)
+    assert [h["valid"]["NDCG@10"] for h in resumed["valid_history"]] == pytest.approx(
+        [h["valid"]["NDCG@10"] for h in full["valid_history"]], abs=1e-6
+    )
