@@ -1,0 +1,185 @@
+"""Item lists: which items to extract, with their raw ids and titles.
+
+Three formats, detected from the file:
+
+* MicroLens `*_title_en.csv`: `item,title` (ids 1..19738 for MicroLens-100k; see
+  ../shared/reference/microlens-protocol.md, "other files"), with or without a header line;
+* a generic CSV with a header naming an id column (`id`, `item`, `item_id`) and a `title` column
+  (an optional `text` column overrides the text given to a text model);
+* MovieLens `u.item` (`id|title|release|video release|url|19 genre flags`, latin-1): the text is
+  "<title>. Genres: <g1>, <g2>" so a text model sees the genres as well.
+
+Raw item ids stay strings everywhere (the contract of dff_jax.records); duplicates are an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+from extract import ExtractError
+
+# MovieLens 100K genre flags, in u.genre order (columns 5..23 of u.item).
+MOVIELENS_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+ID_COLUMNS = ("id", "item", "item_id", "video_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One item: its raw id (a string) and the text a text model reads for it (title modality)."""
+
+    item_id: str
+    title: str
+    text: str
+
+
+def read_items(path: str | Path, fmt: str = "auto") -> list[Item]:
+    """Reads an item list.
+
+    Args:
+      path: a MicroLens `*_title_en.csv`, a generic `id,title` CSV, or a MovieLens `u.item` file.
+      fmt: "auto" (from the file name and first line), "csv", "microlens" or "movielens".
+
+    Returns:
+      The items in file order.
+
+    Raises:
+      ExtractError: naming the file and line for a missing file, a malformed line or a duplicate id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExtractError(f"{path}: item list not found (expected a *_title_en.csv, an id,title CSV or u.item)")
+    raw = path.read_bytes()
+    if fmt == "auto":
+        first = raw.split(b"\n", 1)[0]
+        fmt = "movielens" if path.name == "u.item" or first.count(b"|") >= 23 else "csv"
+    if fmt == "movielens":
+        items = _read_movielens(path, raw)
+    elif fmt in ("csv", "microlens"):
+        items = _read_csv(path, raw)
+    else:
+        raise ExtractError(f"unknown item list format {fmt!r}; expected auto, csv, microlens or movielens")
+    if not items:
+        raise ExtractError(f"{path}: no items found")
+    return items
+
+
+def _check_unique(path: Path, items: list[Item], lines: list[int]) -> None:
+    seen: dict[str, int] = {}
+    for item, line in zip(items, lines):
+        if item.item_id in seen:
+            raise ExtractError(
+                f"{path}: line {line}: duplicate item id {item.item_id!r} (first on line {seen[item.item_id]})"
+            )
+        seen[item.item_id] = line
+
+
+def _read_movielens(path: Path, raw: bytes) -> list[Item]:
+    # u.item is latin-1 (ml-100k README); titles such as "Misérables, Les (1995)" need it.
+    items, lines = [], []
+    for lineno, line in enumerate(raw.decode("latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 5 + len(MOVIELENS_GENRES):
+            raise ExtractError(
+                f"{path}: line {lineno}: expected {5 + len(MOVIELENS_GENRES)} '|'-separated fields "
+                f"(id|title|release|video release|url|19 genre flags), found {len(fields)}"
+            )
+        item_id, title = fields[0].strip(), fields[1].strip()
+        flags = fields[5:]
+        if not item_id or any(f not in ("0", "1") for f in flags):
+            raise ExtractError(f"{path}: line {lineno}: expected a non-empty id and 0/1 genre flags")
+        genres = [g for g, f in zip(MOVIELENS_GENRES, flags) if f == "1" and g != "unknown"]
+        text = f"{title}. Genres: {', '.join(genres)}" if genres else title
+        items.append(Item(item_id, title, text))
+        lines.append(lineno)
+    _check_unique(path, items, lines)
+    return items
+
+
+def _read_csv(path: Path, raw: bytes) -> list[Item]:
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ExtractError(f"{path}: line {line}: not valid UTF-8 (MovieLens u.item is read as latin-1 automatically)")
+    rows = list(csv.reader(io.StringIO(content)))
+    if not rows:
+        raise ExtractError(f"{path}: empty file")
+    header = [h.strip().lower() for h in rows[0]]
+    id_col = next((header.index(c) for c in ID_COLUMNS if c in header), None)
+    if id_col is not None:
+        if "title" not in header:
+            raise ExtractError(f"{path}: line 1: header {rows[0]} has an id column but no 'title' column")
+        title_col = header.index("title")
+        text_col = header.index("text") if "text" in header else title_col
+        body, first_line, rejoin = rows[1:], 2, False
+    else:
+        # MicroLens *_title_en.csv without a header: `item,title`; a title may itself contain commas
+        # when unquoted, so everything after the first comma is the title.
+        id_col, title_col, text_col, body, first_line, rejoin = 0, 1, 1, rows, 1, True
+    items, lines = [], []
+    for lineno, row in enumerate(body, start=first_line):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if rejoin and len(row) > 2:
+            row = [row[0], ",".join(row[1:])]
+        needed = max(id_col, title_col, text_col) + 1
+        if len(row) < needed:
+            raise ExtractError(
+                f"{path}: line {lineno}: expected at least {needed} comma-separated fields, found {len(row)}"
+            )
+        item_id = row[id_col].strip()
+        if not item_id:
+            raise ExtractError(f"{path}: line {lineno}: empty item id")
+        title = row[title_col].strip()
+        text = row[text_col].strip() or title
+        items.append(Item(item_id, title, text))
+        lines.append(lineno)
+    _check_unique(path, items, lines)
+    return items
+
+
+def select_shard(items: list[Item], index: int, count: int) -> list[Item]:
+    """The items of shard `index` of `count`: every count-th item starting at `index`.
+
+    Strided rather than contiguous so shards get the same mix of (say) long and short videos when the
+    list is sorted by id; deterministic, and the union over all shards is the whole list exactly once.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ExtractError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+    return items[index::count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parses `--shard I/N`."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ExtractError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ExtractError(f"--shard {text!r}: expected I/N with 0 <= I < N")
+    return index, count

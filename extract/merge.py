@@ -1,0 +1,203 @@
+"""Checks a feature folder for completeness and writes its `schema.json`, `manifest.json`, `failures.jsonl`.
+
+`python -m extract.merge --out DIR [--items ITEMS] [--strict]`. Run after N sharded extractions into the
+same folder (a run with `--shard I/N` calls this itself when it finishes, so the last shard to finish
+completes the folder). Every item of the list must be either written exactly once or recorded as a
+failure; unknown ids, duplicates and inconsistent shapes or dtypes are errors naming the files.
+Exit status: 0 complete, 1 incomplete (items neither written nor failed, or failures with --strict),
+2 invalid folder or options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from dff_jax import records
+from extract import ExtractError, __version__
+
+RUN_CONFIG = "run_config.json"
+
+
+@dataclasses.dataclass
+class Report:
+    """What a feature folder holds relative to its item list."""
+
+    total: int
+    written: int
+    failed: dict[str, dict]
+    missing: list[str]
+    shape: tuple[int, int] | None
+    dtype: str | None
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def scan_shards(out_dir: str | Path) -> tuple[dict[str, str], set, set]:
+    """Item ids in every finished shard (-> file name), and the set of shapes and dtypes seen.
+
+    Raises:
+      ExtractError: an id that occurs twice (names both files) or a damaged record.
+    """
+    where: dict[str, str] = {}
+    shapes, dtypes = set(), set()
+    for path in records.shard_files(out_dir):
+        for n, payload in enumerate(records.iter_records(path)):
+            try:
+                ex = records.Example.FromString(payload).features.feature
+                item_id = ex["item_id"].bytes_list.value[0].decode("utf-8")
+                shapes.add(tuple(ex["shape"].int64_list.value))
+                dtypes.add(ex["dtype"].bytes_list.value[0].decode("utf-8"))
+            except Exception as e:
+                raise ExtractError(f"{path}: record {n}: not a feature record ({type(e).__name__}: {e})") from None
+            if item_id in where:
+                raise ExtractError(f"item {item_id!r} is written twice: {where[item_id]} and {path.name}")
+            where[item_id] = path.name
+    return where, shapes, dtypes
+
+
+def read_failures(out_dir: str | Path) -> dict[str, dict]:
+    """The latest failure record per item over every `failures-part-*.jsonl`."""
+    latest: dict[str, dict] = {}
+    for path in sorted(Path(out_dir).glob("failures-part-*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                item_id = str(rec["item_id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if lineno == len(lines):
+                    continue  # a torn last line from a killed run
+                raise ExtractError(f"{path}: line {lineno}: not a failure record") from None
+            if item_id not in latest or rec.get("time", 0) >= latest[item_id].get("time", 0):
+                latest[item_id] = rec
+    return latest
+
+
+def read_run_config(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ExtractError(f"{path}: missing; is {out_dir} an extractor output folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def finalize(out_dir: str | Path, item_ids: list[str], *, strict: bool = False, write: bool = True) -> Report:
+    """Checks the folder against `item_ids`; when complete, writes schema/manifest/failures (atomically).
+
+    Args:
+      out_dir: the feature folder (with run_config.json and part-*.tfrecord shards).
+      item_ids: the full item list (all shards).
+      strict: failures make the folder incomplete (no schema written).
+      write: write the merged files when complete.
+    """
+    out_dir = Path(out_dir)
+    cfg = read_run_config(out_dir)
+    where, shapes, dtypes = scan_shards(out_dir)
+    known = set(item_ids)
+    unknown = sorted(set(where) - known)
+    if unknown:
+        raise ExtractError(f"{out_dir}: {len(unknown)} written item(s) are not in the item list, e.g. {unknown[:3]}")
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ExtractError(f"{out_dir}: shards disagree on shape {sorted(shapes)} or dtype {sorted(dtypes)}")
+    failures = {k: v for k, v in read_failures(out_dir).items() if k not in where and k in known}
+    missing = [i for i in item_ids if i not in where and i not in failures]
+    if strict:
+        missing += [i for i in item_ids if i in failures]
+    shape = next(iter(shapes)) if shapes else None
+    report = Report(len(item_ids), len(where), failures, missing, shape, next(iter(dtypes)) if dtypes else None)
+    if not write or not report.complete or shape is None:
+        return report
+    if cfg.get("captions"):
+        from extract.captions import merge_captions
+
+        merge_captions(out_dir, item_ids)
+    with open(out_dir / "failures.jsonl.tmp", "w", encoding="utf-8") as f:
+        for item_id in item_ids:
+            if item_id in failures:
+                f.write(json.dumps(failures[item_id], ensure_ascii=False) + "\n")
+    (out_dir / "failures.jsonl.tmp").replace(out_dir / "failures.jsonl")
+    schema = records.Schema(
+        model=cfg["schema_model"],
+        layers=int(shape[0]),
+        hidden_size=int(shape[1]),
+        dtype=report.dtype,
+        pooling=cfg["schema_pooling"],
+        prompt=cfg["prompt_text"],
+        modality=cfg["modality"],
+        num_frames=int(cfg["num_frames"]),
+        extractor_version=__version__,
+        num_items=report.written,
+        extra={
+            "prompt_name": cfg["prompt_name"],
+            "failed_items": len(failures),
+            "item_list": cfg.get("items"),
+            **cfg.get("schema_extra", {}),
+        },
+    )
+    records.write_schema(out_dir, schema)
+    shards = [json.loads(p.read_text()) for p in sorted(out_dir.glob("manifest-part-*.json"))]
+    records.write_json_atomic(
+        out_dir / "manifest.json",
+        {
+            "complete": True,
+            "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "items_in_list": len(item_ids),
+            "items_written": report.written,
+            "items_failed": len(failures),
+            "shape": list(shape),
+            "dtype": report.dtype,
+            "files": sorted(set(where.values())),
+            "run_config": cfg,
+            "shards": shards,
+        },
+    )
+    return report
+
+
+def describe(report: Report) -> str:
+    lines = [
+        f"{report.written}/{report.total} items written, {len(report.failed)} failed, {len(report.missing)} missing"
+    ]
+    if report.shape:
+        lines.append(f"per-item array {list(report.shape)} {report.dtype}")
+    if report.missing:
+        lines.append(f"missing (neither written nor failed), first ones: {report.missing[:10]}")
+    for item_id, rec in list(report.failed.items())[:10]:
+        lines.append(f"failed {item_id}: {rec.get('reason')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extract.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="the feature folder the shards were written to")
+    parser.add_argument("--items", help="item list (default: the one recorded in run_config.json)")
+    parser.add_argument("--items-format", default=None, help="auto|csv|microlens|movielens")
+    parser.add_argument("--strict", action="store_true", help="treat failed items as incomplete")
+    args = parser.parse_args(argv)
+    from extract.items import read_items
+
+    try:
+        cfg = read_run_config(args.out)
+        items = read_items(args.items or cfg["items"], args.items_format or cfg.get("items_format", "auto"))
+        report = finalize(args.out, [i.item_id for i in items], strict=args.strict)
+    except (ExtractError, records.RecordError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(report))
+    print("complete: schema.json, manifest.json, failures.jsonl written" if report.complete else "INCOMPLETE")
+    return 0 if report.complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""One extraction run: item list -> decoded media -> model -> pooled states -> record shards.
+
+Layout of an output folder (all names fixed, so N hosts can share one folder):
+
+* `run_config.json`   what is being extracted (model, modality, prompt, pooling, dtype, frames); written
+                      by the first run, and every later run (resume, other shards) must match it;
+* `part-IIIII-of-NNNNN-SSSSSS.tfrecord`  finished shards of shard I of N, `flush_every` items each,
+                      written atomically by `dff_jax.records.ShardWriter` (a kill loses only the open part);
+* `failures-part-IIIII-of-NNNNN.jsonl`, `manifest-part-IIIII-of-NNNNN.json`  per shard;
+* `captions-part-IIIII-of-NNNNN.jsonl`  with `--captions`;
+* `schema.json`, `manifest.json`, `failures.jsonl` (`captions.jsonl`)  written by `extract.merge.finalize`
+  once every item is written or failed.
+
+Resume: the ids in every finished shard (of any shard index) are skipped, so no item is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dff_jax import records
+from extract import ExtractError, __version__
+from extract.items import Item, read_items, select_shard
+from extract.merge import RUN_CONFIG, finalize, scan_shards
+from extract.video import MediaError, read_clip, read_image
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Everything one run needs; the command line (`extract/__main__.py`) fills it."""
+
+    items: str
+    out: str
+    model: str | None = None
+    media: str | None = None
+    modality: str = "video"
+    prompt: str = "rec"
+    frames: int = 16
+    pool: str | None = None  # None: video_mean for video/cover, all_mean for title
+    dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
+    batch_size: int = 1
+    shard: tuple[int, int] = (0, 1)
+    device: str | None = None
+    trust_remote_code: bool = False
+    adapter: str | None = None
+    items_format: str = "auto"
+    flush_every: int = 256
+    max_pixels: int | None = None
+    captions: bool = False
+    caption_source: str = "generate"
+    caption_tokens: int = 128
+    text_encoder: str | None = None
+    decode_workers: int = 2
+    progress: bool = True
+
+
+def _prefix(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def _versions() -> dict:
+    import av
+    import torch
+    import transformers
+
+    return {
+        "extract": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "av": av.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_options(opts: RunOptions) -> RunOptions:
+    """Fills defaults and validates combinations; raises ExtractError with one clear message."""
+    from extract.models import MODALITIES, POOLINGS
+
+    if opts.modality not in MODALITIES:
+        raise ExtractError(f"unknown --modality {opts.modality!r}; expected one of {MODALITIES}")
+    if opts.pool is None:
+        opts.pool = "all_mean" if opts.modality == "title" else "video_mean"
+    if opts.pool not in POOLINGS:
+        raise ExtractError(f"unknown --pool {opts.pool!r}; expected one of {POOLINGS}")
+    if opts.pool == "video_mean" and opts.modality == "title" and not opts.captions:
+        raise ExtractError("--pool video_mean needs visual tokens; use --pool all_mean or last with --modality title")
+    if opts.dtype not in records.DTYPES:
+        raise ExtractError(f"unknown --dtype {opts.dtype!r}; expected one of {records.DTYPES}")
+    if opts.compute_dtype not in ("auto",) + records.DTYPES:
+        raise ExtractError(f"unknown --model-dtype {opts.compute_dtype!r}")
+    if opts.batch_size < 1 or opts.frames < 1 or opts.flush_every < 1:
+        raise ExtractError("--batch-size, --frames and --flush-every must be >= 1")
+    if opts.modality != "title" and not opts.media and not (opts.captions and opts.caption_source == "title"):
+        raise ExtractError(f"--modality {opts.modality} needs --media DIR holding <id>.mp4 / <id>.jpg")
+    if opts.media and not Path(opts.media).is_dir():
+        raise ExtractError(f"--media {opts.media}: not a folder")
+    if opts.captions:
+        if not opts.text_encoder:
+            raise ExtractError("--captions needs --text-encoder NAME_OR_PATH")
+        if opts.caption_source not in ("generate", "title"):
+            raise ExtractError(f"unknown --caption-source {opts.caption_source!r}; expected generate or title")
+    if not opts.model and not (opts.captions and opts.caption_source == "title"):
+        raise ExtractError("--model is required (only --captions --caption-source title runs without one)")
+    if opts.device is None:
+        import torch
+
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return opts
+
+
+def run_config(opts: RunOptions) -> dict:
+    """The identity of a feature set: what every run into the same folder must agree on."""
+    from extract.models import resolve_prompt
+
+    prompt_name, prompt_text = resolve_prompt(opts.prompt)
+    cfg = {
+        "model": opts.model,
+        "adapter": opts.adapter,
+        "modality": opts.modality,
+        "prompt_name": prompt_name,
+        "prompt_text": prompt_text,
+        "pool": opts.pool,
+        "dtype": opts.dtype,
+        "num_frames": opts.frames if opts.modality == "video" else (1 if opts.modality == "cover" else 0),
+        "max_pixels": opts.max_pixels,
+        "captions": opts.captions,
+        "items": str(Path(opts.items).resolve()),
+        "items_format": opts.items_format,
+    }
+    if opts.captions:
+        cfg.update(
+            caption_source=opts.caption_source,
+            caption_tokens=opts.caption_tokens,
+            text_encoder=opts.text_encoder,
+            schema_model=opts.text_encoder,
+            schema_pooling="caption_mean",
+            schema_extra={"caption_model": opts.model, "caption_source": opts.caption_source, "paradigm": "caption"},
+        )
+    else:
+        cfg.update(schema_model=opts.model, schema_pooling=opts.pool, schema_extra={"paradigm": "hidden_state"})
+    return cfg
+
+
+def _check_run_config(out: Path, cfg: dict) -> None:
+    path = out / RUN_CONFIG
+    if not path.exists():
+        records.write_json_atomic(path, cfg)
+        return
+    old = json.loads(path.read_text())
+    keys = [k for k in cfg if k not in ("items", "items_format")]
+    diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+        raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out")
+
+
+def build_backend(opts: RunOptions):
+    """The model side of a run: an adapter, the text path or the generic vision-language path."""
+    from extract import adapters
+    from extract.models import TextBackend, VisionLanguageBackend, is_causal_lm, resolve_prompt
+
+    _, prompt = resolve_prompt(opts.prompt)
+    kw = dict(
+        prompt=prompt, device=opts.device, compute_dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code
+    )
+    adapter = opts.adapter or adapters.detect(opts.model)
+    if adapter:
+        return adapters.load_adapter(adapter, opts.model, modality=opts.modality, num_frames=opts.frames, **kw)
+    if opts.modality == "title" and is_causal_lm(opts.model, opts.trust_remote_code):
+        return TextBackend(opts.model, **kw)
+    return VisionLanguageBackend(opts.model, modality=opts.modality, max_pixels=opts.max_pixels, **kw)
+
+
+def decode_item(item: Item, opts: RunOptions):
+    """Reads one item's media into a models.Sample; MediaError when unusable."""
+    from extract.models import Sample
+
+    if opts.modality == "title" or (opts.captions and opts.caption_source == "title"):
+        return Sample(item)
+    if opts.modality == "video":
+        return Sample(item, clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames))
+    return Sample(item, image=read_image(Path(opts.media) / f"{item.item_id}.jpg"))
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGTERM as an exception, so a terminated run flushes its finished items like Ctrl-C does."""
+
+
+def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> dict:
+    """Runs (or resumes) one shard of an extraction; returns the shard manifest.
+
+    Args:
+      opts: the run's options.
+      on_batch: called with the number of items written so far after each batch (tests use it to
+        interrupt a run).
+    """
+    opts = resolve_options(opts)
+    all_items = read_items(opts.items, opts.items_format)
+    index, count = opts.shard
+    mine = select_shard(all_items, index, count)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(opts)
+    _check_run_config(out, cfg)
+    prefix = _prefix(index, count)
+    for stale in out.glob(f"{prefix}-*{records.SHARD_SUFFIX}.tmp"):
+        stale.unlink()  # the open part of a killed run of this shard; its items are redone
+    done, _, _ = scan_shards(out)
+    todo = [it for it in mine if it.item_id not in done]
+    seqs = [
+        int(p.name[len(prefix) + 1 : -len(records.SHARD_SUFFIX)])
+        for p in records.shard_files(out)
+        if p.name.startswith(prefix)
+    ]
+    next_seq = max(seqs, default=-1) + 1
+    failures_path = out / f"failures-{prefix}.jsonl"
+    captions_path = out / f"captions-{prefix}.jsonl"
+    started = time.time()
+    manifest = {
+        "shard": [index, count],
+        "host": socket.gethostname(),
+        "device": opts.device,
+        "versions": _versions(),
+        "items_in_shard": len(mine),
+        "already_done": len(mine) - len(todo),
+        "extracted": 0,
+        "failed": 0,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running",
+    }
+    buffer: list[tuple[str, bytes, tuple]] = []
+
+    def flush():
+        nonlocal next_seq
+        if not buffer:
+            return
+        path = out / f"{prefix}-{next_seq:06d}{records.SHARD_SUFFIX}"
+        with records.ShardWriter(path) as w:
+            for item_id, data, shape in buffer:
+                w.write_bytes(item_id, data, opts.dtype, shape)
+        next_seq += 1
+        buffer.clear()
+
+    def fail(item: Item, stage: str, reason: str):
+        manifest["failed"] += 1
+        with open(failures_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"item_id": item.item_id, "stage": stage, "reason": reason, "time": time.time()}) + "\n")
+
+    old_handler = signal.signal(signal.SIGTERM, _raise_stop) if _in_main_thread() else None
+    try:
+        if todo:
+            _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch)
+        flush()
+        manifest["status"] = "complete"
+    except (KeyboardInterrupt, _Stop):
+        flush()  # finished items survive an interruption
+        manifest["status"] = "interrupted"
+        raise
+    except BaseException as e:
+        manifest["status"] = f"error: {type(e).__name__}: {e}"
+        raise
+    finally:
+        elapsed = time.time() - started
+        manifest.update(
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            seconds=round(elapsed, 3),
+            items_per_second=round(manifest["extracted"] / elapsed, 4) if elapsed > 0 else None,
+        )
+        records.write_json_atomic(out / f"manifest-{prefix}.json", manifest)
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    report = finalize(out, [it.item_id for it in all_items])
+    manifest["folder_complete"] = report.complete
+    return manifest
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(f"signal {signum}")
+
+
+def _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch):
+    from tqdm import tqdm
+
+    from extract.models import to_storage_bytes
+
+    t0 = time.time()
+    backend = None if (opts.captions and opts.caption_source == "title") else build_backend(opts)
+    encoder = None
+    captions_done: dict[str, str] = {}
+    if opts.captions:
+        from extract.captions import TextEncoder, read_captions
+
+        encoder = TextEncoder(opts.text_encoder, device=opts.device)
+        captions_done = read_captions(captions_path)
+    manifest["load_seconds"] = round(time.time() - t0, 3)
+    t0 = time.time()
+    batches = [todo[i : i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+    bar = tqdm(total=len(todo), unit="item", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
+    # Media decoding (PyAV releases the GIL) overlaps the model: batch k+1 decodes while k runs.
+    with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers)) as pool:
+
+        def decode(batch):
+            return [pool.submit(_decode_or_error, it, opts) for it in batch]
+
+        pending = decode(batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            results = [f.result() for f in pending]
+            pending = decode(batches[k + 1]) if k + 1 < len(batches) else []
+            samples = []
+            for item, res in zip(batch, results):
+                if isinstance(res, MediaError):
+                    fail(item, "decode", str(res))
+                else:
+                    samples.append(res)
+            for sample, vectors in _vectors(backend, encoder, samples, opts, captions_done, captions_path, fail):
+                buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
+                manifest["extracted"] += 1
+                if len(buffer) >= opts.flush_every:
+                    flush()
+            bar.update(len(batch))
+            # Throughput of the model loop alone (model loading excluded), kept current for interrupted runs.
+            manifest["loop_seconds"] = round(time.time() - t0, 3)
+            manifest["loop_items_per_second"] = round(manifest["extracted"] / max(time.time() - t0, 1e-9), 4)
+            if on_batch is not None:
+                on_batch(manifest["extracted"])
+    bar.close()
+
+
+def _decode_or_error(item, opts):
+    try:
+        return decode_item(item, opts)
+    except MediaError as e:
+        return e
+
+
+def _vectors(backend, encoder, samples, opts, captions_done, captions_path, fail):
+    """Yields (sample, [rows, H] float32) for a batch; a batch that raises is retried item by item so one
+    bad item is recorded as a failure instead of stopping the run."""
+    if not samples:
+        return
+    try:
+        out = _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path)
+        yield from zip(samples, out)
+        return
+    except (ExtractError, KeyboardInterrupt, _Stop):
+        raise
+    except Exception as e:
+        if len(samples) == 1:
+            fail(samples[0].item, "model", f"{type(e).__name__}: {e}")
+            return
+    for s in samples:
+        yield from _vectors(backend, encoder, [s], opts, captions_done, captions_path, fail)
+
+
+def _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path):
+    if not opts.captions:
+        return backend.hidden_states(samples, opts.pool)
+    from extract.captions import append_captions
+
+    need = [s for s in samples if s.item.item_id not in captions_done]
+    if need:
+        if opts.caption_source == "title":
+            new = [s.item.text for s in need]
+        else:
+            new = backend.generate(need, opts.caption_tokens)
+        pairs = [(s.item.item_id, c) for s, c in zip(need, new)]
+        append_captions(captions_path, pairs)
+        captions_done.update(pairs)
+    return encoder.embed([captions_done[s.item.item_id] for s in samples])
+
+
+def env_threads() -> None:
+    """Honours OMP_NUM_THREADS for torch's intra-op pool (CPU runs on shared machines)."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
