@@ -183,6 +183,14 @@ def make_mesh(parallel_cfg: Any = None, devices: list | None = None) -> Mesh:
             f"config.parallel.model_axis={model} must be >= 1 and divide the device count {len(devs)} "
             f"({jax.process_count()} process(es) x {len(devs) // max(jax.process_count(), 1)} device(s))"
         )
+    local = len(devs) // max(jax.process_count(), 1)
+    if jax.process_count() > 1 and local % model:
+        # Each process feeds an even, disjoint slice of every batch (data.train_batches' process slices); a model
+        # axis spanning processes would need identical rows on several processes.
+        raise ValueError(
+            f"config.parallel.model_axis={model} must divide the {local} devices of each process so the model axis "
+            "stays inside one host"
+        )
     grid = np.array(devs, dtype=object).reshape(len(devs) // model, model)
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 

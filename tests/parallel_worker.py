@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if sys.argv[1:2] == ["mechanism"]:  # the device count is fixed when jax starts
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +83,8 @@ def make_data(num_items: int):
     return features, batches, ev
 
 
-def run(mesh, shard_items: bool, num_items: int):
-    """5 AdamW steps + full ranking on `mesh`; returns losses, final params and ranks as numpy."""
+def build(mesh, shard_items: bool, num_items: int):
+    """Model, sharded state and the jitted train / rank functions on `mesh`."""
     features, batches, ev = make_data(num_items)
     model = TinyRecommender(num_items, features, nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -108,22 +110,16 @@ def run(mesh, shard_items: bool, num_items: int):
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {
+        new = {
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
             "step": state["step"] + 1,
-        }, {"loss": loss}
+        }
+        return new, {"loss": loss}
 
     train_step = jax.jit(
         step, in_shardings=(state_sh, bsh, rep, rest_sh), out_shardings=(state_sh, rep), donate_argnums=(0,)
     )
-    rng = jax.random.key(7)
-    losses = []
-    for b in batches:
-        parallel.check_global_batch(BATCH, mesh)
-        state, m = train_step(state, parallel.global_batch(b, mesh), rng, rest)
-        losses.append(float(parallel.to_host(m["loss"])))
-
     try:
         from dff_jax import metrics
 
@@ -145,15 +141,43 @@ def run(mesh, shard_items: bool, num_items: int):
             return reference_ranks(m.user_embeddings(batch["inputs"]), m.all_item_embeddings(), batch["targets"])
 
         ranker = "reference_ranks"
-    ranks = jax.jit(rank_fn, out_shardings=bsh)(state["params"], rest, parallel.global_batch(ev, mesh))
-    item_table_spec = str(state["params"]["item_id"].sharding.spec)
-    mu = state["opt_state"][1][0].mu["item_id"]
+    ranks = jax.jit(rank_fn, out_shardings=bsh)
+    return state, train_step, lambda params: ranks(params, rest, local_global(ev, mesh)), rest, batches, ranker
+
+
+def local_global(batch: dict, mesh) -> dict:
+    """The global batch from this process's rows only (what a multi-process input pipeline hands over)."""
+    start, stop = parallel.process_rows(len(next(iter(batch.values()))), mesh)
+    return parallel.global_batch({k: v[start:stop] for k, v in batch.items()}, mesh)
+
+
+def train(state, train_step, batches, mesh, steps: range) -> tuple:
+    rng = jax.random.key(7)
+    losses = []
+    for i in steps:
+        parallel.check_global_batch(BATCH, mesh)
+        state, m = train_step(state, local_global(batches[i], mesh), rng)
+        losses.append(float(parallel.to_host(m["loss"])))
+    return state, losses
+
+
+def summary(state, losses, ranks) -> dict:
     return {
         "losses": np.array(losses),
         "params": [parallel.to_host(x) for x in jax.tree.leaves(state["params"])],
         "ranks": parallel.to_host(ranks),
+    }
+
+
+def run(mesh, shard_items: bool, num_items: int):
+    """5 AdamW steps + full ranking on `mesh`; returns losses, final params and ranks as numpy."""
+    state, step_fn, rank, rest, batches, ranker = build(mesh, shard_items, num_items)
+    state, losses = train(state, lambda s, b, r: step_fn(s, b, r, rest), batches, mesh, range(STEPS))
+    mu = state["opt_state"][1][0].mu["item_id"]
+    return {
+        **summary(state, losses, rank(state["params"])),
         "ranker": ranker,
-        "item_spec": item_table_spec,
+        "item_spec": str(state["params"]["item_id"].sharding.spec),
         "mu_spec": str(mu.sharding.spec),
         "feature_spec": str(jax.tree.leaves(rest)[0].sharding.spec),
         "item_shard_shape": list(state["params"]["item_id"].addressable_shards[0].data.shape),
@@ -162,14 +186,16 @@ def run(mesh, shard_items: bool, num_items: int):
 
 def mechanism() -> dict:
     assert jax.device_count() == 8, jax.devices()
-    out = {}
+    out, refs = {}, {}
     for name, model_axis, shard, num_items in (
         ("data8", 1, False, 63),
         ("data4_model2_rows", 2, True, 63),  # 64 rows split 2 x 32 along items
         ("data4_model2_cols", 2, True, 62),  # 63 rows do not divide: the trailing dim is split instead
     ):
         cfg = ml_collections.ConfigDict({"model_axis": model_axis})
-        ref = run(parallel.make_mesh(None, devices=jax.devices()[:1]), False, num_items)
+        if num_items not in refs:
+            refs[num_items] = run(parallel.make_mesh(None, devices=jax.devices()[:1]), False, num_items)
+        ref = refs[num_items]
         got = run(parallel.make_mesh(cfg), shard, num_items)
         out[name] = {
             "mesh": parallel.mesh_description(parallel.make_mesh(cfg))["mesh"],
@@ -197,5 +223,58 @@ def mechanism() -> dict:
     return out
 
 
+def multiprocess(workdir: str, start: int, stop: int) -> dict:
+    """One process of a local.sh job (2 processes x 2 CPU devices, mesh data=2 x model=2 with item sharding).
+
+    Restores workdir/ckpt when a checkpoint exists, trains steps [start, stop), checkpoints at `stop` with Orbax
+    (every process writes its shards), and on process 0 writes workdir/result_<stop>.npz. `start == stop == 0` with
+    one process and one device gives the single-device reference for all STEPS steps instead.
+    """
+    import orbax.checkpoint as ocp
+
+    reference = start == stop == 0
+    cfg = ml_collections.ConfigDict(
+        {"model_axis": 1 if reference else 2, "shard_items": not reference, "cpu_devices": 1 if reference else 2}
+    )
+    cfg.initialization_timeout = 60
+    parallel.initialize(cfg)
+    mesh = parallel.make_mesh(cfg)
+    state, step_fn, rank, rest, batches, _ = build(mesh, cfg.shard_items, 63)
+    step = lambda s, b, r: step_fn(s, b, r, rest)
+    if reference:
+        state, losses = train(state, step, batches, mesh, range(STEPS))
+        stop = STEPS
+    else:
+        mngr = ocp.CheckpointManager(
+            Path(workdir, "ckpt").absolute(), options=ocp.CheckpointManagerOptions(create=True)
+        )
+        if mngr.latest_step() is not None:
+            if mngr.latest_step() != start:
+                raise SystemExit(f"checkpoint at step {mngr.latest_step()}, expected {start}")
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+        state, losses = train(state, step, batches, mesh, range(start, stop))
+        mngr.save(stop, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        mngr.close()
+    out = summary(state, losses, rank(state["params"]))
+    info = {
+        "mesh": parallel.mesh_description(mesh),
+        "process": jax.process_index(),
+        "step": int(parallel.to_host(state["step"])),
+    }
+    info["item_spec"] = str(state["params"]["item_id"].sharding.spec)
+    if parallel.is_main_process():
+        path = Path(workdir, f"result_{stop}.npz")
+        np.savez(path, *out["params"], losses=out["losses"], ranks=out["ranks"])
+    return info
+
+
 if __name__ == "__main__":
-    print(json.dumps({"mechanism": mechanism}[sys.argv[1]]()))
+    mode = sys.argv[1]
+    if mode == "mechanism":
+        print(json.dumps(mechanism()))
+    elif mode == "multiprocess":
+        print(json.dumps(multiprocess(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")

@@ -1,0 +1,275 @@
+"""Distributed training: sharded runs equal one device; 2 processes x 2 devices equal one process; peers fail fast.
+
+Multi-device runs happen in subprocesses (tests/parallel_worker.py, launch/local.sh) because jax fixes the device
+count at start-up; this process keeps its single CPU device.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO
+
+from dff_jax import parallel
+
+WORKER = REPO / "tests" / "parallel_worker.py"
+LOCAL = REPO / "launch" / "local.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    """The test environment minus anything that would make a child join some other distributed job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------------- single-process units
+
+
+class FakeMesh:
+    """Only `.shape` is read by item_spec / check_global_batch."""
+
+    def __init__(self, data, model):
+        self.shape = {"data": data, "model": model}
+        self.size = data * model
+
+
+def test_item_spec_prefers_rows_then_trailing_dim_then_fails():
+    P = parallel.P
+    assert parallel.item_spec((64, 16), FakeMesh(4, 2)) == P("model")
+    assert parallel.item_spec((63, 16), FakeMesh(4, 2)) == P(None, "model")
+    assert parallel.item_spec((63, 3, 8), FakeMesh(4, 2)) == P(None, None, "model")
+    assert parallel.item_spec((63, 16), FakeMesh(8, 1)) == P()
+    with pytest.raises(ValueError, match=r"neither by rows \(63 % 2 != 0\) nor by its last dim \(15 % 2 != 0\)"):
+        parallel.item_spec((63, 15), FakeMesh(4, 2))
+
+
+def test_check_global_batch_names_the_data_axis():
+    parallel.check_global_batch(64, FakeMesh(8, 1))
+    with pytest.raises(ValueError, match=r"batch size 60 .* multiple of the data-parallel size 8.*use 56 or 64"):
+        parallel.check_global_batch(60, FakeMesh(8, 1))
+
+
+def test_make_mesh_on_one_device_and_bad_model_axis():
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"model_axis": 1}))
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    with pytest.raises(ValueError, match="model_axis=2 must be >= 1 and divide the device count 1"):
+        parallel.make_mesh(ml_collections.ConfigDict({"model_axis": 2}))
+
+
+def test_state_shardings_single_device_and_inference_of_num_items():
+    import jax
+
+    mesh = parallel.make_mesh(None)
+    state = {"params": {"item_id": np.zeros((11, 4)), "w": np.zeros((4, 4))}, "step": np.int32(0)}
+    sh = parallel.state_shardings(state, mesh, True)  # model axis 1: everything replicated
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(sh))
+    assert parallel._infer_num_items(state) == 10
+    with pytest.raises(ValueError, match="pass num_items="):
+        parallel._infer_num_items({"w": np.zeros((4, 4))})
+
+
+def test_global_batch_and_to_host_round_trip():
+    mesh = parallel.make_mesh(None)
+    batch = {"inputs": np.arange(12, dtype=np.int32).reshape(4, 3), "mask": np.array([1, 0, 1, 1], bool)}
+    assert parallel.process_rows(4, mesh) == (0, 4) == parallel.process_rows(4)
+    out = parallel.global_batch(batch, mesh)
+    for k, value in batch.items():
+        np.testing.assert_array_equal(parallel.to_host(out[k]), value)
+    assert parallel.is_main_process()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "env", "expected"),
+    [
+        ({}, {}, None),
+        ({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+         {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}),
+        ({}, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+         {"coordinator_address": "127.0.0.1:99", "num_processes": 2, "process_id": 0,
+          "coordinator_bind_address": "127.0.0.1:99"}),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}, {},
+         {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+        ({"num_processes": 1}, {}, None),
+        ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2"}, {}),
+        ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
+        ({}, {"OMPI_COMM_WORLD_SIZE": "4"}, {}),
+    ],
+)  # fmt: skip
+def test_when_to_join_a_distributed_job(monkeypatch, cfg, env, expected):
+    for k in list(os.environ):
+        if k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC", "SLURM_", "OMPI_")):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    c = parallel.default_config()
+    c.update(cfg)
+    assert parallel._distributed_args(c) == expected
+
+
+def test_incomplete_multiprocess_settings_fail_clearly(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match=r"missing: num_processes / \$JAX_NUM_PROCESSES, process_id / \$JAX_PROC"):
+        parallel._distributed_args(parallel.default_config())
+    c = parallel.default_config()
+    c.update({"num_processes": 2, "process_id": 2})
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+        parallel._distributed_args(c)
+
+
+# ------------------------------------------------------------------------------------------------ launch/local.sh
+
+
+def test_local_sh_sets_the_contract_and_propagates_the_first_failure(tmp_path):
+    ok = subprocess.run(
+        [str(LOCAL), "3", "bash", "-c", 'echo "$JAX_PROCESS_ID/$JAX_NUM_PROCESSES@$JAX_COORDINATOR_ADDRESS"'],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert ok.returncode == 0, ok.stderr
+    lines = sorted(ok.stdout.splitlines())
+    assert len(lines) == 3, ok.stdout
+    for i, line in enumerate(lines):  # "[pI] I/3@127.0.0.1:PORT": the prefix, the id, the count, one coordinator
+        assert re.fullmatch(rf"\[p{i}\] {i}/3@127\.0\.0\.1:\d+", line), line
+    assert len({line.split("@")[1] for line in lines}) == 1
+
+    t0 = time.time()
+    bad = subprocess.run(
+        [str(LOCAL), "2", "bash", "-c", 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; exec sleep 60'],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert bad.returncode == 3
+    assert time.time() - t0 < 20, "local.sh did not stop the surviving process"
+    assert "process 1 (pid" in bad.stderr and "failed with exit status 3; stopping the others" in bad.stderr
+    usage = subprocess.run([str(LOCAL), "x", "true"], check=False, capture_output=True, text=True, env=clean_env())
+    assert usage.returncode == 2 and "NUM_PROCESSES must be a positive integer" in usage.stderr
+
+
+# ------------------------------------------------------------------------------------ multi-device / multi-process
+
+
+@pytest.fixture(scope="module")
+def mechanism():
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "mechanism"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("name", "mesh", "item_spec", "feature_spec", "shard_shape"),
+    [
+        ("data8", {"data": 8, "model": 1}, "P()", "P()", [64, 16]),
+        ("data4_model2_rows", {"data": 4, "model": 2}, "P('model',)", "P('model',)", [32, 16]),
+        ("data4_model2_cols", {"data": 4, "model": 2}, "P(None, 'model')", "P(None, None, 'model')", [63, 8]),
+    ],
+)
+def test_sharded_training_and_ranking_equal_one_device(mechanism, name, mesh, item_spec, feature_spec, shard_shape):
+    r = mechanism[name]
+    assert r["mesh"] == mesh
+    assert r["item_spec"] == item_spec and r["mu_spec"] == item_spec  # AdamW moments follow the table
+    assert r["feature_spec"] == feature_spec and r["item_shard_shape"] == shard_shape
+    assert r["max_loss_diff"] < 1e-5, r
+    assert r["max_param_diff"] < 1e-5, r
+    assert r["ranks_equal"], r
+
+
+def test_sharded_errors_are_clear(mechanism):
+    assert "batch size 30" in mechanism["bad_batch_error"] and "data-parallel size 4" in mechanism["bad_batch_error"]
+    assert "model_axis=3 must be >= 1 and divide the device count 8" in mechanism["bad_model_axis_error"]
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_restore_equal_one_process(tmp_path):
+    """2 processes x 2 CPU devices (data=2 x model=2, item sharding) via launch/local.sh: 3 steps, checkpoint, a
+    second launch restores and runs 2 more; the result equals 5 steps in one process on one device."""
+    cmd = [str(LOCAL), "2", sys.executable, str(WORKER), "multiprocess", str(tmp_path)]
+    for start, stop in ((0, 3), (3, 5)):
+        proc = subprocess.run(
+            cmd + [str(start), str(stop)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        infos = [
+            json.loads(ln.split("] ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("[p") and "{" in ln
+        ]
+        assert sorted(i["process"] for i in infos) == [0, 1]
+        assert all(i["step"] == stop and i["mesh"]["mesh"] == {"data": 2, "model": 2} for i in infos)
+        assert all(i["item_spec"] == "P('model',)" for i in infos)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = subprocess.run(
+        [sys.executable, str(WORKER), "multiprocess", str(ref_dir), "0", "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    first, second, single = (
+        np.load(p) for p in (tmp_path / "result_3.npz", tmp_path / "result_5.npz", ref_dir / "result_5.npz")
+    )
+    np.testing.assert_allclose(np.concatenate([first["losses"], second["losses"]]), single["losses"], atol=1e-5)
+    for k in single.files:
+        if k.startswith("arr_"):
+            np.testing.assert_allclose(second[k], single[k], atol=1e-5)
+    np.testing.assert_array_equal(second["ranks"], single["ranks"])
+
+
+@pytest.mark.slow
+def test_missing_peer_fails_within_the_timeout():
+    """One process of a 2-process job, alone: it must exit non-zero with a readable message, not hang or abort."""
+    code = (
+        "import ml_collections; from dff_jax import parallel; "
+        "parallel.initialize(ml_collections.ConfigDict({'initialization_timeout': 5}))"
+    )
+    procs = []
+    t0 = time.time()
+    for pid in (0, 1):  # the coordinator waiting for its peer, and a peer whose coordinator never comes
+        env = clean_env(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)
+        )
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    for pid, p in enumerate(procs):
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 1, err[-2000:]
+        assert f"process {pid} of 2 waiting for all processes at 127.0.0.1:" in err
+        assert "distributed initialization did not complete within 5 s" in err and "a peer process is missing" in err
+    assert time.time() - t0 < 5 + 25, "did not fail within the timeout (+ start-up)"
