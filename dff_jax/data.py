@@ -88,6 +88,7 @@ def _int_timestamp(path, number, text) -> int:
 def _read_microlens_tsv(path: Path):
     """`user<TAB>item item ...` per line, items in time order, no header (protocol section 1)."""
     users, items, times, seen = [], [], [], {}
+    intern = {}.setdefault  # one shared str per distinct id: less memory, cache-friendly grouping later
     for number, line in _lines(path):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no interactions
@@ -103,7 +104,7 @@ def _read_microlens_tsv(path: Path):
             )
         seen[user] = number
         users.extend([user] * len(row))
-        items.extend(row)
+        items.extend(map(intern, row, row))
         times.extend(range(len(row)))  # the position in the row is the time (MicroLens IDRec process_data)
     return users, items, times
 
@@ -148,6 +149,7 @@ def _read_csv(path: Path, columns: str = ""):
     iu, ii, it = (roles.index(r) for r in ("user", "item", "timestamp"))
     expected = ",".join(r or "_" for r in roles)
     users, items, times = [], [], []
+    intern = {}.setdefault  # one shared str per distinct id (see _read_microlens_tsv)
     lines = _lines(path)
     reader = csv.reader(line for _, line in lines)
     for fields in reader:
@@ -161,8 +163,8 @@ def _read_csv(path: Path, columns: str = ""):
         user, item = fields[iu].strip(), fields[ii].strip()
         if not user or not item:
             raise DataError(f"{path}: line {number}: expected non-empty user and item ids, got {fields}")
-        users.append(user)
-        items.append(item)
+        users.append(intern(user, user))
+        items.append(intern(item, item))
         times.append(_int_timestamp(path, number, fields[it].strip()))
     return users, items, times
 
@@ -171,6 +173,7 @@ def _read_movielens(path: Path, min_rating: float = 0):
     """MovieLens `u.data` (`user<TAB>item<TAB>rating<TAB>ts`) or `ratings.dat` (`user::item::rating::ts`).
     Ratings below `min_rating` are dropped (0 keeps all: implicit feedback as in the SASRec papers)."""
     users, items, times = [], [], []
+    intern = {}.setdefault  # one shared str per distinct id (see _read_microlens_tsv)
     sep = None
     for number, line in _lines(path):
         if not line.strip():
@@ -188,8 +191,9 @@ def _read_movielens(path: Path, min_rating: float = 0):
         ts = _int_timestamp(path, number, fields[3].strip())
         if rating < min_rating:
             continue
-        users.append(fields[0].strip())
-        items.append(fields[1].strip())
+        user, item = fields[0].strip(), fields[1].strip()
+        users.append(intern(user, user))
+        items.append(intern(item, item))
         times.append(ts)
     return users, items, times
 
@@ -312,9 +316,10 @@ def _left_aligned(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list]:
     """Integer codes in order of first appearance, without sorting strings."""
-    vocab: dict = {}
-    codes = np.fromiter((vocab.setdefault(v, len(vocab)) for v in values), dtype=np.int64, count=len(values))
-    return codes, list(vocab)
+    values = values.tolist()  # iterating a list is much faster than iterating an object array
+    vocab = list(dict.fromkeys(values))  # dicts keep insertion order: first appearance
+    index = {v: i for i, v in enumerate(vocab)}
+    return np.fromiter(map(index.__getitem__, values), dtype=np.int64, count=len(values)), vocab
 
 
 def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
@@ -391,7 +396,8 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
     train_len = np.where(evals, lengths_k - 2, lengths_k)
     in_train = np.arange(len(flat)) - np.repeat(starts_k, lengths_k) < np.repeat(train_len, lengths_k)
     train_flat = flat[in_train]
-    train_seqs = np.split(train_flat, np.cumsum(train_len)[:-1]) if len(train_len) else []
+    ends = np.cumsum(train_len).tolist()
+    train_seqs = [train_flat[a:b] for a, b in zip([0] + ends[:-1], ends)]  # views; np.split is slower here
     eval_rows = np.flatnonzero(evals).astype(np.int32)
     if len(eval_rows) == 0:
         raise DataError(

@@ -43,13 +43,21 @@ def tie_heavy_case(seed, batch=9, n_items=37, dim=3, hist_len=6):
 
 @pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
 @pytest.mark.parametrize("mask_history", [True, False])
-@pytest.mark.parametrize("chunk_size", [5, 16, 38, 4096])
-def test_target_ranks_match_brute_force(ties, mask_history, chunk_size):
+@pytest.mark.parametrize("chunk_size, unroll_limit", [(5, 0), (16, 64), (38, 0), (4096, 64)])
+def test_target_ranks_match_brute_force(ties, mask_history, chunk_size, unroll_limit):
+    # unroll_limit 0 forces the fori_loop path, 64 the unrolled one; 38 = N + 1 is a single exact chunk.
     for seed in range(3):
         user, items, targets, history = tie_heavy_case(seed)
         got = np.asarray(
             metrics.target_ranks(
-                user, items, targets, history, mask_history=mask_history, chunk_size=chunk_size, ties=ties
+                user,
+                items,
+                targets,
+                history,
+                mask_history=mask_history,
+                chunk_size=chunk_size,
+                ties=ties,
+                unroll_limit=unroll_limit,
             )
         )
         want = brute_force_ranks(user, items, targets, history, mask_history, ties)
@@ -153,3 +161,17 @@ def test_sampled_ranks_fails_when_no_negative_exists():
     items = np.ones((4, 2), np.float32)
     with pytest.raises(ValueError, match="every item"):
         metrics.sampled_ranks(np.ones((1, 2)), items, np.array([1]), np.array([[2, 3]]), num_negatives=5)
+
+
+def test_long_history_rows_use_the_sorted_dedupe():
+    # H > 64 takes the sort-based dedupe path (window = 0 protocols); repeats and padding included.
+    rng = np.random.default_rng(5)
+    user, items, targets, _ = tie_heavy_case(7, batch=5)
+    history = rng.integers(0, 20, (5, 70))  # about 3.5 copies of each of items 1..19
+    history[history == targets[:, None]] = 0
+    history[0, :] = 0
+    history[1, 40] = targets[1]
+    got = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=16))
+    np.testing.assert_array_equal(got, brute_force_ranks(user, items, targets, history))
+    assert got[1] == 38  # N + 1
+    assert (got[2:] < 38).all() and (got[2:] > 1).any()  # informative rows, not all misses
