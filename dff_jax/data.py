@@ -8,9 +8,12 @@ Choices made where the official code leaves room (all documented here once):
 
 * Items are re-indexed 1..N in order of first appearance in the kept sequences, read user by user (users in order
   of first appearance in the file, each user's items in time order). For a MicroLens `*_pairs.tsv` this is plain
-  file order. MicroLens itself numbers them in the order of its item file; only the numbering differs, not results.
+  file order. MicroLens itself numbers them in the order of its item file; only the numbering differs.
 * A MicroLens tsv has no timestamps; as in MicroLens's IDRec pipeline the position in the row is the time.
 * Time sorting is stable, so interactions with equal timestamps keep their file order.
+* CSVs: a header row is recognised by its column names and mapped by name; without one the columns are taken as
+  (user, item, timestamp). NineRec's pair files are described both ways round (README: user, item, ts;
+  get_behaviour.py: video_id, user_id, timestamp; protocol section 7): check the file and set config.data.columns.
 * Users with fewer than 3 items after the window are kept for training only (no valid/test row).
 """
 
@@ -241,6 +244,10 @@ def read_interactions(path, fmt: str = "auto", *, columns: str = "", min_rating:
         raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
+    if columns and fmt in ("microlens_tsv", "movielens"):
+        raise DataError(f"{path}: config.data.columns={columns!r} applies to CSV formats only, not {fmt}")
+    if min_rating and fmt != "movielens":
+        raise DataError(f"{path}: config.data.min_rating={min_rating} needs ratings (movielens format), not {fmt}")
     if fmt == "microlens_tsv":
         users, items, times = _read_microlens_tsv(path)
     elif fmt == "movielens":

@@ -210,7 +210,16 @@ def test_real_movielens_100k():
 def test_bad_input_messages(tmp_path, name, text, fmt, pattern):
     path = write(tmp_path, name, text)
     with pytest.raises(data.DataError, match=pattern):
-        data.read_interactions(path, fmt, min_rating=3)
+        data.read_interactions(path, fmt, min_rating=3 if name in ("u.data", "ratings.dat") else 0)
+
+
+def test_extra_csv_columns_and_misapplied_options(tmp_path):
+    inter = data.read_interactions(write(tmp_path, "r.csv", "user,item,rating,timestamp\nu,i,5,7\nu,j,1,3\n"))
+    assert inter.items.tolist() == ["j", "i"] and inter.timestamps.tolist() == [3, 7]
+    with pytest.raises(data.DataError, match=r"X_pairs.tsv: config.data.columns='item,user,timestamp' applies to CSV"):
+        data.read_interactions(write(tmp_path, "X_pairs.tsv", "u\ta\n"), columns="item,user,timestamp")
+    with pytest.raises(data.DataError, match=r"r.csv: config.data.min_rating=4 needs ratings"):
+        data.read_interactions(tmp_path / "r.csv", min_rating=4)
 
 
 def test_bad_bytes_and_bad_columns(tmp_path):
