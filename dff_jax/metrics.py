@@ -64,8 +64,9 @@ def target_ranks(
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     batch = user_emb.shape[0]
     n_rows = item_emb.shape[0]
-    chunk = min(chunk_size, n_rows)
-    n_chunks = math.ceil(n_rows / chunk)
+    # Equal chunks of at most chunk_size rows, so the shifted last chunk (below) repeats fewer than n_chunks rows.
+    n_chunks = math.ceil(n_rows / chunk_size)
+    chunk = math.ceil(n_rows / n_chunks)
     targets = targets.astype(jnp.int32)
     history = history.astype(jnp.int32)
     target_emb = jnp.take(item_emb, targets, axis=0)
