@@ -1,0 +1,164 @@
+"""Extractor backends on tiny offline checkpoints: shapes, pooled positions, batch == one-by-one."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+from extract_tiny import synth_frames, tiny_checkpoint  # noqa: E402
+
+from dff_jax import records  # noqa: E402
+from extract import ExtractError  # noqa: E402
+from extract.items import Item  # noqa: E402
+from extract.models import (  # noqa: E402
+    PROMPTS,
+    Sample,
+    TextBackend,
+    VisionLanguageBackend,
+    pool_hidden_states,
+    to_storage_bytes,
+)
+from extract.video import read_clip, write_test_video  # noqa: E402
+
+torch.set_num_threads(2)
+VLM_KINDS = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    specs = [(8, 48, 64), (5, 40, 40), (8, 36, 52), (1, 32, 32)]
+    return [
+        read_clip(write_test_video(d / f"{i}.mp4", synth_frames(n, h, w, seed=i)), 4)
+        for i, (n, h, w) in enumerate(specs)
+    ]
+
+
+def backend(tmp_path_factory, kind, modality="video"):
+    path = tiny_checkpoint(tmp_path_factory, kind)
+    return VisionLanguageBackend(
+        str(path), modality=modality, prompt=PROMPTS["rec"], device="cpu", compute_dtype="float32"
+    )
+
+
+def samples_of(clips):
+    return [Sample(Item(str(i), f"t{i}", f"title {i}"), clip=c) for i, c in enumerate(clips)]
+
+
+@pytest.mark.parametrize("kind", VLM_KINDS)
+def test_batched_equals_one_by_one(tmp_path_factory, clips, kind):
+    be = backend(tmp_path_factory, kind)
+    samples = samples_of(clips)  # mixed frame counts (4, 4, 4, 1): LLaVA sub-batches by count
+    for pool in ("video_mean", "last", "all_mean"):
+        batched = be.hidden_states(samples, pool)
+        assert batched.shape == (4, 4, 32) and batched.dtype == torch.float32  # 3 layers + embeddings
+        for i, s in enumerate(samples):
+            single = be.hidden_states([s], pool)[0]
+            np.testing.assert_allclose(batched[i].numpy(), single.numpy(), atol=1e-4, err_msg=f"{kind} {pool} item {i}")
+    # Different items give different vectors (the pooling did not collapse to padding or a constant).
+    v = be.hidden_states(samples[:2], "video_mean")
+    assert not torch.allclose(v[0], v[1])
+
+
+def test_video_mean_pools_exactly_the_video_token_positions(tmp_path_factory, clips):
+    be = backend(tmp_path_factory, "qwen2_5_vl")
+    samples = samples_of(clips[:2])
+    x = be.inputs(samples)
+    video_id = be.model.config.video_token_id
+    # Qwen2.5-VL: one LLM token per 2x2 merged patch per temporal pair: t * h * w / 4 video tokens.
+    expected_tokens = (x["video_grid_thw"].prod(-1) // 4).tolist()
+    assert (x["input_ids"] == video_id).sum(1).tolist() == expected_tokens
+    with torch.inference_mode():
+        hs = be.model(**x, output_hidden_states=True).hidden_states
+    vis = x["input_ids"] == video_id
+    got = be.hidden_states(samples, "video_mean")
+    for row in range(2):
+        for layer in (0, 3):
+            manual = hs[layer][row][vis[row]].mean(0)
+            np.testing.assert_allclose(got[row, layer].numpy(), manual.numpy(), atol=1e-5)
+        real = x["attention_mask"][row].bool()
+        np.testing.assert_allclose(
+            be.hidden_states(samples, "all_mean")[row, 2].numpy(), hs[2][row][real].mean(0).numpy(), atol=1e-5
+        )
+    assert be.hidden_states(samples, "last")[0, 1].numpy() == pytest.approx(hs[1][0, -1].numpy(), abs=1e-5)
+
+
+def test_logits_are_computed_for_the_last_position_only(tmp_path_factory, clips):
+    be = backend(tmp_path_factory, "qwen2_5_vl")
+    seen = []
+    handle = be.model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        be.hidden_states(samples_of(clips[:2]), "video_mean")
+    finally:
+        handle.remove()
+    assert seen and seen[0][1] == 1  # [B, 1, H] into the LM head, not [B, seq, H]
+
+
+def test_qwen3_vl_prompt_carries_the_true_frame_times(tmp_path_factory, tmp_path):
+    be = backend(tmp_path_factory, "qwen3_vl")
+    times = [0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 1, 2, 3]
+    clip = read_clip(write_test_video(tmp_path / "vfr.mp4", synth_frames(12, 32, 32), times=times), 4)
+    text = be.processor.tokenizer.decode(be.inputs(samples_of([clip]))["input_ids"][0])
+    # Frames at 0, 1, 2, 3 s; Qwen3-VL stamps each temporal pair with its mean time.
+    assert "<0.5 seconds>" in text and "<2.5 seconds>" in text
+
+
+def test_cover_and_title_modalities_on_a_vlm(tmp_path_factory):
+    cover = backend(tmp_path_factory, "qwen2_5_vl", modality="cover")
+    img = np.asarray(synth_frames(1, 40, 56)[0])
+    v = cover.hidden_states([Sample(Item("1", "a", "a"), image=img)], "video_mean")
+    assert v.shape == (1, 4, 32) and torch.isfinite(v).all()
+    title = backend(tmp_path_factory, "qwen2_5_vl", modality="title")
+    items = [Sample(Item("1", "a", "A person shoots an arrow")), Sample(Item("2", "b", "Toy Story"))]
+    batched = title.hidden_states(items, "last")
+    np.testing.assert_allclose(batched[1].numpy(), title.hidden_states(items[1:], "last")[0].numpy(), atol=1e-4)
+    with pytest.raises(ExtractError, match="video_mean needs visual tokens"):
+        title.hidden_states(items, "video_mean")
+
+
+def test_text_lm_title_path(tmp_path_factory):
+    be = TextBackend(
+        str(tiny_checkpoint(tmp_path_factory, "text_lm")),
+        prompt=PROMPTS["plain"],
+        device="cpu",
+        compute_dtype="float32",
+    )
+    items = [
+        Sample(Item(str(i), t, t))
+        for i, t in enumerate(["Toy Story (1995)", "A much longer title about a person and an arrow"])
+    ]
+    for pool in ("last", "all_mean"):
+        batched = be.hidden_states(items, pool)
+        assert batched.shape == (2, 3, 32)  # 2 layers + embeddings
+        for i in range(2):
+            np.testing.assert_allclose(batched[i].numpy(), be.hidden_states([items[i]], pool)[0].numpy(), atol=1e-4)
+    assert len(be.generate(items, 3)) == 2
+
+
+def test_storage_dtypes_round_trip_through_the_record_format():
+    v = torch.randn(4, 8) * 3
+    for dtype in records.DTYPES:
+        data = to_storage_bytes(v, dtype)
+        item_id, arr = records.decode_item(records.encode_item_bytes("x", data, dtype, (4, 8)))
+        ref = v.to(getattr(torch, dtype)).float().numpy()
+        np.testing.assert_array_equal(np.asarray(arr, np.float32), ref)
+        assert str(arr.dtype) == dtype and item_id == "x"
+
+
+def test_pooling_rejects_rows_without_tokens():
+    hs = (torch.ones(1, 3, 2),)
+    with pytest.raises(RuntimeError, match="no token to pool"):
+        pool_hidden_states(hs, torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.bool), "video_mean")
+    with pytest.raises(ExtractError, match="unknown --pool"):
+        pool_hidden_states(hs, torch.ones(1, 3), None, "max")
+
+
+def test_one_frame_clip_is_padded_for_qwen3(tmp_path_factory, clips):
+    be = backend(tmp_path_factory, "qwen3_vl")
+    one = dataclasses.replace(clips[3])
+    assert len(one.frames) == 1
+    assert be.hidden_states(samples_of([one]), "video_mean").shape == (1, 4, 32)

@@ -1,0 +1,339 @@
+"""Extraction runs: CLI, failures, resume after interruption, sharding + merge, captions, errors, and
+the end-to-end path into dff_jax (features loader and trainer)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+from extract_tiny import synth_frames, tiny_checkpoint  # noqa: E402
+
+from dff_jax import records  # noqa: E402
+from extract import ExtractError  # noqa: E402
+from extract.__main__ import main  # noqa: E402
+from extract.merge import main as merge_main  # noqa: E402
+from extract.merge import scan_shards  # noqa: E402
+from extract.run import RunOptions, run  # noqa: E402
+from extract.video import write_test_video  # noqa: E402
+
+torch.set_num_threads(2)
+GOOD = ["a1", "a2", "a3", "a4", "a5", "a6"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Six small clips (different lengths and sizes), one junk file, one item without a file."""
+    d = tmp_path_factory.mktemp("media")
+    for i, item in enumerate(GOOD):
+        write_test_video(d / f"{item}.mp4", synth_frames(3 + i, 32 + 8 * (i % 2), 48, seed=i), fps=6)
+    (d / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (d / "items.csv").write_text("id,title\n" + "".join(f"{i},clip {i}\n" for i in GOOD + ["junk", "absent"]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+
+
+def cli(media, model, out, *extra):
+    return main(
+        [
+            "--model",
+            model,
+            "--items",
+            str(media / "items.csv"),
+            "--media",
+            str(media),
+            "--out",
+            str(out),
+            "--frames",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def opts(media, model, out, **kw):
+    return RunOptions(
+        items=str(media / "items.csv"),
+        out=str(out),
+        model=model,
+        media=str(media),
+        frames=4,
+        device="cpu",
+        progress=False,
+        **kw,
+    )
+
+
+def read_all(out):
+    return {i: a for p in records.shard_files(out) for i, a in map(records.decode_item, records.iter_records(p))}
+
+
+def test_cli_video_run_records_failures_and_loads_into_dff_jax(media, qwen, tmp_path, capsys):
+    out = tmp_path / "feat"
+    assert cli(media, qwen, out, "--batch-size", "4", "--flush-every", "4") == 0
+    assert "6 extracted, 2 failed" in capsys.readouterr().out
+    schema = records.read_schema(out)
+    assert (schema.layers, schema.hidden_size, schema.dtype, schema.num_items) == (4, 32, "bfloat16", 6)
+    assert (
+        schema.pooling == "video_mean"
+        and schema.num_frames == 4
+        and schema.prompt.startswith("You are watching a micro-video")
+    )
+    failures = {r["item_id"]: r for r in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert set(failures) == {"junk", "absent"}
+    assert "cannot open" in failures["junk"]["reason"] and "missing file" in failures["absent"]["reason"]
+    assert len(records.shard_files(out)) == 2  # 6 items, 4 per file
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["items_written"] == 6 and manifest["items_failed"] == 2 and manifest["shards"][0]["versions"]["torch"]
+    )
+
+    from dff_jax.features import load_features
+
+    table = load_features(out, [""] + GOOD + ["junk"], allow_missing=True)
+    assert table.table.shape == (8, 4, 32) and table.missing == 1
+    assert str(table.table.dtype) == "bfloat16"
+    assert np.asarray(table.table[1], np.float32).any() and not np.asarray(table.table[7], np.float32).any()
+
+
+def test_resume_after_interruption_writes_every_item_once(media, qwen, tmp_path):
+    out = tmp_path / "feat"
+
+    def stop_after_two(written):
+        if written >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(opts(media, qwen, out, batch_size=2, flush_every=1), on_batch=stop_after_two)
+    first = read_all(out)
+    assert sorted(first) == ["a1", "a2"]  # the finished batch was flushed on the interruption
+    assert json.loads((out / "manifest-part-00000-of-00001.json").read_text())["status"] == "interrupted"
+    assert not (out / records.SCHEMA_FILE).exists()  # incomplete folders get no schema
+    # A kill -9 leaves the open part as .tmp: ignored and cleaned by the next run.
+    (out / "part-00000-of-00001-000099.tfrecord.tmp").write_bytes(b"half")
+    manifest = run(opts(media, qwen, out, batch_size=2, flush_every=1))
+    assert manifest["already_done"] == 2 and manifest["extracted"] == 4 and manifest["folder_complete"]
+    assert not list(out.glob("*.tmp"))
+    ids, _, _ = scan_shards(out)  # raises on an item written twice
+    assert sorted(ids) == GOOD
+    again = run(opts(media, qwen, out, batch_size=2))
+    assert again["extracted"] == 0 and again["already_done"] == 6
+    # Resumed vectors equal an uninterrupted run's.
+    ref = tmp_path / "ref"
+    run(opts(media, qwen, ref, batch_size=3))
+    got, want = read_all(out), read_all(ref)
+    for k in GOOD:
+        np.testing.assert_allclose(
+            np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), rtol=0.02, atol=1e-3
+        )
+
+
+def test_shards_merge_into_one_feature_set(media, qwen, tmp_path, capsys):
+    out = tmp_path / "feat"
+    m0 = run(opts(media, qwen, out, shard=(0, 2), dtype="float32"))
+    assert m0["items_in_shard"] == 4 and not m0["folder_complete"]
+    assert merge_main(["--out", str(out)]) == 1
+    assert "INCOMPLETE" in capsys.readouterr().out
+    m1 = run(opts(media, qwen, out, shard=(1, 2), dtype="float32"))
+    assert m1["folder_complete"]
+    assert merge_main(["--out", str(out)]) == 0
+    assert merge_main(["--out", str(out), "--strict"]) == 1  # two items failed
+    assert sorted(read_all(out)) == GOOD and records.read_schema(out).num_items == 6
+    single = tmp_path / "single"
+    run(opts(media, qwen, single, dtype="float32"))
+    a, b = read_all(out), read_all(single)
+    for k in GOOD:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+
+
+def test_a_folder_refuses_a_different_extraction(media, qwen, tmp_path):
+    out = tmp_path / "feat"
+    run(opts(media, qwen, out))
+    with pytest.raises(ExtractError, match="prompt_name: 'rec' there vs 'plain' now"):
+        run(opts(media, qwen, out, prompt="plain"))
+
+
+def test_cli_errors_are_one_line_and_exit_2(media, qwen, tmp_path, capsys, tmp_path_factory):
+    assert (
+        main(
+            [
+                "--model",
+                qwen,
+                "--items",
+                str(tmp_path / "none.csv"),
+                "--out",
+                str(tmp_path / "o"),
+                "--modality",
+                "title",
+            ]
+        )
+        == 2
+    )
+    assert "none.csv: item list not found" in capsys.readouterr().err
+    assert cli(media, qwen, tmp_path / "o", "--pool", "max") == 2
+    assert "unknown --pool 'max'" in capsys.readouterr().err
+    assert cli(media, qwen, tmp_path / "o", "--modality", "audio") == 2
+    assert "unknown --modality 'audio'" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,title\n1,a\n1,b\n")
+    assert main(["--model", qwen, "--items", str(bad), "--out", str(tmp_path / "o2"), "--modality", "title"]) == 2
+    assert "bad.csv: line 3: duplicate item id" in capsys.readouterr().err
+    text_lm = str(tiny_checkpoint(tmp_path_factory, "text_lm"))  # a tokenizer but no video processor
+    assert cli(media, text_lm, tmp_path / "o3") == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (earlier lines: the fixture's checkpoint-build progress bar)
+    assert last.startswith("error: ") and "Traceback" not in err and text_lm in last
+
+
+def test_title_modality_with_a_text_lm(media, tmp_path, tmp_path_factory):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    out = tmp_path / "title"
+    assert (
+        main(
+            [
+                "--model",
+                model,
+                "--items",
+                str(media / "items.csv"),
+                "--modality",
+                "title",
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
+    schema = records.read_schema(out)
+    assert (schema.layers, schema.hidden_size, schema.dtype, schema.pooling, schema.num_items) == (
+        3,
+        32,
+        "float16",
+        "all_mean",
+        8,
+    )
+
+
+def test_caption_centric_features(media, qwen, tmp_path, tmp_path_factory):
+    encoder = str(tiny_checkpoint(tmp_path_factory, "text_encoder"))
+    out = tmp_path / "cc"
+    assert (
+        cli(
+            media,
+            qwen,
+            out,
+            "--captions",
+            "--text-encoder",
+            encoder,
+            "--caption-tokens",
+            "4",
+            "--batch-size",
+            "3",
+            "--dtype",
+            "float32",
+        )
+        == 0
+    )
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [c["item_id"] for c in captions] == GOOD
+    vectors = read_all(out)
+    schema = records.read_schema(out)
+    assert (schema.layers, schema.hidden_size, schema.pooling, schema.model) == (1, 24, "caption_mean", encoder)
+    assert schema.extra["caption_model"] == qwen
+    # The tiny encoder's modules.json lists Normalize: unit vectors, as sentence-transformers gives.
+    assert np.allclose([np.linalg.norm(v) for v in vectors.values()], 1.0, atol=1e-5)
+    # Caption-free baseline: the item text itself embedded (no LVLM).
+    out2 = tmp_path / "text"
+    assert (
+        main(
+            [
+                "--items",
+                str(media / "items.csv"),
+                "--out",
+                str(out2),
+                "--modality",
+                "title",
+                "--captions",
+                "--caption-source",
+                "title",
+                "--text-encoder",
+                encoder,
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert records.read_schema(out2).num_items == 8
+
+
+def test_extract_then_train(tmp_path, tmp_path_factory):
+    """python -m extract on a folder of mp4 files, then dff_jax training on the produced features."""
+    train = pytest.importorskip("dff_jax.train")
+    from configs import smoke
+
+    num_items, rng = 16, np.random.default_rng(0)
+    media = tmp_path / "media"
+    media.mkdir()
+    ids = [f"v{i}" for i in range(1, num_items + 1)]
+    for i, item in enumerate(ids):
+        write_test_video(media / f"{item}.mp4", synth_frames(4, 32, 32, seed=i), fps=4)
+    (media / "items.csv").write_text("id,title\n" + "".join(f"{i},clip {i}\n" for i in ids))
+    model = str(tiny_checkpoint(tmp_path_factory, "llava_onevision"))
+    feats = tmp_path / "features"
+    assert (
+        main(
+            [
+                "--model",
+                model,
+                "--items",
+                str(media / "items.csv"),
+                "--media",
+                str(media),
+                "--out",
+                str(feats),
+                "--frames",
+                "4",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for u in range(60):  # MicroLens pairs format: user<TAB>items in time order
+        seq = rng.choice(ids, size=int(rng.integers(5, 9)), replace=False)
+        lines.append(f"u{u}\t{' '.join(seq)}")
+    (data / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    c = smoke.get_config()
+    c.data.dir = str(data)
+    c.data.interactions = "pairs.tsv"
+    c.data.format = "microlens_tsv"
+    c.data.generate = ""
+    c.features.dir = str(feats)
+    c.train.num_epochs = 1
+    result = train.train_and_evaluate(c, tmp_path / "run")
+    flat = json.dumps(result)
+    assert "NDCG@10" in flat and "nan" not in flat.lower()

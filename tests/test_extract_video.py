@@ -1,0 +1,76 @@
+"""PyAV frame sampling: uniform over the clip, short/odd/rotated/variable-rate clips, unreadable files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from extract.video import MediaError, read_clip, write_test_video  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def numbered_frames(n, h=32, w=48):
+    """Frame i is a flat grey of level 10 * i, so a decoded frame tells which source frame it was."""
+    return np.stack([np.full((h, w, 3), 10 * i, np.uint8) for i in range(n)])
+
+
+def levels(clip):
+    return [int(round(f.mean() / 10)) for f in clip.frames]
+
+
+def test_uniform_sampling_over_the_whole_clip(tmp_path):
+    path = write_test_video(tmp_path / "v.mp4", numbered_frames(21), fps=10)
+    clip = read_clip(path, 6)
+    assert clip.frames.shape == (6, 32, 48, 3) and clip.frames.dtype == np.uint8
+    assert levels(clip) == [0, 4, 8, 12, 16, 20]  # first and last frame included, evenly spaced
+    assert clip.indices == [0, 4, 8, 12, 16, 20] and clip.timestamps == pytest.approx([0, 0.4, 0.8, 1.2, 1.6, 2.0])
+
+
+def test_short_clip_gives_all_frames_and_odd_sizes_work(tmp_path):
+    clip = read_clip(write_test_video(tmp_path / "short.mp4", numbered_frames(3), fps=5), 16)
+    assert levels(clip) == [0, 1, 2]
+    odd = read_clip(write_test_video(tmp_path / "odd.mp4", numbered_frames(4, 17, 33), fps=5), 16)
+    assert odd.frames.shape == (4, 17, 33, 3)
+
+
+def test_variable_frame_rate_samples_uniformly_in_time(tmp_path):
+    # 9 frames in the first 80 ms, then one per second: index-uniform sampling would pick only early frames.
+    times = [0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 1, 2, 3]
+    clip = read_clip(write_test_video(tmp_path / "vfr.mp4", numbered_frames(12), times=times), 4)
+    assert levels(clip) == [0, 9, 10, 11]
+    assert clip.timestamps == pytest.approx([0, 1, 2, 3])
+    # A processor computing index / fps recovers the true times (Qwen3-VL timestamps).
+    assert np.asarray(clip.indices) / clip.fps == pytest.approx([0, 1, 2, 3], abs=0.5 / clip.fps)
+
+
+def test_display_rotation_is_applied(tmp_path):
+    frames = np.zeros((4, 32, 48, 3), np.uint8)
+    frames[:, :8, :8] = 255  # a white top-left corner
+    clip = read_clip(write_test_video(tmp_path / "rot.mp4", frames, rotation=90), 4)
+    assert clip.frames.shape == (4, 48, 32, 3)  # portrait after rotation
+    # A counter-clockwise quarter turn moves the top-left corner to the bottom-left.
+    assert clip.frames[0, -8:, :8].mean() > 200 and clip.frames[0, :8, :8].mean() < 50
+
+
+def test_unreadable_files_raise_media_error_with_reason(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty file"):
+        read_clip(tmp_path / "empty.mp4")
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(MediaError, match="cannot open"):
+        read_clip(tmp_path / "junk.mp4")
+    with pytest.raises(MediaError, match="missing file"):
+        read_clip(tmp_path / "absent.mp4")
+
+
+def test_real_archery_clip():
+    path = SHARED_DATA / "videos" / "archery.mp4"
+    if not path.is_file():
+        pytest.skip("../shared/data/videos/archery.mp4 not present")
+    clip = read_clip(path, 16)
+    assert clip.frames.shape == (16, 240, 320, 3)
+    assert clip.indices[0] == 0 and clip.indices[-1] == 299 and clip.total_frames == 300
+    assert clip.fps == pytest.approx(29.97, abs=0.01)
