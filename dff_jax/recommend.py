@@ -35,7 +35,7 @@ def recommend(trainer, params, history: list[str], k: int) -> list[tuple[str, fl
     inputs = np.zeros((1, L), np.int32)
     inputs[0, L - len(seq) :] = seq  # left padding, as in training
     model = trainer.model(params, trainer.consts)
-    scores = np.asarray(
+    scores = np.array(  # a writable host copy
         jax.jit(lambda x: model.user_embeddings(x) @ model.all_item_embeddings().T)(jnp.asarray(inputs))[0], np.float32
     )
     scores[0] = -np.inf

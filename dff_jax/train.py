@@ -149,15 +149,11 @@ class Trainer:
             "opt_state": jax.eval_shape(self.tx.init, params),
             "step": jnp.zeros((), jnp.int32),
         }
-        self.state_sharding = parallel.state_shardings(abstract, mesh, config.parallel.shard_items)
-        self.rest_sharding = jax.tree.map(
-            lambda x: (
-                parallel.feature_sharding(mesh, config.parallel.shard_items)
-                if x.ndim == 3
-                else parallel.replicated(mesh)
-            ),
-            self.rest,
-        )
+        shard_items = config.parallel.shard_items
+        self.state_sharding = parallel.state_shardings(abstract, mesh, shard_items, num_items=dataset.num_items)
+        # The frozen feature table [N+1, L, H] is item-indexed like the ID table: the same rule shards it on "model"
+        # (rows, or H when N+1 does not divide); its normalisation statistics stay replicated.
+        self.rest_sharding = parallel.state_shardings(self.rest, mesh, shard_items, num_items=dataset.num_items)
         self.consts = {
             "rest": jax.device_put(self.rest, self.rest_sharding),
             "log_pop": jax.device_put(log_pop, parallel.replicated(mesh)),
@@ -196,7 +192,7 @@ class Trainer:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        out = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         out.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
 
@@ -351,6 +347,7 @@ def setup(config: ml_collections.ConfigDict):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains with early stopping on validation, tests the best checkpoint, writes and returns results.json."""
     workdir = Path(workdir)
+    parallel.initialize(config.parallel)  # before any jax use: joins a multi-process job, sets simulated devices
     main = parallel.is_main_process()
     if (workdir / "results.json").is_file():
         result = json.loads((workdir / "results.json").read_text())
