@@ -1,0 +1,226 @@
+"""dff_jax.models: shapes per encoder, fusion arithmetic, padding, causality, layer weights, split/merge."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from dff_jax.models import FrozenFeatures, build_model, select_layers, standardize_stats
+
+N, D, LAYERS, H, L = 11, 8, 3, 6, 4
+
+
+def _cfg(**kw):
+    base = {
+        "embed_dim": D, "num_blocks": 2, "num_heads": 2, "dropout": 0.1, "pre_ln": False, "max_seq_len": L, "item_encoder": "fusion",
+        "content": "learned", "layer": -1, "layers": (), "alpha_softmax": True, "gate_hidden": 5, "proj_hidden": 0,
+    }  # fmt: skip
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _features(dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    # Layers on very different scales, like LVLM hidden states.
+    f = rng.normal(size=(N + 1, LAYERS, H)) * np.array([1.0, 10.0, 100.0])[None, :, None] + 3.0
+    f[0] = 0
+    return f.astype(dtype)
+
+
+INPUTS = jnp.asarray(np.array([[0, 0, 3, 4], [1, 2, 3, 11]], np.int32))
+
+COMBOS = [("id", "layer")] + [(e, c) for e in ("replace", "fusion") for c in ("layer", "mean", "learned")]
+
+
+@pytest.mark.parametrize("encoder,content", COMBOS)
+def test_shapes_for_each_encoder_and_content(encoder, content):
+    model = build_model(_cfg(item_encoder=encoder, content=content), N, _features(), rngs=nnx.Rngs(0))
+    assert model.item_embeddings(INPUTS).shape == (2, L, D)
+    assert model.item_embeddings(jnp.array(5)).shape == (D,)
+    assert model.all_item_embeddings().shape == (N + 1, D)
+    assert model.encode(INPUTS, deterministic=True).shape == (2, L, D)
+    assert model.user_embeddings(INPUTS).shape == (2, D)
+    if encoder == "fusion":
+        assert model.gate_values(INPUTS).shape == (2, L, 1)
+        assert model.gate_values(INPUTS, reduce=False).shape == (2, L, D)
+    else:
+        with pytest.raises(ValueError, match="not 'fusion'"):
+            model.gate_values(INPUTS)
+    if encoder == "id":
+        with pytest.raises(ValueError, match="no content"):
+            model.layer_weights()
+    else:
+        expected_layers = 1 if content == "layer" else LAYERS
+        np.testing.assert_allclose(np.asarray(model.layer_weights()), np.full(expected_layers, 1 / expected_layers))
+    # all_item_embeddings (chunked lax.map) agrees with item_embeddings, and row 0 (padding) is zero.
+    all_emb = np.asarray(model.all_item_embeddings(chunk_size=5))
+    np.testing.assert_allclose(all_emb, np.asarray(model.item_embeddings(jnp.arange(N + 1))), rtol=1e-5, atol=1e-6)
+    assert np.all(all_emb[0] == 0)
+
+
+def test_fusion_arithmetic_matches_hand_computation():
+    feats = _features()
+    model = build_model(_cfg(content="learned", feature_norm="none", gate_hidden=5), N, feats, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(7)
+    w_logits = rng.normal(size=LAYERS).astype(np.float32)
+    proj_w, proj_b = rng.normal(size=(H, D)).astype(np.float32) * 0.1, rng.normal(size=D).astype(np.float32)
+    g1_w, g1_b = rng.normal(size=(2 * D, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    g2_w, g2_b = rng.normal(size=(5, D)).astype(np.float32), rng.normal(size=D).astype(np.float32)
+    model.content.layer_logits[...] = jnp.asarray(w_logits)
+    model.content.proj.kernel[...], model.content.proj.bias[...] = jnp.asarray(proj_w), jnp.asarray(proj_b)
+    model.gate_in.kernel[...], model.gate_in.bias[...] = jnp.asarray(g1_w), jnp.asarray(g1_b)
+    model.gate_out.kernel[...], model.gate_out.bias[...] = jnp.asarray(g2_w), jnp.asarray(g2_b)
+
+    items = np.array([[1, 5, 0], [11, 5, 2]])
+    alpha = np.exp(w_logits) / np.exp(w_logits).sum()  # Eq. 5 with softmax-normalised alpha
+    e_v = np.einsum("...lh,l->...h", feats[items].astype(np.float64), alpha) @ proj_w + proj_b
+    e_id = np.asarray(model.item_id[...])[items]
+    hidden = np.maximum(np.concatenate([e_id, e_v], -1) @ g1_w + g1_b, 0.0)  # Eq. 3 MLP
+    g = 1.0 / (1.0 + np.exp(-(hidden @ g2_w + g2_b)))
+    expected = (g * e_id + (1.0 - g) * e_v) * (items != 0)[..., None]  # Eq. 4; padding -> 0
+    got = np.asarray(model.item_embeddings(jnp.asarray(items)))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.layer_weights()), alpha, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model.gate_values(jnp.asarray(items))), g.mean(-1, keepdims=True), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_scalar_gate_and_standardized_aggregation():
+    feats = _features(seed=3)
+    model = build_model(
+        _cfg(content="mean", feature_norm="standardize", gate_dim="scalar", gate_hidden=0), N, feats, rngs=nnx.Rngs(2)
+    )
+    items = jnp.array([1, 4, 9])
+    # Standardisation: z-score each (layer, dim) over real items, then a uniform mean over layers.
+    body = feats[1:].astype(np.float64)
+    z = (feats[np.asarray(items)] - body.mean(0)) / body.std(0)
+    np.testing.assert_allclose(np.asarray(model.content.aggregate(items)), z.mean(1), rtol=1e-4, atol=1e-5)
+    g = model.gate_values(items, reduce=False)
+    assert g.shape == (3, 1) and bool(jnp.all((g > 0) & (g < 1)))
+
+
+def test_standardize_stats_match_numpy_and_floor_constant_dims():
+    feats = _features(seed=4)
+    feats[1:, 0, 2] = 5.0  # a constant dimension must not produce inf
+    mean, inv_std = standardize_stats(feats, chunk=4)
+    body = feats[1:].astype(np.float64)
+    np.testing.assert_allclose(mean, body.mean(0), rtol=1e-5, atol=1e-5)
+    std = body.std(0)
+    ok = std > 0
+    np.testing.assert_allclose(inv_std[ok], 1 / std[ok], rtol=1e-4)
+    assert np.isfinite(inv_std).all() and inv_std[0, 2] > 0
+
+
+def test_padding_row_is_zero_and_gets_no_gradient():
+    model = build_model(_cfg(), N, _features(), rngs=nnx.Rngs(0))
+    assert float(jnp.abs(model.item_id[...][0]).max()) == 0.0
+    assert float(jnp.abs(model.item_embeddings(jnp.array([0, 0]))).max()) == 0.0
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        m = nnx.merge(graphdef, p, rest)
+        return jnp.sum(m.encode(INPUTS, deterministic=True) ** 2)
+
+    grads = jax.jit(jax.grad(f))(params)  # one compilation instead of op-by-op eager autodiff
+    assert float(jnp.abs(grads["item_id"][...][0]).max()) == 0.0
+    assert float(jnp.abs(grads["item_id"][...][3]).max()) > 0.0
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_causal_mask_future_inputs_do_not_change_past_outputs(pre_ln):
+    model = build_model(_cfg(item_encoder="id", pre_ln=pre_ln), N, None, rngs=nnx.Rngs(0))
+    a = jnp.array([[0, 2, 3, 4], [5, 6, 7, 8]])
+    b = jnp.array([[0, 2, 9, 10], [5, 6, 1, 1]])  # differ only from position 2 on
+    out_a, out_b = model.encode(a, deterministic=True), model.encode(b, deterministic=True)
+    np.testing.assert_allclose(np.asarray(out_a[:, :2]), np.asarray(out_b[:, :2]), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(out_a[:, 2:] - out_b[:, 2:]).max()) > 1e-3
+    # Padding keys are ignored: changing which padded row it is does not matter; no NaN on all-padding rows.
+    c = model.encode(jnp.array([[0, 0, 0, 0]]), deterministic=True)
+    assert bool(jnp.isfinite(c).all())
+
+
+def test_dropout_uses_the_explicit_key():
+    model = build_model(_cfg(item_encoder="id"), N, None, rngs=nnx.Rngs(0))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    o1 = model.encode(INPUTS, deterministic=False, rng=k1)
+    assert np.array_equal(np.asarray(o1), np.asarray(model.encode(INPUTS, deterministic=False, rng=k1)))
+    assert not np.allclose(np.asarray(o1), np.asarray(model.encode(INPUTS, deterministic=False, rng=k2)))
+    det = model.encode(INPUTS, deterministic=True)
+    assert not np.allclose(np.asarray(o1), np.asarray(det))
+    with pytest.raises(ValueError, match="dropout key"):
+        model.encode(INPUTS, deterministic=False)
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_dff_alpha_initialised_uniform(softmax):
+    model = build_model(_cfg(content="learned", alpha_softmax=softmax), N, _features(), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(model.layer_weights()), np.full(LAYERS, 1 / LAYERS), rtol=1e-6)
+    raw = np.asarray(model.content.layer_logits[...])
+    np.testing.assert_allclose(raw, np.zeros(LAYERS) if softmax else np.full(LAYERS, 1 / LAYERS))
+
+
+def test_replace_mode_has_no_id_table():
+    feats = _features()
+    model = build_model(_cfg(item_encoder="replace", content="layer", layer=1), N, feats, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    assert "item_id" not in params
+    # e = Proj(h_1) exactly (default standardisation is an affine map folded in): check with feature_norm="none".
+    plain = build_model(_cfg(item_encoder="replace", content="layer", layer=1, feature_norm="none"), N, feats,
+                        rngs=nnx.Rngs(0))  # fmt: skip
+    proj = plain.content.proj
+    expected = feats[[2, 3], 1] @ np.asarray(proj.kernel[...]) + np.asarray(proj.bias[...])
+    np.testing.assert_allclose(np.asarray(plain.item_embeddings(jnp.array([2, 3]))), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_split_merge_in_jit_and_frozen_features_not_params():
+    feats = _features(dtype=ml_dtypes.bfloat16)
+    model = build_model(_cfg(), N, feats, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shapes = [x.shape for x in jax.tree.leaves(params)]
+    assert (N + 1, LAYERS, H) not in param_shapes  # the feature table is not trainable
+    frozen = nnx.state(model, FrozenFeatures)
+    table = frozen["content"]["table"][...]
+    assert table.shape == (N + 1, LAYERS, H) and table.dtype == jnp.bfloat16  # stored dtype kept on device
+    assert {type(v) for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))} == {FrozenFeatures}
+
+    @jax.jit
+    def run(params, rest, key):
+        m = nnx.merge(graphdef, params, rest)
+        return m.encode(INPUTS, deterministic=False, rng=key), m.user_embeddings(INPUTS)
+
+    out, users = run(params, rest, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(users), np.asarray(model.user_embeddings(INPUTS)), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, L, D)
+
+
+def test_unique_dedup_matches_direct_encoding():
+    feats = _features()
+    direct = build_model(_cfg(dedup="none"), N, feats, rngs=nnx.Rngs(0))
+    unique = build_model(_cfg(dedup="unique"), N, feats, rngs=nnx.Rngs(0))
+    items = jnp.array([[3, 3, 0, 7], [7, 1, 3, 11], [2, 2, 2, 2]])
+    np.testing.assert_allclose(
+        np.asarray(unique.item_embeddings(items)), np.asarray(direct.item_embeddings(items)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_layer_selection_and_bad_input_errors():
+    assert select_layers(5, "layer", -1, ()) == [4]
+    assert select_layers(5, "mean", 0, ()) == [0, 1, 2, 3, 4]
+    assert select_layers(5, "learned", 0, (1, -2)) == [1, 3]
+    with pytest.raises(ValueError, match="outside the 5 stored"):
+        select_layers(5, "layer", 5, ())
+    feats = _features()
+    model = build_model(_cfg(content="mean", layers=(0, 2)), N, feats, rngs=nnx.Rngs(0))
+    assert model.content.table.shape == (N + 1, 2, H)  # only the selected rows are kept
+    with pytest.raises(ValueError, match="needs a feature table"):
+        build_model(_cfg(), N, None, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expected num_items"):
+        build_model(_cfg(), N + 1, feats, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="item_encoder must be"):
+        build_model(_cfg(item_encoder="concat"), N, feats, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="feature_norm must be"):
+        build_model(_cfg(feature_norm="l2"), N, feats, rngs=nnx.Rngs(0))
