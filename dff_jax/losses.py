@@ -194,7 +194,9 @@ def sample_bce_negatives(
     return neg, ~collides(neg)
 
 
-def compute_loss(model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax.Array | None):
+def compute_loss(
+    model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax.Array | None, *, deterministic: bool = False
+):
     """Training loss of ``model`` (a ``Recommender``) on a batch, with dropout.
 
     Args:
@@ -204,6 +206,7 @@ def compute_loss(model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax
         loss_cfg: ``config.loss`` with ``name`` in LOSSES, ``num_negatives``, ``proposal``, ``logq``.
         log_pop: [N+1] log of the normalised train popularity (index 0 arbitrary), used by logQ corrections and the
             popularity proposal.
+        deterministic: switch dropout off (parity checks against the PyTorch port; the negatives stay random).
 
     Returns:
         (loss scalar, aux dict with "positions": number of scored positions).
@@ -217,12 +220,12 @@ def compute_loss(model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax
         # The window is the user's L+1 items; embed it once for the encoder inputs and the candidates.
         window = jnp.concatenate([inputs, targets[:, -1:]], axis=1)
         window_emb = model.item_embeddings(window)
-        seq_out = model.encode(inputs, deterministic=False, rng=drop_key, input_embs=window_emb[:, :-1])
+        seq_out = model.encode(inputs, deterministic=deterministic, rng=drop_key, input_embs=window_emb[:, :-1])
         if logq and log_pop is None:
             raise ValueError("loss config: inbatch_logq with logq=True needs log_pop")
         loss, count = inbatch_logq_loss(seq_out, window_emb, window, valid, log_pop if logq else None)
     elif name == "full_softmax":
-        seq_out = model.encode(inputs, deterministic=False, rng=drop_key)
+        seq_out = model.encode(inputs, deterministic=deterministic, rng=drop_key)
         loss, count = full_softmax_loss(seq_out, model.all_item_embeddings(), targets, valid)
     elif name == "sampled_softmax":
         num_negatives = int(_cfg(loss_cfg, "num_negatives", 256))
@@ -233,7 +236,7 @@ def compute_loss(model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax
         in_emb = emb[:n_in].reshape(inputs.shape + (-1,))
         pos_emb = emb[n_in : 2 * n_in].reshape(targets.shape + (-1,))
         neg_emb = emb[2 * n_in :]
-        seq_out = model.encode(inputs, deterministic=False, rng=drop_key, input_embs=in_emb)
+        seq_out = model.encode(inputs, deterministic=deterministic, rng=drop_key, input_embs=in_emb)
         log_k = jnp.log(float(num_negatives))
         pos_c = log_q[targets] + log_k if logq else None
         neg_c = log_q[negatives] + log_k if logq else None
@@ -246,7 +249,7 @@ def compute_loss(model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax
         negatives, neg_ok = sample_bce_negatives(sample_key, window, model.num_items)
         emb = model.item_embeddings(jnp.concatenate([window, negatives], axis=1))
         length = inputs.shape[1]
-        seq_out = model.encode(inputs, deterministic=False, rng=drop_key, input_embs=emb[:, :length])
+        seq_out = model.encode(inputs, deterministic=deterministic, rng=drop_key, input_embs=emb[:, :length])
         pos_emb, neg_emb = emb[:, 1 : length + 1], emb[:, length + 1 :]
         loss, count = bce_loss(seq_out, pos_emb, neg_emb, valid, neg_ok)
     else:

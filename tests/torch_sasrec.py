@@ -1,0 +1,306 @@
+"""PyTorch eager port of dff_jax.models.Recommender and the in-batch logQ / full softmax losses.
+
+Used as (a) a parity reference: the same weights (``load_nnx_weights``) give the same item embeddings, sequence
+outputs and loss as the JAX model to 1e-5 in float32 (tests/test_parity.py); (b) the baseline that the benchmark
+times against the jitted JAX train step (``torch_train_step_factory``).
+
+The math mirrors dff_jax/models.py line for line (MicroLens SASRec, ../shared/reference/microlens-protocol.md
+section 4): LayerNorm(item + position) -> dropout -> post-LN blocks (bias-free Q/K/V/O, attention-probability
+dropout, FFN 4d ReLU), causal + key-padding mask with the diagonal always allowed; item encoders id / replace / fusion
+with the content aggregation of paper Eq. 5 (layer / mean / learned alpha, optional standardisation) and the gate of
+Eq. 3-4. Dropout uses torch's own RNG, so only deterministic outputs are comparable.
+
+Threads: torch keeps its default intra-op thread count (torch.get_num_threads(), the number of physical cores),
+which is also what XLA's CPU backend uses, so neither side is handicapped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6
+MASK_VALUE = -1e9
+INBATCH_MASK = -1e4
+
+
+def _cfg(cfg: Any, name: str, default: Any) -> Any:
+    try:
+        return cfg.get(name, default)
+    except AttributeError:
+        return getattr(cfg, name, default)
+
+
+def _xavier_normal_(t: torch.Tensor) -> torch.Tensor:
+    return nn.init.xavier_normal_(t)
+
+
+class TorchContent(nn.Module):
+    """e_v = Proj(Norm(sum_l alpha_l h_l)); the feature table and statistics are buffers (frozen)."""
+
+    def __init__(self, table: np.ndarray, model_cfg: Any):
+        super().__init__()
+        d = int(model_cfg.embed_dim)
+        self.content = str(_cfg(model_cfg, "content", "learned"))
+        self.feature_norm = str(_cfg(model_cfg, "feature_norm", "standardize"))
+        self.alpha_softmax = bool(_cfg(model_cfg, "alpha_softmax", True))
+        self.num_layers, hidden = int(table.shape[1]), int(table.shape[2])
+        self.register_buffer("table", _to_torch(table))
+        if self.feature_norm == "standardize":
+            from dff_jax.models import standardize_stats  # numpy only; the same statistics as the JAX model
+
+            mean, inv_std = standardize_stats(np.asarray(table))
+            self.register_buffer("norm_mean", torch.from_numpy(mean))
+            self.register_buffer("norm_inv_std", torch.from_numpy(inv_std))
+        if self.content == "learned":
+            init = 0.0 if self.alpha_softmax else 1.0 / self.num_layers
+            self.layer_logits = nn.Parameter(torch.full((self.num_layers,), init))
+        if self.feature_norm == "layernorm":
+            self.feature_ln = nn.LayerNorm(hidden, eps=LN_EPS)
+        proj_hidden = int(_cfg(model_cfg, "proj_hidden", 0))
+        self.proj = nn.Linear(hidden, proj_hidden if proj_hidden > 0 else d)
+        self.proj_out = nn.Linear(proj_hidden, d) if proj_hidden > 0 else None
+
+    def weights(self) -> torch.Tensor:
+        if self.content == "learned":
+            return torch.softmax(self.layer_logits, 0) if self.alpha_softmax else self.layer_logits
+        return torch.full((self.num_layers,), 1.0 / self.num_layers, device=self.table.device)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        rows = self.table[items].float()  # [..., L, H]
+        alpha = self.weights()
+        if self.feature_norm == "standardize":
+            scale = alpha[:, None] * self.norm_inv_std
+            shift = (scale * self.norm_mean).sum(0)
+            x = torch.einsum("...lh,lh->...h", rows, scale) - shift
+        else:
+            x = torch.einsum("...lh,l->...h", rows, alpha)
+        if self.feature_norm == "layernorm":
+            x = self.feature_ln(x)
+        x = self.proj(x)
+        if self.proj_out is not None:
+            x = self.proj_out(F.gelu(x, approximate="tanh"))  # jax.nn.gelu defaults to the tanh approximation
+        return x
+
+
+class TorchBlock(nn.Module):
+    def __init__(self, d: int, num_heads: int, rate: float, pre_ln: bool):
+        super().__init__()
+        self.num_heads, self.rate, self.pre_ln = num_heads, rate, pre_ln
+        self.query = nn.Linear(d, d, bias=False)
+        self.key = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(d, d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.attn_ln = nn.LayerNorm(d, eps=LN_EPS)
+        self.ffn_in = nn.Linear(d, 4 * d)
+        self.ffn_out = nn.Linear(4 * d, d)
+        self.ffn_ln = nn.LayerNorm(d, eps=LN_EPS)
+
+    def attention(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        h = self.num_heads
+        q = self.query(x).view(b, length, h, d // h).transpose(1, 2)
+        k = self.key(x).view(b, length, h, d // h).transpose(1, 2)
+        v = self.value(x).view(b, length, h, d // h).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d // h)
+        scores = scores.masked_fill(~allowed[:, None], MASK_VALUE)
+        probs = F.dropout(torch.softmax(scores, -1), self.rate, self.training)
+        context = torch.matmul(probs, v).transpose(1, 2).reshape(b, length, d)
+        return F.dropout(self.out(context), self.rate, self.training)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.ffn_out(F.relu(self.ffn_in(x))), self.rate, self.training)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attention(self.attn_ln(x), allowed)
+            return x + self.feed_forward(self.ffn_ln(x))
+        x = self.attn_ln(x + self.attention(x, allowed))
+        return self.ffn_ln(x + self.feed_forward(x))
+
+
+class TorchRecommender(nn.Module):
+    """The port of ``dff_jax.models.Recommender`` (same parameter names, kernels transposed to torch layout)."""
+
+    def __init__(self, model_cfg: Any, num_items: int, features: np.ndarray | None = None):
+        super().__init__()
+        d = int(model_cfg.embed_dim)
+        self.num_items, self.embed_dim = int(num_items), d
+        self.item_encoder = str(_cfg(model_cfg, "item_encoder", "id"))
+        self.rate = float(_cfg(model_cfg, "dropout", 0.1))
+        self.pre_ln = bool(_cfg(model_cfg, "pre_ln", False))
+        gate_dim = str(_cfg(model_cfg, "gate_dim", "vector"))
+        if self.item_encoder != "replace":
+            self.item_id = nn.Parameter(_xavier_normal_(torch.empty(num_items + 1, d)))
+            with torch.no_grad():
+                self.item_id[0].zero_()
+        self.content = TorchContent(features, model_cfg) if self.item_encoder != "id" else None
+        if self.item_encoder == "fusion":
+            gate_hidden = int(_cfg(model_cfg, "gate_hidden", d))
+            gate_out = d if gate_dim == "vector" else 1
+            self.gate_in = nn.Linear(2 * d, gate_hidden) if gate_hidden > 0 else None
+            self.gate_out = nn.Linear(gate_hidden if gate_hidden > 0 else 2 * d, gate_out)
+        self.position = nn.Parameter(_xavier_normal_(torch.empty(int(model_cfg.max_seq_len), d)))
+        self.seq_ln = nn.LayerNorm(d, eps=LN_EPS)
+        num_blocks, num_heads = int(_cfg(model_cfg, "num_blocks", 2)), int(_cfg(model_cfg, "num_heads", 2))
+        self.blocks = nn.ModuleList([TorchBlock(d, num_heads, self.rate, self.pre_ln) for _ in range(num_blocks)])
+
+    def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        if self.item_encoder == "id":
+            emb = self.item_id[items]
+        else:
+            e_v = self.content(items)
+            if self.item_encoder == "replace":
+                emb = e_v
+            else:
+                e_id = self.item_id[items]
+                x = torch.cat([e_id, e_v], -1)
+                if self.gate_in is not None:
+                    x = F.relu(self.gate_in(x))
+                g = torch.sigmoid(self.gate_out(x))
+                emb = g * e_id + (1.0 - g) * e_v
+        return emb * (items != 0).unsqueeze(-1).to(emb.dtype)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        return self.item_embeddings(torch.arange(self.num_items + 1, device=self.position.device))
+
+    def encode(self, inputs: torch.Tensor, input_embs: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] -> [B, L, d]; dropout follows ``self.training``."""
+        length = inputs.shape[1]
+        x = self.item_embeddings(inputs) if input_embs is None else input_embs
+        x = x + self.position[:length]
+        if not self.pre_ln:
+            x = self.seq_ln(x)
+        x = F.dropout(x, self.rate, self.training)
+        valid = inputs != 0
+        eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=inputs.device))
+        allowed = causal[None] & (valid[:, None, :] | eye[None])
+        for block in self.blocks:
+            x = block(x, allowed)
+        if self.pre_ln:
+            x = self.seq_ln(x)
+        return x
+
+
+def inbatch_logq_loss(seq_out, window_emb, window, valid, log_pop):
+    """Torch twin of ``dff_jax.losses.inbatch_logq_loss`` (MicroLens in-batch softmax, logQ, own-item masking)."""
+    b, length, d = seq_out.shape
+    slots = b * (length + 1)
+    cand = window.reshape(slots)
+    logits = torch.einsum("bld,cd->blc", seq_out, window_emb.reshape(slots, d))
+    if log_pop is not None:
+        logits = logits - log_pop[cand]
+    label = torch.arange(b, device=window.device)[:, None] * (length + 1) + torch.arange(1, length + 1)[None, :]
+    own = (window[:, :, None] == cand[None, None, :]).any(1)
+    reject = (own | (cand == 0)[None, :])[:, None, :]
+    is_label = torch.arange(slots, device=window.device)[None, None, :] == label[:, :, None]
+    logits = logits.masked_fill(reject & ~is_label, INBATCH_MASK)
+    return F.cross_entropy(logits[valid], label[valid])
+
+
+def full_softmax_loss(seq_out, item_emb, targets, valid):
+    """Torch twin of ``dff_jax.losses.full_softmax_loss``."""
+    logits = torch.einsum("bld,nd->bln", seq_out, item_emb)
+    logits[..., 0] = MASK_VALUE
+    return F.cross_entropy(logits[valid], targets[valid])
+
+
+def compute_loss(model: TorchRecommender, inputs, targets, loss_name: str, log_pop):
+    """Torch twin of ``dff_jax.losses.compute_loss`` for "inbatch_logq" (log_pop None = no logQ) and "full_softmax"."""
+    valid = (inputs != 0) & (targets != 0)
+    if loss_name == "inbatch_logq":
+        window = torch.cat([inputs, targets[:, -1:]], 1)
+        window_emb = model.item_embeddings(window)
+        seq_out = model.encode(inputs, input_embs=window_emb[:, :-1])
+        return inbatch_logq_loss(seq_out, window_emb, window, valid, log_pop)
+    if loss_name == "full_softmax":
+        return full_softmax_loss(model.encode(inputs), model.all_item_embeddings(), targets, valid)
+    raise ValueError(f"torch port: loss {loss_name!r} is not ported (inbatch_logq, full_softmax)")
+
+
+def _to_torch(array) -> torch.Tensor:
+    a = np.asarray(array)
+    if a.dtype.name == "bfloat16":  # numpy has no bf16; go through the raw bits
+        return torch.from_numpy(a.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def nnx_state_dict(nnx_model) -> dict[str, torch.Tensor]:
+    """The NNX model's parameters and frozen buffers under the torch port's names.
+
+    Mapping: path joined with "."; Linear ``kernel`` [in, out] -> ``weight`` [out, in]; LayerNorm ``scale`` ->
+    ``weight``; everything else (``item_id``, ``position``, ``layer_logits``, ``table``, ``norm_*``) by name.
+    """
+    from flax import nnx
+
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(nnx_model)):
+        name = ".".join(str(p) for p in path)
+        value = np.asarray(var[...])
+        if path[-1] == "kernel":
+            name, value = name[: -len("kernel")] + "weight", value.T
+        elif path[-1] == "scale":
+            name = name[: -len("scale")] + "weight"
+        out[name] = _to_torch(value.copy())
+    return out
+
+
+def load_nnx_weights(torch_model: TorchRecommender, nnx_model) -> TorchRecommender:
+    """Copies every parameter and buffer of ``nnx_model`` into ``torch_model`` (strict: names must all match)."""
+    torch_model.load_state_dict(nnx_state_dict(nnx_model), strict=True)
+    return torch_model
+
+
+def torch_train_step_factory(
+    model_cfg: Any,
+    num_items: int,
+    features: np.ndarray | None,
+    log_pop: np.ndarray | None,
+    *,
+    loss_name: str = "inbatch_logq",
+    lr: float = 1e-4,
+    weight_decay: float = 0.1,
+    clip_norm: float | None = None,
+    nnx_model=None,
+    seed: int = 0,
+) -> tuple[Callable[[np.ndarray, np.ndarray], float], TorchRecommender]:
+    """An eager PyTorch AdamW train step on the ported model, for the benchmark.
+
+    Args:
+        model_cfg, num_items, features: as for ``dff_jax.models.build_model`` (features: the selected rows).
+        log_pop: [N+1] log popularity for the logQ correction (None = off).
+        loss_name: "inbatch_logq" or "full_softmax".
+        lr, weight_decay, clip_norm: AdamW and optional global-norm clipping, as in the JAX step.
+        nnx_model: when given, its weights are copied in (then ``features`` must be the table it was built with).
+        seed: torch seed for the initialisation and dropout.
+
+    Returns:
+        (step(inputs [B, L] int, targets [B, L] int) -> loss float, the torch model).
+    """
+    torch.manual_seed(seed)
+    model = TorchRecommender(model_cfg, num_items, features)
+    if nnx_model is not None:
+        load_nnx_weights(model, nnx_model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    log_pop_t = None if log_pop is None else torch.as_tensor(np.asarray(log_pop, np.float32))
+
+    def step(inputs, targets) -> float:
+        inputs_t = torch.as_tensor(np.asarray(inputs), dtype=torch.long)
+        targets_t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        opt.zero_grad(set_to_none=True)
+        loss = compute_loss(model, inputs_t, targets_t, loss_name, log_pop_t)
+        loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        opt.step()
+        return float(loss.detach())
+
+    return step, model
