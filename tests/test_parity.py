@@ -132,9 +132,20 @@ def test_same_gradients_for_dff():
 def test_torch_train_step_runs_and_learns():
     cfg = _cfg({"item_encoder": "id", "dropout": 0.0})
     _, inputs, targets, log_pop = _data()
-    step, port = torch_sasrec.torch_train_step_factory(cfg, N, None, log_pop, lr=1e-2, weight_decay=0.0)
+    step = torch_sasrec.torch_train_step_factory(cfg, N, None, log_pop, lr=1e-2, weight_decay=0.1, clip_norm=5.0)
     first = step(inputs, targets)
     for _ in range(20):
-        last = step(inputs, targets)
+        last = step({"inputs": inputs, "targets": targets})
     assert np.isfinite(first) and last < first
-    assert float(port.item_id.detach()[0].abs().max()) == 0.0  # padding row untouched by AdamW (no grad, no decay)
+    assert float(step.model.item_id.detach()[0].abs().max()) == 0.0  # padding row: no gradient, decay of 0 is 0
+
+
+def test_config_from_nnx_rebuilds_the_architecture():
+    for case in ("dff_raw_mlp_head", "fusion_layer_scalar_gate", "id_pre_ln"):
+        model, port, *_ = _pair(CASES[case])
+        rebuilt = torch_sasrec.TorchRecommender(
+            ml_collections.ConfigDict(torch_sasrec.config_from_nnx(model)),
+            N,
+            port.content.table if port.content else None,
+        )
+        assert set(rebuilt.state_dict()) == set(port.state_dict()), case

@@ -258,11 +258,37 @@ def load_nnx_weights(torch_model: TorchRecommender, nnx_model) -> TorchRecommend
     return torch_model
 
 
+def config_from_nnx(nnx_model) -> dict:
+    """The model config that rebuilds ``nnx_model``'s architecture (read off its attributes and shapes)."""
+    block = nnx_model.blocks[0]
+    cfg = {
+        "embed_dim": nnx_model.embed_dim,
+        "max_seq_len": int(nnx_model.position.shape[0]),
+        "num_blocks": len(nnx_model.blocks),
+        "num_heads": block.num_heads,
+        "dropout": nnx_model.rate,
+        "pre_ln": nnx_model.pre_ln,
+        "item_encoder": nnx_model.item_encoder,
+        "gate_dim": nnx_model.gate_dim,
+    }
+    content = nnx_model.content
+    if content is not None:
+        cfg.update(
+            content=content.content,
+            feature_norm=content.feature_norm,
+            alpha_softmax=content.alpha_softmax,
+            proj_hidden=int(content.proj.kernel.shape[1]) if content.proj_out is not None else 0,
+        )
+    if nnx_model.item_encoder == "fusion":
+        cfg["gate_hidden"] = int(nnx_model.gate_in.kernel.shape[1]) if nnx_model.gate_in is not None else 0
+    return cfg
+
+
 def torch_train_step_factory(
     model_cfg: Any,
-    num_items: int,
-    features: np.ndarray | None,
-    log_pop: np.ndarray | None,
+    num_items: Any = None,
+    features: np.ndarray | None = None,
+    log_pop: np.ndarray | None = None,
     *,
     loss_name: str = "inbatch_logq",
     lr: float = 1e-4,
@@ -270,37 +296,69 @@ def torch_train_step_factory(
     clip_norm: float | None = None,
     nnx_model=None,
     seed: int = 0,
-) -> tuple[Callable[[np.ndarray, np.ndarray], float], TorchRecommender]:
+) -> Callable:
     """An eager PyTorch AdamW train step on the ported model, for the benchmark.
 
+    Two ways to call it:
+
+    * ``torch_train_step_factory(trainer, config)``: everything from a ``dff_jax.train.Trainer`` (its initial
+      weights, feature table, log popularity) and the run config (``loss.name``/``loss.logq``, ``optim.lr``,
+      ``optim.weight_decay``, ``optim.clip_norm``), as ``dff_jax.bench`` does;
+    * ``torch_train_step_factory(model_cfg, num_items, features, log_pop, ...)`` with explicit pieces.
+
+    Like the JAX step: AdamW with weight decay on tensors of rank >= 2 only (``dff_jax.train.decay_mask``), global
+    norm clipping when ``clip_norm`` > 0, dropout on.
+
     Args:
-        model_cfg, num_items, features: as for ``dff_jax.models.build_model`` (features: the selected rows).
+        model_cfg: ``config.model`` (or a Trainer, see above).
+        num_items: N (or the run config when ``model_cfg`` is a Trainer).
+        features: the selected feature rows [N+1, L_sel, H] (None for the id encoder).
         log_pop: [N+1] log popularity for the logQ correction (None = off).
         loss_name: "inbatch_logq" or "full_softmax".
-        lr, weight_decay, clip_norm: AdamW and optional global-norm clipping, as in the JAX step.
-        nnx_model: when given, its weights are copied in (then ``features`` must be the table it was built with).
+        lr, weight_decay, clip_norm: optimizer settings.
+        nnx_model: when given, its weights are copied in.
         seed: torch seed for the initialisation and dropout.
 
     Returns:
-        (step(inputs [B, L] int, targets [B, L] int) -> loss float, the torch model).
+        ``step(batch)`` with batch = {"inputs", "targets"} ([B, L] int arrays) or ``step(inputs, targets)``,
+        returning the loss as a float; ``step.model`` is the torch model.
     """
+    if hasattr(model_cfg, "graphdef"):  # a dff_jax.train.Trainer
+        trainer, config = model_cfg, num_items
+        nnx_model = trainer.model(trainer.init_state()["params"], trainer.consts)
+        model_cfg = config_from_nnx(nnx_model)
+        num_items = nnx_model.num_items
+        features = None if nnx_model.content is None else np.asarray(nnx_model.content.table[...])
+        loss_name = str(config.loss.name)
+        log_pop = np.asarray(trainer.consts["log_pop"]) if bool(_cfg(config.loss, "logq", True)) else None
+        lr, weight_decay = float(config.optim.lr), float(config.optim.weight_decay)
+        clip_norm = float(config.optim.clip_norm) if float(config.optim.clip_norm) > 0 else None
+        seed = int(_cfg(config, "seed", 0))
     torch.manual_seed(seed)
     model = TorchRecommender(model_cfg, num_items, features)
     if nnx_model is not None:
         load_nnx_weights(model, nnx_model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.parameters()]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr)
     log_pop_t = None if log_pop is None else torch.as_tensor(np.asarray(log_pop, np.float32))
 
-    def step(inputs, targets) -> float:
+    def step(batch, targets=None) -> float:
+        inputs = batch["inputs"] if targets is None else batch
+        targets = batch["targets"] if targets is None else targets
         inputs_t = torch.as_tensor(np.asarray(inputs), dtype=torch.long)
         targets_t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         opt.zero_grad(set_to_none=True)
         loss = compute_loss(model, inputs_t, targets_t, loss_name, log_pop_t)
         loss.backward()
         if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         return float(loss.detach())
 
-    return step, model
+    step.model = model
+    return step
