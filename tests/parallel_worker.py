@@ -2,8 +2,9 @@
 
 `python tests/parallel_worker.py mechanism` trains a small NNX recommender-shaped model (item-ID table, frozen
 feature table, AdamW, dropout from fold_in(rng, step)) for 5 steps on one device and on sharded meshes, then ranks
-every item for a set of users, and reports the largest differences. It needs its own process because the device
-count is fixed at jax start-up; the rest of the test suite keeps one device.
+every item for a set of users, and reports the largest differences. `python tests/parallel_worker.py smoke8 ROOT`
+runs configs/smoke.py through dff_jax.train.train_and_evaluate on 8 devices. Both need their own process because
+the device count is fixed at jax start-up; the rest of the test suite keeps one device.
 """
 
 from __future__ import annotations
@@ -223,58 +224,33 @@ def mechanism() -> dict:
     return out
 
 
-def multiprocess(workdir: str, start: int, stop: int) -> dict:
-    """One process of a local.sh job (2 processes x 2 CPU devices, mesh data=2 x model=2 with item sharding).
+def smoke8(root: str) -> dict:
+    """configs/smoke.py through train_and_evaluate on 8 simulated devices (config.parallel.cpu_devices=8).
 
-    Restores workdir/ckpt when a checkpoint exists, trains steps [start, stop), checkpoints at `stop` with Orbax
-    (every process writes its shards), and on process 0 writes workdir/result_<stop>.npz. `start == stop == 0` with
-    one process and one device gives the single-device reference for all STEPS steps instead.
+    Runs data=8, then data=4 x model=2 with item sharding; data in root/data (generated if absent), runs in
+    root/<name>. Returns each run's results.json path.
     """
-    import orbax.checkpoint as ocp
+    from configs import smoke
+    from dff_jax import train
 
-    reference = start == stop == 0
-    cfg = ml_collections.ConfigDict(
-        {"model_axis": 1 if reference else 2, "shard_items": not reference, "cpu_devices": 1 if reference else 2}
-    )
-    cfg.initialization_timeout = 60
-    parallel.initialize(cfg)
-    mesh = parallel.make_mesh(cfg)
-    state, step_fn, rank, rest, batches, _ = build(mesh, cfg.shard_items, 63)
-    step = lambda s, b, r: step_fn(s, b, r, rest)
-    if reference:
-        state, losses = train(state, step, batches, mesh, range(STEPS))
-        stop = STEPS
-    else:
-        mngr = ocp.CheckpointManager(
-            Path(workdir, "ckpt").absolute(), options=ocp.CheckpointManagerOptions(create=True)
-        )
-        if mngr.latest_step() is not None:
-            if mngr.latest_step() != start:
-                raise SystemExit(f"checkpoint at step {mngr.latest_step()}, expected {start}")
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-        state, losses = train(state, step, batches, mesh, range(start, stop))
-        mngr.save(stop, args=ocp.args.StandardSave(state))
-        mngr.wait_until_finished()
-        mngr.close()
-    out = summary(state, losses, rank(state["params"]))
-    info = {
-        "mesh": parallel.mesh_description(mesh),
-        "process": jax.process_index(),
-        "step": int(parallel.to_host(state["step"])),
-    }
-    info["item_spec"] = str(state["params"]["item_id"].sharding.spec)
-    if parallel.is_main_process():
-        path = Path(workdir, f"result_{stop}.npz")
-        np.savez(path, *out["params"], losses=out["losses"], ranks=out["ranks"])
-    return info
+    out = {}
+    for name, model_axis, shard in (("data8", 1, False), ("data4_model2_items", 2, True)):
+        config = smoke.get_config()
+        config.data.dir = str(Path(root, "data"))
+        config.parallel.cpu_devices = 8
+        config.parallel.model_axis = model_axis
+        config.parallel.shard_items = shard
+        result = train.train_and_evaluate(config, Path(root, name))
+        assert result["devices"] == 8, result["devices"]
+        out[name] = str(Path(root, name, "results.json"))
+    return out
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "mechanism":
         print(json.dumps(mechanism()))
-    elif mode == "multiprocess":
-        print(json.dumps(multiprocess(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    elif mode == "smoke8":
+        print(json.dumps(smoke8(sys.argv[2])))
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -211,46 +212,87 @@ def test_sharded_errors_are_clear(mechanism):
     assert "model_axis=3 must be >= 1 and divide the device count 8" in mechanism["bad_model_axis_error"]
 
 
+METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """configs/smoke.py (2 epochs) in this process, on its single device: the reference for the sharded runs."""
+    from configs import smoke
+    from dff_jax import train
+
+    root = tmp_path_factory.mktemp("parallel_smoke")
+    config = smoke.get_config()
+    config.data.dir = str(root / "data")
+    result = train.train_and_evaluate(config, root / "one_device")
+    assert result["devices"] == 1
+    return root, result
+
+
+def assert_same_run(got: dict, ref: dict) -> None:
+    """Same validation curve, best epoch, test metrics and learned DFF layer weights (float tolerance)."""
+    assert got["best_epoch"] == ref["best_epoch"] and got["epochs_run"] == ref["epochs_run"]
+    for g, r in zip(got["valid_history"], ref["valid_history"], strict=True):
+        for k in METRICS:
+            assert g["valid"][k] == pytest.approx(r["valid"][k], abs=1e-6), (g["epoch"], k)
+    for k in METRICS:
+        assert got["test"][k] == pytest.approx(ref["test"][k], abs=1e-6), k
+    assert got["test"]["num_users"] == ref["test"]["num_users"]
+    np.testing.assert_allclose(got["analysis"]["layer_weights"], ref["analysis"]["layer_weights"], atol=1e-5)
+    assert got["analysis"]["gate_mean"] == pytest.approx(ref["analysis"]["gate_mean"], abs=1e-5)
+
+
 @pytest.mark.slow
-def test_two_processes_checkpoint_restore_equal_one_process(tmp_path):
-    """2 processes x 2 CPU devices (data=2 x model=2, item sharding) via launch/local.sh: 3 steps, checkpoint, a
-    second launch restores and runs 2 more; the result equals 5 steps in one process on one device."""
-    cmd = [str(LOCAL), "2", sys.executable, str(WORKER), "multiprocess", str(tmp_path)]
-    for start, stop in ((0, 3), (3, 5)):
-        proc = subprocess.run(
-            cmd + [str(start), str(stop)],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        infos = [
-            json.loads(ln.split("] ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("[p") and "{" in ln
-        ]
-        assert sorted(i["process"] for i in infos) == [0, 1]
-        assert all(i["step"] == stop and i["mesh"]["mesh"] == {"data": 2, "model": 2} for i in infos)
-        assert all(i["item_spec"] == "P('model',)" for i in infos)
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    ref = subprocess.run(
-        [sys.executable, str(WORKER), "multiprocess", str(ref_dir), "0", "0"],
+def test_train_and_evaluate_on_8_devices_equals_one_device(one_device_run):
+    """train_and_evaluate with data=8, and data=4 x model=2 with item sharding, reproduces the 1-device run."""
+    root, ref = one_device_run
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "smoke8", str(root)],
         check=False,
         capture_output=True,
         text=True,
         env=clean_env(),
-        timeout=300,
+        timeout=600,
     )
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    first, second, single = (
-        np.load(p) for p in (tmp_path / "result_3.npz", tmp_path / "result_5.npz", ref_dir / "result_5.npz")
-    )
-    np.testing.assert_allclose(np.concatenate([first["losses"], second["losses"]]), single["losses"], atol=1e-5)
-    for k in single.files:
-        if k.startswith("arr_"):
-            np.testing.assert_allclose(second[k], single[k], atol=1e-5)
-    np.testing.assert_array_equal(second["ranks"], single["ranks"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("data8", "data4_model2_items"):
+        got = json.loads(Path(paths[name]).read_text())
+        assert got["devices"] == 8 and got["processes"] == 1
+        assert_same_run(got, ref)
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run):
+    """2 processes x 2 CPU devices through launch/local.sh (mesh data=2 x model=2, item sharding): epoch 1, then a
+    second launch restores the epoch-1 checkpoint written by both processes and runs epoch 2; the result equals the
+    single-process, single-device run."""
+    root, ref = one_device_run
+    workdir = root / "two_processes"
+    cmd = [str(LOCAL), "2", sys.executable, "-m", "dff_jax.train", "--config", str(REPO / "configs" / "smoke.py")]
+    cmd += [f"--workdir={workdir}", f"--config.data.dir={root / 'data'}", "--config.parallel.cpu_devices=2"]
+    cmd += ["--config.parallel.model_axis=2", "--config.parallel.shard_items=True"]
+    logs = []
+    for epochs in (1, 2):
+        proc = subprocess.run(
+            cmd + [f"--config.train.num_epochs={epochs}"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=600,
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        logs.append(proc.stdout + proc.stderr)
+        if epochs == 1:  # a finished 1-epoch run; drop its results so the next launch resumes instead of returning
+            assert json.loads((workdir / "results.json").read_text())["epochs_run"] == 1
+            (workdir / "results.json").unlink()
+    assert "[p0] resumed from" in logs[1] and "at epoch 1" in logs[1]
+    assert "[p1] epoch" not in "".join(logs) and "[p0] epoch 2:" in logs[1]  # only process 0 logs
+    got = json.loads((workdir / "results.json").read_text())
+    assert got["devices"] == 4 and got["processes"] == 2
+    assert_same_run(got, ref)
 
 
 @pytest.mark.slow
