@@ -62,6 +62,17 @@ def _get(cfg: Any, name: str) -> Any:
     return default_config()[name]
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable; a clear error naming the variable when it is not one."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
 def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     """Decides whether this is a multi-process job and with which explicit arguments.
 
@@ -69,10 +80,10 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     auto-detect Slurm / Open MPI).
     """
     address = _get(cfg, "coordinator_address") or os.environ.get(ENV_COORDINATOR, "")
-    num = int(_get(cfg, "num_processes") or 0) or int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
+    num = int(_get(cfg, "num_processes") or 0) or _env_int(ENV_NUM_PROCESSES, 0)
     pid = int(_get(cfg, "process_id"))
-    if pid < 0 and os.environ.get(ENV_PROCESS_ID, "") != "":
-        pid = int(os.environ[ENV_PROCESS_ID])
+    if pid < 0:
+        pid = _env_int(ENV_PROCESS_ID, -1)
     explicit = bool(address) or num > 0 or pid >= 0
     if explicit:
         if num == 1:
@@ -99,9 +110,9 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
             # Loopback jobs: keep the coordinator off the other interfaces (jax binds [::]:port by default).
             args["coordinator_bind_address"] = address
         return args
-    if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # inside `srun`
+    if "SLURM_STEP_NODELIST" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:  # inside `srun`
         return {}
-    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    if _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1:
         return {}
     return None
 

@@ -22,8 +22,9 @@ die() {
 }
 [[ $JAX_COORDINATOR_ADDRESS =~ ^.+:[0-9]+$ ]] || die "JAX_COORDINATOR_ADDRESS must be host:port, got '$JAX_COORDINATOR_ADDRESS'"
 [[ $JAX_NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "JAX_NUM_PROCESSES must be a positive integer, got '$JAX_NUM_PROCESSES'"
-[[ $JAX_PROCESS_ID =~ ^[0-9]+$ ]] && ((JAX_PROCESS_ID < JAX_NUM_PROCESSES)) ||
+if ! [[ $JAX_PROCESS_ID =~ ^[0-9]+$ ]] || ((JAX_PROCESS_ID >= JAX_NUM_PROCESSES)); then
   die "JAX_PROCESS_ID must be in 0..$((JAX_NUM_PROCESSES - 1)), got '$JAX_PROCESS_ID'"
+fi
 [[ $# -gt 0 ]] || die "usage: launch/multiprocess.sh --config CONFIG --workdir DIR [--config.KEY=VALUE ...]"
 
 export JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PROCESS_ID

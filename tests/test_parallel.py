@@ -131,6 +131,9 @@ def test_incomplete_multiprocess_settings_fail_clearly(monkeypatch):
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match=r"missing: num_processes / \$JAX_NUM_PROCESSES, process_id / \$JAX_PROC"):
         parallel._distributed_args(parallel.default_config())
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"environment variable JAX_NUM_PROCESSES='two' must be an integer"):
+        parallel._distributed_args(parallel.default_config())
     c = parallel.default_config()
     c.update({"num_processes": 2, "process_id": 2})
     with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
@@ -170,6 +173,49 @@ def test_local_sh_sets_the_contract_and_propagates_the_first_failure(tmp_path):
     assert "process 1 (pid" in bad.stderr and "failed with exit status 3; stopping the others" in bad.stderr
     usage = subprocess.run([str(LOCAL), "x", "true"], check=False, capture_output=True, text=True, env=clean_env())
     assert usage.returncode == 2 and "NUM_PROCESSES must be a positive integer" in usage.stderr
+
+
+def fake_program(path: Path, name: str) -> Path:
+    """An executable that prints its arguments and the launch environment instead of running anything."""
+    exe = path / name
+    exe.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "ARGS $*"\n'
+        'echo "ENV $JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID ${JAX_LOCAL_DEVICE_IDS:-}"\n'
+    )
+    exe.chmod(0o755)
+    return exe
+
+
+def test_multiprocess_sh_demands_its_environment_then_starts_the_trainer(tmp_path):
+    script = str(REPO / "launch" / "multiprocess.sh")
+    missing = subprocess.run([script, "--config", "c.py"], check=False, capture_output=True, text=True, env=clean_env())
+    assert missing.returncode != 0 and "JAX_COORDINATOR_ADDRESS" in missing.stderr
+    env = clean_env(JAX_COORDINATOR_ADDRESS="host0:1234", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2")
+    bad = subprocess.run([script, "--config", "c.py"], check=False, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "JAX_PROCESS_ID must be in 0..1, got '2'" in bad.stderr
+    env.update(JAX_PROCESS_ID="1", PYTHON=str(fake_program(tmp_path, "python")))
+    ok = subprocess.run(
+        [script, "--config", "c.py", "--workdir", "w"], check=False, capture_output=True, text=True, env=env
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == ["ARGS -m dff_jax.train --config c.py --workdir w", "ENV host0:1234 2 1 "]
+
+
+def test_slurm_sbatch_runs_one_process_per_node_with_all_its_gpus(tmp_path):
+    fake_program(tmp_path, "srun")
+    env = clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_GPUS_ON_NODE="4", SLURM_JOB_ID="42")
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", "c.py", "--workdir", "w"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    args, environment = proc.stdout.splitlines()
+    assert args == "ARGS --ntasks-per-node=1 --kill-on-bad-exit=1 python3 -m dff_jax.train --config c.py --workdir w"
+    assert environment.endswith(" 0,1,2,3")  # every GPU of the node for its one process
 
 
 # ------------------------------------------------------------------------------------ multi-device / multi-process
@@ -293,6 +339,20 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run)
     got = json.loads((workdir / "results.json").read_text())
     assert got["devices"] == 4 and got["processes"] == 2
     assert_same_run(got, ref)
+    # The checkpoint written by 2 processes restores into 1 process (mesh data=1 x model=2): Orbax reshards on load.
+    proc = subprocess.run(
+        [sys.executable, "-m", "dff_jax.evaluate", f"--workdir={workdir}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((workdir / f"eval-test-epoch{ref['best_epoch']}.json").read_text())
+    for k in METRICS:
+        assert again[k] == pytest.approx(ref["test"][k], abs=1e-6), k
 
 
 @pytest.mark.slow
