@@ -205,6 +205,20 @@ class VisionLanguageBackend:
                 f"{model}: cannot load as an image-text-to-text model ({type(e).__name__}: {e})"
             ) from None
         self.model.to(device).eval()
+        self._setup(model)
+
+    @classmethod
+    def from_parts(cls, model, processor, *, modality: str, prompt: str, device: str) -> VisionLanguageBackend:
+        """Wraps an already built model + processor (benchmarks at a real shape with random weights)."""
+        self = cls.__new__(cls)
+        self.modality, self.prompt, self.device = modality, prompt, device
+        self.processor, self.model = processor, model.eval()
+        processor.tokenizer.padding_side = "left"
+        self._setup(type(model).__name__)
+        return self
+
+    def _setup(self, model: str) -> None:
+        modality = self.modality
         self.visual_ids = torch.tensor(visual_token_ids(self.model.config, modality), dtype=torch.long)
         if modality != "title" and len(self.visual_ids) == 0:
             raise ExtractError(f"{model}: config has none of {VIDEO_TOKEN_ATTRS + IMAGE_TOKEN_ATTRS}")

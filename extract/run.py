@@ -123,6 +123,8 @@ def run_config(opts: RunOptions) -> dict:
     from extract.models import resolve_prompt
 
     prompt_name, prompt_text = resolve_prompt(opts.prompt)
+    if opts.captions and opts.caption_source == "title":
+        prompt_name, prompt_text = "none", ""  # the item text itself is embedded; no model is prompted
     cfg = {
         "model": opts.model,
         "adapter": opts.adapter,

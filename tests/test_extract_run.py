@@ -284,6 +284,7 @@ def test_caption_centric_features(media, qwen, tmp_path, tmp_path_factory):
     assert records.read_schema(out2).num_items == 8
 
 
+@pytest.mark.slow  # ~1 min, nearly all of it the trainer's JIT compile; the only test of the whole path
 def test_extract_then_train(tmp_path, tmp_path_factory):
     """python -m extract on a folder of mp4 files, then dff_jax training on the produced features."""
     train = pytest.importorskip("dff_jax.train")
