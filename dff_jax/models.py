@@ -190,13 +190,16 @@ class ContentEncoder(nnx.Module):
         """sum_l alpha_l h_l(items) (standardised if configured): [...] -> [..., H] float32."""
         rows = self.table[...][items]  # [..., L, H] in the stored dtype
         alpha = self.weights()
+        # A broadcast multiply + sum over L, not an einsum: XLA fuses the dtype cast, the product and the reduction
+        # into one pass over the gathered rows, where a dot_general with H as a batch dimension would first
+        # transpose a float32 copy of them (on an H100 at MicroLens shapes: 3x slower train step).
         if self.feature_norm == "standardize":
             scale = alpha[:, None] * self.norm_inv_std[...]  # [L, H]
             shift = jnp.sum(scale * self.norm_mean[...], axis=0)  # [H]
-            return jnp.einsum("...lh,lh->...h", rows.astype(jnp.float32), scale) - shift
+            return jnp.sum(rows.astype(jnp.float32) * scale, axis=-2) - shift
         if self.num_layers == 1:
             return rows[..., 0, :].astype(jnp.float32) * alpha[0]
-        return jnp.einsum("...lh,l->...h", rows.astype(jnp.float32), alpha)
+        return jnp.sum(rows.astype(jnp.float32) * alpha[:, None], axis=-2)
 
     def __call__(self, items: jax.Array) -> jax.Array:
         x = self.aggregate(items)
@@ -234,8 +237,9 @@ class Block(nnx.Module):
         q = self.query(x).reshape(b, length, h, d // h)
         k = self.key(x).reshape(b, length, h, d // h)
         v = self.value(x).reshape(b, length, h, d // h)
-        # Hand-written einsum attention: at B=256, L=10, d=64 on CPU it measured faster than
-        # jax.nn.dot_product_attention; the shapes are tiny and the softmax needs a dropout anyway.
+        # Hand-written einsum attention rather than jax.nn.dot_product_attention: at B=256, L=10, d=64 on 2 CPU cores
+        # the two train steps timed the same within noise (~1.0 s each, contended machine), and only this form has
+        # MicroLens's dropout on the attention probabilities.
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
         scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
         probs = dropout(jax.nn.softmax(scores, axis=-1), self.rate, keys[0])
@@ -322,6 +326,9 @@ class Recommender(nnx.Module):
         once (jnp.unique with a static size of min(items.size, N+1)) and gathers back; "none" encodes every slot;
         "auto" (default) uses "unique" only when it actually shrinks the work, i.e. when N+1 < items.size
         (static shapes under jit mean a unique set padded to items.size costs as much as encoding every slot).
+        Measured at the CPU preset (B=256, L+1=11: 2,816 slots, N=5,000, 13 x 256 bf16 features, DFF fusion, in-batch
+        loss, fwd+bwd): "none" 1.27 s vs "unique" 1.39 s per step on average over 3 rounds (contended 2-core machine;
+        the sort and gathers cost more than they save), hence "auto".
         The ``id`` encoder is a plain gather.
         """
         items = jnp.asarray(items)

@@ -17,6 +17,7 @@ which is also what XLA's CPU backend uses, so neither side is handicapped.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -326,7 +327,7 @@ def torch_train_step_factory(
     if hasattr(model_cfg, "graphdef"):  # a dff_jax.train.Trainer
         trainer, config = model_cfg, num_items
         nnx_model = trainer.model(trainer.init_state()["params"], trainer.consts)
-        model_cfg = config_from_nnx(nnx_model)
+        model_cfg = types.SimpleNamespace(**config_from_nnx(nnx_model))
         num_items = nnx_model.num_items
         features = None if nnx_model.content is None else np.asarray(nnx_model.content.table[...])
         loss_name = str(config.loss.name)
@@ -345,7 +346,7 @@ def torch_train_step_factory(
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=lr)
-    log_pop_t = None if log_pop is None else torch.as_tensor(np.asarray(log_pop, np.float32))
+    log_pop_t = None if log_pop is None else torch.from_numpy(np.array(log_pop, np.float32))
 
     def step(batch, targets=None) -> float:
         inputs = batch["inputs"] if targets is None else batch
