@@ -1,6 +1,6 @@
 """The embedded default dataset: MicroLens-format interactions and LVLM-like multi-layer features with planted structure.
 
-    python -m dff_jax.synthetic --out data/synthetic [--users 4000 --items 1500 --layers 12 --hidden 64 --seed 0]
+    python -m dff_jax.synthetic --out data/synthetic [--users 3000 --items 3000 --layers 12 --hidden 64 --seed 0]
 
 writes (atomically: into `<out>.tmp-<pid>`, then one rename)
 
@@ -13,9 +13,9 @@ What is planted, so that a recommender can find what the paper reports (sections
 * Items have a latent content vector c_i (clustered by topic) and a Zipf popularity (`zipf`).
 * Each user sequence mixes two kinds of steps. Collaborative steps (`p_collab`) follow a fixed sparse item -> item
   transition graph drawn independently of content: only ID embeddings can learn it, so content-only
-  "replacement" loses to ID (finding ii). Content steps draw the next item from popularity x exp(sharpness *
-  taste_u . c_j), with a per-user taste over topics: rare items are reachable through content, so fusing content
-  with IDs beats IDs alone.
+  "replacement" loses to ID (finding ii). Content steps draw the next item from popularity ** content_pop_power x
+  exp(sharpness * taste_u . c_j), with a per-user taste over topics: many tail items are chosen through content
+  and have too few interactions for their ID embeddings, so fusing content with IDs beats IDs alone.
 * The features of layer l (row 0 = "embedding", rows 1.. = "decoder layers", depth d = l / (layers - 1)) are
       h_l = R_l (w_l P c_i + a_l n_i + b_l m_i + noise * e_il)
   with P a fixed projection of the content into the hidden space, w_l a signal strength that peaks in the middle
@@ -49,20 +49,21 @@ GENERATION_FILE = "generation.json"
 GENERATOR_VERSION = "1"
 
 DEFAULTS = {
-    "num_users": 4000,
-    "num_items": 1500,
+    "num_users": 3000,
+    "num_items": 3000,  # many items per user: IDs of tail items stay undertrained, content helps
     "num_layers": 12,  # stored rows: row 0 = "embedding output", rows 1..11 = "decoder layers"
     "hidden": 64,
     "seed": 0,
     "content_dim": 16,
     "num_topics": 20,
-    "zipf": 0.9,  # popularity of the item with popularity rank r is proportional to r ** -zipf
+    "zipf": 0.8,  # popularity of the item with popularity rank r is proportional to r ** -zipf
     "mean_seq_len": 12.0,  # users get min_seq_len + a geometric number of extra items
     "min_seq_len": 5,  # the MicroLens protocol drops users with fewer than 5 items
     "max_seq_len": 40,
-    "p_collab": 0.5,  # probability that a step follows the content-blind transition graph
+    "p_collab": 0.4,  # probability that a step follows the content-blind transition graph
     "successors": 3,  # fixed next items per item in the transition graph
-    "sharpness": 1.5,  # how strongly content steps follow the user's taste
+    "sharpness": 3.0,  # how strongly content steps follow the user's taste
+    "content_pop_power": 0.5,  # content steps weigh items by popularity ** content_pop_power (< 1: more tail items)
     "noise": 1.0,  # per-layer independent noise (std per coordinate)
     "shallow_nuisance": 1.5,  # item-specific low-level component of layer 0, decaying with depth
     "deep_nuisance": 0.5,  # item-specific task-irrelevant component of the last layer, decaying towards the middle
@@ -189,7 +190,7 @@ def user_sequences(
     for start in range(0, num_users, chunk):
         rows = np.arange(start, min(num_users, start + chunk))
         n, steps = len(rows), int(lengths[rows].max())
-        logits = log_pop[None, :] + knobs["sharpness"] * (taste[rows] @ content.T)
+        logits = knobs["content_pop_power"] * log_pop[None, :] + knobs["sharpness"] * (taste[rows] @ content.T)
         weights = np.exp(logits - logits.max(1, keepdims=True))
         cum = np.cumsum(weights, 1)
         flat_cum = (cum / cum[:, -1:] + np.arange(n)[:, None]).ravel()  # row i's CDF shifted to [i, i + 1]
@@ -348,7 +349,16 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
     knobs = {k: args[k] for k in ("shallow_nuisance", "deep_nuisance", "max_rotation", "noise")}
     feats = item_features(seed, content, args["num_layers"], args["hidden"], **knobs)
     seq_knobs = {
-        k: args[k] for k in ("successors", "mean_seq_len", "min_seq_len", "max_seq_len", "p_collab", "sharpness")
+        k: args[k]
+        for k in (
+            "successors",
+            "mean_seq_len",
+            "min_seq_len",
+            "max_seq_len",
+            "p_collab",
+            "sharpness",
+            "content_pop_power",
+        )
     }
     sequences, steps = user_sequences(seed, content, topics, pop, args["num_users"], **seq_knobs)
 
