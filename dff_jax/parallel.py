@@ -113,6 +113,12 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     if "SLURM_STEP_NODELIST" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:  # inside `srun`
         return {}
     if _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in os.environ:  # jax reads the coordinator only from Open MPI 4's ORTE URI
+            raise ValueError(
+                f"Open MPI job detected (OMPI_COMM_WORLD_SIZE={os.environ['OMPI_COMM_WORLD_SIZE']}) without "
+                f"OMPI_MCA_orte_hnp_uri, so jax cannot find the coordinator: set ${ENV_COORDINATOR}=host:port, "
+                f"${ENV_NUM_PROCESSES}=$OMPI_COMM_WORLD_SIZE and ${ENV_PROCESS_ID}=$OMPI_COMM_WORLD_RANK"
+            )
         return {}
     return None
 

@@ -111,7 +111,7 @@ def test_global_batch_and_to_host_round_trip():
         ({"num_processes": 1}, {}, None),
         ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2"}, {}),
         ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
-        ({}, {"OMPI_COMM_WORLD_SIZE": "4"}, {}),
+        ({}, {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "1.2.3.4;tcp://10.0.0.1:5"}, {}),
     ],
 )  # fmt: skip
 def test_when_to_join_a_distributed_job(monkeypatch, cfg, env, expected):
@@ -131,6 +131,12 @@ def test_incomplete_multiprocess_settings_fail_clearly(monkeypatch):
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match=r"missing: num_processes / \$JAX_NUM_PROCESSES, process_id / \$JAX_PROC"):
         parallel._distributed_args(parallel.default_config())
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"Open MPI job detected .* set \$JAX_COORDINATOR_ADDRESS=host:port"):
+        parallel._distributed_args(parallel.default_config())
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"environment variable JAX_NUM_PROCESSES='two' must be an integer"):
         parallel._distributed_args(parallel.default_config())
