@@ -146,6 +146,17 @@ def _gguf_location(model: str) -> tuple[str, dict]:
     return model, {}
 
 
+def _cap_video_pixels(processor, max_pixels: int, model: str) -> None:
+    """`--max-pixels`: the video processor's `size["longest_edge"]` (Qwen2/2.5-VL: pixels per frame;
+    Qwen3-VL: pixels per clip), the knob that sets how many visual tokens a video costs."""
+    size = getattr(getattr(processor, "video_processor", None), "size", None)
+    if size is None or getattr(size, "longest_edge", None) is None:
+        raise ExtractError(f"{model}: --max-pixels needs a video processor with size['longest_edge'] (Qwen-VL style)")
+    size.longest_edge = int(max_pixels)
+    if size.shortest_edge and size.shortest_edge > max_pixels:
+        size.shortest_edge = int(max_pixels)
+
+
 def _pad_clip(clip: Clip, min_frames: int) -> Clip:
     """Repeats the last frame until the clip has `min_frames` frames (one nominal frame apart)."""
     missing = min_frames - len(clip.frames)
@@ -192,10 +203,8 @@ class VisionLanguageBackend:
         if modality == "cover" and getattr(self.processor, "image_processor", None) is None:
             raise ExtractError(f"{model}: the processor has no image processor; --modality cover needs one")
         tokenizer.padding_side = "left"
-        if max_pixels and getattr(self.processor, "video_processor", None) is not None:
-            vp = self.processor.video_processor
-            if hasattr(vp, "max_pixels"):
-                vp.max_pixels = max_pixels
+        if max_pixels:
+            _cap_video_pixels(self.processor, max_pixels, model)
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model, dtype=_torch_dtype(compute_dtype, device), trust_remote_code=trust_remote_code

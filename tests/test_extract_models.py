@@ -162,3 +162,17 @@ def test_one_frame_clip_is_padded_for_qwen3(tmp_path_factory, clips):
     one = dataclasses.replace(clips[3])
     assert len(one.frames) == 1
     assert be.hidden_states(samples_of([one]), "video_mean").shape == (1, 4, 32)
+
+
+def test_max_pixels_caps_the_visual_token_count(tmp_path_factory, clips):
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    kw = dict(modality="video", prompt="x", device="cpu", compute_dtype="float32")
+    video_id = None
+    counts = []
+    for cap in (None, 28 * 28 * 2):
+        be = VisionLanguageBackend(path, max_pixels=cap, **kw)
+        video_id = be.model.config.video_token_id
+        counts.append(int((be.inputs(samples_of(clips[:1]))["input_ids"] == video_id).sum()))
+    assert counts[1] < counts[0]
+    with pytest.raises(ExtractError, match="--max-pixels needs"):
+        VisionLanguageBackend(str(tiny_checkpoint(tmp_path_factory, "llava_onevision")), max_pixels=1000, **kw)
