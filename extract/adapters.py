@@ -29,6 +29,7 @@ weights rain1011/Video-LaVIT-v1; it needs its own venv: transformers==4.33.2, an
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -116,7 +117,8 @@ class MiniCPMVAdapter:
             model, trust_remote_code=True, attn_implementation="sdpa", dtype=_torch_dtype(compute_dtype, device)
         )
         self.model.to(device).eval()
-        self.takes_temporal_ids = "temporal_ids" in str(getattr(self.processor.__call__, "__code__", "").co_varnames)
+        # MiniCPM-V 4.5's processor takes temporal_ids (3D resampler); 2.6's does not.
+        self.takes_temporal_ids = "temporal_ids" in inspect.signature(self.processor.__call__).parameters
 
     def _frames(self, sample: Sample):
         from PIL import Image

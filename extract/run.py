@@ -282,7 +282,7 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     report = finalize(out, [it.item_id for it in all_items])
-    manifest["folder_complete"] = report.complete
+    manifest["folder_complete"] = report.complete and report.written > 0
     return manifest
 
 
