@@ -111,10 +111,12 @@ def resolve_options(opts: RunOptions) -> RunOptions:
             raise ExtractError(f"unknown --caption-source {opts.caption_source!r}; expected generate or title")
     if not opts.model and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError("--model is required (only --captions --caption-source title runs without one)")
-    if opts.device is None:
-        import torch
+    import torch
 
+    if opts.device is None:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError(f"--device {opts.device}: torch sees no CUDA device here (use --device cpu)")
     return opts
 
 
