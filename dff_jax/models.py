@@ -192,8 +192,8 @@ class ContentEncoder(nnx.Module):
         alpha = self.weights()
         # Standardisation is folded into per-(layer, dim) weights, so no standardised copy of the rows is made.
         # On an H100 at MicroLens shapes (5,632 slots x 33 x 4096 bf16) the forward is ~4 ms, but the backward to
-        # these weights (a reduction over the slots for every (layer, dim)) measured ~32 ms: it dominates the DFF
-        # train step (29 ms vs 6 ms for ID only); see the README's benchmark notes.
+        # these weights (a reduction over the slots for every (layer, dim)) measured ~32 ms in isolation: the likely
+        # cause of the DFF train step costing 29 ms against 6 ms for ID only (README, benchmark notes).
         if self.feature_norm == "standardize":
             scale = alpha[:, None] * self.norm_inv_std[...]  # [L, H]
             shift = jnp.sum(scale * self.norm_mean[...], axis=0)  # [H]
