@@ -176,3 +176,17 @@ def test_max_pixels_caps_the_visual_token_count(tmp_path_factory, clips):
     assert counts[1] < counts[0]
     with pytest.raises(ExtractError, match="--max-pixels needs"):
         VisionLanguageBackend(str(tiny_checkpoint(tmp_path_factory, "llava_onevision")), max_pixels=1000, **kw)
+
+
+def test_real_archery_clip_through_qwen3_vl(tmp_path_factory):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "archery.mp4"
+    if not path.is_file():
+        pytest.skip("../shared/data/videos/archery.mp4 not present")
+    be = backend(tmp_path_factory, "qwen3_vl")
+    clip = read_clip(path, 16)
+    text = be.processor.tokenizer.decode(be.inputs(samples_of([clip]))["input_ids"][0])
+    assert text.count("seconds>") == 8  # 16 frames -> 8 temporal pairs, each stamped with its time
+    v = be.hidden_states(samples_of([clip]), "video_mean")
+    assert v.shape == (1, 4, 32) and torch.isfinite(v).all()
