@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.clip_norm = 5.0  # MicroLens clip_grad_norm_(max_norm=5)
+    c.optim.alpha_lr_mult = 10.0  # DFF layer-weight logits step = alpha_lr_mult x lr (our choice; train.make_optimizer)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512  # global, users per step (MicroLens 512 per GPU on 1 GPU)
