@@ -11,6 +11,12 @@ Item encoders (``model_cfg.item_encoder``):
 * ``id``: e = e_id.
 * ``replace``: e = e_v (paper section 4.1, "Replacement"); no ID table is created at all.
 * ``fusion``: g = sigmoid(MLP([e_id; e_v])), e = g * e_id + (1 - g) * e_v (paper Eq. 3-4 and Eq. 6-7).
+  MLP = Linear(2d, gate_hidden) -> ReLU -> Linear(gate_hidden, d) (gate_hidden 0: one Linear). The paper's "g ·"
+  is ambiguous; ``gate_dim="vector"`` (default) gates each of the d dimensions, which contains the scalar gate as
+  a special case; ``gate_dim="scalar"`` makes the last Linear output one value per item.
+
+Pre-LN option (``pre_ln=True``): x = item + position -> dropout -> blocks x + f(LN(x)) -> final LayerNorm, the usual
+pre-LN arrangement; the default post-LN is MicroLens's.
 
 The content vector e_v = Proj(Agg(h)) is computed from the frozen feature table [N+1, L_sel, H]
 (``model_cfg.content``): ``layer`` keeps one stored row, ``mean`` averages the selected rows uniformly (paper
