@@ -18,6 +18,7 @@ import ml_collections
 from dff_jax import data as data_lib
 from dff_jax import features as features_lib
 from dff_jax import records, train
+from dff_jax.train import quiet_libraries
 
 
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -73,6 +74,7 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
+    quiet_libraries()
     try:
         result = evaluate_checkpoint(f.workdir, f.split, f.step)
     except (train.TrainError, data_lib.DataError, features_lib.FeatureError, records.RecordError) as e:

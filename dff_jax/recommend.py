@@ -17,6 +17,7 @@ import numpy as np
 from dff_jax import data as data_lib
 from dff_jax import features as features_lib
 from dff_jax import records, train
+from dff_jax.train import quiet_libraries
 from dff_jax.evaluate import load_run
 
 
@@ -50,6 +51,7 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
+    quiet_libraries()
     try:
         trainer, params, _ = load_run(f.workdir, f.step)
         recs = recommend(trainer, params, f.history.split(), f.k)

@@ -506,11 +506,19 @@ def _summary_writer(workdir: Path):
 # ------------------------------------------------------------------------------------------------------------ main
 
 
+def quiet_libraries() -> None:
+    """Orbax and absl log every checkpoint step at INFO; the CLI shows our own progress lines instead."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv) -> None:
     from absl import flags
 
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    quiet_libraries()
     try:
         train_and_evaluate(config, workdir)
     except (TrainError, data_lib.DataError, features_lib.FeatureError, records.RecordError) as e:
