@@ -20,7 +20,9 @@ from extract.items import Item
 from extract.models import PROMPTS, Sample, VisionLanguageBackend
 from extract.video import Clip
 
-SPECIAL = [
+# Qwen-family special tokens and a chat template covering text, image and video parts. The extractor tests build
+# their tiny checkpoints from the same definitions (tests/extract_tiny.py).
+QWEN_SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -29,10 +31,17 @@ SPECIAL = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-CHAT = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
-    "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+QWEN_EXTRA_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Published config.json values of Qwen/Qwen2.5-VL-7B-Instruct (text and vision towers).
@@ -80,29 +89,20 @@ SHAPES = {
 }
 
 
-def _tokenizer():
+def train_tokenizer(special: list[str], extra: dict, corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on the spot (no download) with a family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        [PROMPTS["rec"]] * 20,
-        trainers.BpeTrainer(
-            vocab_size=600, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=extra
     )
 
 
@@ -117,14 +117,14 @@ def build_backend(shape: str, device: str, max_pixels: int | None) -> VisionLang
     )
 
     spec = SHAPES[shape]
-    tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    tokenizer = train_tokenizer(QWEN_SPECIAL, QWEN_EXTRA_TOKENS, [PROMPTS["rec"]] * 20, 600)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     video_kw = {"max_pixels": max_pixels} if max_pixels else {}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(),
         video_processor=Qwen2VLVideoProcessor(**video_kw),
         tokenizer=tokenizer,
-        chat_template=CHAT,
+        chat_template=QWEN_CHAT,
     )
     cfg = Qwen2_5_VLConfig(
         text_config=dict(

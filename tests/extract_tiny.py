@@ -13,27 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.bench import QWEN_CHAT, QWEN_EXTRA_TOKENS, QWEN_SPECIAL
+
 CORPUS = [
     "A person shoots an arrow at a target. Describe the video in one paragraph.",
     "You are watching a micro-video on a social media platform. Please analyze the video content.",
     "Title: Toy Story (1995). Genres: Animation, Children's, Comedy. Write one coherent paragraph.",
 ]
-QWEN_SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-QWEN_CHAT = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
-    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 LLAVA_CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'video' %}<video>"
@@ -43,19 +29,9 @@ LLAVA_CHAT = (
 
 
 def _tokenizer(special: list[str], extra: dict, vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from extract.bench import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=extra
-    )
+    return train_tokenizer(special, extra, CORPUS * 20, vocab_size)
 
 
 def _text_config(tokenizer, ids, **kw):
@@ -84,15 +60,7 @@ def _save(model, processor, ids, out: Path) -> Path:
 
 
 def _qwen_tokenizer():
-    tokenizer = _tokenizer(
-        QWEN_SPECIAL,
-        {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-    )
+    tokenizer = _tokenizer(QWEN_SPECIAL, QWEN_EXTRA_TOKENS)
     return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
 
 
