@@ -230,21 +230,23 @@ class Trainer:
         )
 
     def ranks(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Full-ranking rank of every evaluation user's target in `split` (and the users' target items)."""
+        """Full-ranking rank of every evaluation user's target in `split` (and the users' target items).
+
+        Every process holds the whole dataset, so the global mask and targets are known on the host; each process
+        feeds only its rows, and the device ranks are fetched once at the end (no host sync per batch).
+        """
         item_emb = self._item_table(params, self.consts)
-        e, n_proc = self.config.eval, jax.process_count()
-        out_ranks, out_targets = [], []
-        for batch in data_lib.eval_batches(
-            self.dataset, split, e.batch_size, process_index=jax.process_index(), process_count=n_proc
-        ):
-            mask = batch.pop("mask")
-            gb = parallel.global_batch(batch, self.mesh)
-            r = parallel.to_host(self._ranks(params, self.consts, item_emb, gb))
-            m = parallel.to_host(parallel.global_batch({"m": mask}, self.mesh)["m"])
-            t = parallel.to_host(gb["targets"])
-            out_ranks.append(r[m])
-            out_targets.append(t[m])
-        return np.concatenate(out_ranks), np.concatenate(out_targets)
+        e = self.config.eval
+        start, stop = parallel.process_rows(e.batch_size, self.mesh)
+        device_ranks, masks, targets = [], [], []
+        for batch in data_lib.eval_batches(self.dataset, split, e.batch_size):
+            masks.append(batch.pop("mask"))
+            targets.append(batch["targets"])
+            local = {k: v[start:stop] for k, v in batch.items()}
+            device_ranks.append(self._ranks(params, self.consts, item_emb, parallel.global_batch(local, self.mesh)))
+        ranks = np.concatenate([parallel.to_host(r) for r in device_ranks])
+        mask = np.concatenate(masks)
+        return ranks[mask], np.concatenate(targets)[mask]
 
     def evaluate(self, params, split: str) -> dict:
         """HR@K / NDCG@K by full ranking, plus cold-start slices by the target's train interaction count."""
