@@ -1,0 +1,123 @@
+"""The study's figures (matplotlib, Agg): the layer sweep (paper Figure 3), DFF's layer weights and the gate.
+
+Each figure is written to a temporary file and renamed, so an interrupted report never leaves a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _stats(found: dict, run: str, metric: str) -> tuple[float, float]:
+    xs = np.array([r["test"][metric] for r in found[run].values()], np.float64)
+    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+
+
+def layers_plot(path: Path, found: dict, layer_runs: list[str]) -> Path:
+    """HR@10 and NDCG@10 per stored layer (mean ± std over seeds) with the mean-of-layers and DFF lines (Figure 3)."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    ks = [int(r.split("_")[1]) for r in layer_runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ("HR@10", "NDCG@10"), strict=True):
+        m, s = np.array([_stats(found, r, metric) for r in layer_runs]).T
+        ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label="single layer (fusion)")
+        for run, style, color, label in (
+            ("fusion_mean", "--", "tab:red", "uniform mean of layers"),
+            ("dff", "-.", "tab:green", "DFF (learned alpha)"),
+            ("fusion_last", ":", "tab:gray", None),
+            ("id", ":", "black", "ID only"),
+        ):
+            if run in found and label:
+                ax.axhline(_stats(found, run, metric)[0], linestyle=style, color=color, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("stored layer (0 = embedding output)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Layer sweep: test metrics per hidden-state layer (mean ± std over seeds)")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def alpha_plot(path: Path, weights: np.ndarray) -> Path:
+    """Bar chart of DFF's learned layer weights alpha (Eq. 5), mean ± std over seeds, with the uniform level."""
+    plt = _plt()
+    m = weights.mean(0)
+    s = weights.std(0, ddof=1) if len(weights) > 1 else np.zeros_like(m)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(np.arange(len(m)), m, yerr=s, capsize=2, color="tab:green")
+    ax.axhline(1 / len(m), linestyle="--", color="tab:red", label="uniform")
+    ax.set_xlabel("stored layer")
+    ax.set_ylabel("alpha")
+    ax.set_title(f"DFF learned layer weights ({len(weights)} seeds)")
+    ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def gate_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
+    """Per-item gate histograms (analysis.gate_histogram, 20 bins on [0, 1]) averaged over seeds, one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    edges = np.linspace(0, 1, 21)
+    centers = (edges[:-1] + edges[1:]) / 2
+    drawn = 0
+    for run in runs:
+        hists = [
+            r["analysis"]["gate_histogram"]
+            for r in found.get(run, {}).values()
+            if "gate_histogram" in r.get("analysis", {})
+        ]
+        if not hists:
+            continue
+        h = np.mean(np.asarray(hists, np.float64), axis=0)
+        ax.plot(centers, h / max(h.sum(), 1), marker=".", label=run)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("gate g per item (1 = only ID, 0 = only content)")
+    ax.set_ylabel("fraction of items")
+    ax.set_title("Gate distribution over items (mean over seeds)")
+    ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(plot_dir: Path, found: dict, layer_runs: list[str], weights: np.ndarray | None) -> list[Path]:
+    """layers.png (when layers were swept), alpha.png (when DFF finished) and gate.png (when a fusion run finished)."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    if layer_runs:
+        out.append(layers_plot(plot_dir / "layers.png", found, layer_runs))
+    if weights is not None:
+        out.append(alpha_plot(plot_dir / "alpha.png", weights))
+    gate_runs = [r for r in ("dff", "fusion_mean", "fusion_last", "caption") if r in found]
+    g = gate_plot(plot_dir / "gate.png", found, gate_runs)
+    if g is not None:
+        out.append(g)
+    return out

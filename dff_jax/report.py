@@ -1,0 +1,428 @@
+"""The study's report from finished runs: results.csv (one row per run and seed), report.md and plots/.
+
+report.md mirrors the paper: Table 1 (ID / replacement / fusion), Figure 2 (caption- vs hidden-state-centric), the
+layer sweep of Figure 3, Table 2 (mean +- std over seeds, best bold, second underlined, DFF's relative improvement over
+the strongest baseline, paired t-tests over seeds as Table 2's asterisks), then what the paper does not report:
+metrics sliced by how often the target item was seen in training, DFF's learned layer weights and the gate's
+distribution, and a "Findings" section that checks the paper's three findings against these numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAIN_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+KEY_METRICS = ("HR@10", "NDCG@10")
+NAMES = {
+    "id": "ID only (IDRec)",
+    "replace": "Replacement (last layer)",
+    "fusion_last": "Fusion, last layer (HC)",
+    "fusion_mean": "Fusion, mean of layers",
+    "dff": "DFF (learned alpha + gate)",
+    "caption": "Fusion, caption embedding (CC)",
+}
+ALPHA = 0.05  # Table 2: significant at p < 0.05
+
+
+class ReportError(RuntimeError):
+    """No finished run to report, or an unreadable results.json (the message names the file)."""
+
+
+def run_name(run: str) -> str:
+    return NAMES.get(run, f"Fusion, layer {run.split('_', 1)[1]}" if run.startswith("layer_") else run)
+
+
+# ------------------------------------------------------------------------------------------------------ collect
+
+
+def bin_order(slices: dict) -> list[str]:
+    """Cold-start bin names ("0", "1-4", "5-19", "20+") by their lower edge (results.json stores keys sorted as text)."""
+    return sorted(slices, key=lambda b: int(b.split("-")[0].rstrip("+")))
+
+
+def collect(out: Path, runs: list[str]) -> dict[str, dict[int, dict]]:
+    """{run: {seed_index: results.json}} for every finished (run, seed) under `out/runs` among `runs`."""
+    found: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        for d in sorted((out / "runs" / run).glob("seed*")):
+            f = d / "results.json"
+            if not f.is_file() or not d.name[4:].isdigit():
+                continue
+            try:
+                found.setdefault(run, {})[int(d.name[4:])] = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{f}: not valid JSON ({e}); delete the run folder {d} to retrain it") from None
+    if not found:
+        raise ReportError(f"{out}/runs: no finished run (results.json) among {', '.join(runs)}")
+    return found
+
+
+def flat_row(run: str, seed: int, result: dict) -> dict:
+    """One results.csv row: test metrics, training summary, gate mean and the cold-start slices."""
+    test = result["test"]
+    row = {"run": run, "seed": seed, "config_seed": result.get("config", {}).get("seed")}
+    row.update({k: v for k, v in test.items() if isinstance(v, float)})
+    row["num_users"] = test.get("num_users")
+    row.update({k: result.get(k) for k in ("best_epoch", "epochs_run", "seconds_per_epoch", "param_count")})
+    row["gate_mean"] = result.get("analysis", {}).get("gate_mean")
+    slices = test.get("cold_start", {})
+    for bin_name in bin_order(slices):
+        for k, v in slices[bin_name].items():
+            row[f"cold[{bin_name}]/{k}"] = v
+    return row
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    _write_text(path, buf.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------ statistics
+
+
+def values(found: dict, run: str, metric: str) -> dict[int, float]:
+    return {s: r["test"][metric] for s, r in found.get(run, {}).items() if metric in r["test"]}
+
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
+    a = np.asarray(list(xs), np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
+    """Two-sided paired t-test over the seeds both runs finished (paper Table 2); nan below 2 pairs or 0 variance."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return math.nan
+    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    d = x - y
+    if np.allclose(d, d[0]):  # constant difference: t is undefined (0/0 or x/0)
+        return math.nan
+    return float(stats.ttest_rel(x, y).pvalue)
+
+
+def fmt(m: float, s: float) -> str:
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}") + ("*" if p < ALPHA else "")
+
+
+def table(found: dict, runs: list[str], metrics=MAIN_METRICS, mark=True, label=run_name) -> str:
+    """Markdown table of mean ± std over seeds; per column the best is bold and the second underlined."""
+    runs = [r for r in runs if r in found]
+    if not runs:
+        return "_no finished run_\n"
+    stats = {(r, m): mean_std(values(found, r, m).values()) for r in runs for m in metrics}
+    order = {m: sorted(runs, key=lambda r: -stats[(r, m)][0]) for m in metrics}
+    lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for r in runs:
+        cells = []
+        for m in metrics:
+            c = fmt(*stats[(r, m)])
+            if mark and len(runs) > 1 and order[m][0] == r:
+                c = f"**{c}**"
+            elif mark and len(runs) > 2 and order[m][1] == r:
+                c = f"<u>{c}</u>"
+            cells.append(c)
+        lines.append(f"| {label(r)} | {len(found[r])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_layer(found: dict, metric: str = "NDCG@10") -> str | None:
+    layers = [r for r in found if r.startswith("layer_")]
+    return max(layers, key=lambda r: mean_std(values(found, r, metric).values())[0]) if layers else None
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+
+
+def main_table(found: dict) -> tuple[str, dict]:
+    """Table 2: baselines and DFF, DFF's relative improvement and paired t-test p-values against each baseline."""
+    baselines = [r for r in ("id", "replace", "caption", "fusion_last", "fusion_mean") if r in found]
+    bl = best_layer(found)
+    if bl:
+        baselines.append(bl)
+    rows = baselines + (["dff"] if "dff" in found else [])
+    text = table(found, rows, label=lambda r: run_name(r) + (" (best single layer)" if r == bl else ""))
+    info = {"strongest": {}, "improvement": {}, "p": {}}
+    if "dff" not in found or not baselines:
+        return text + "\n_DFF or baselines missing: no improvement or significance test._\n", info
+    dff = {m: values(found, "dff", m) for m in MAIN_METRICS}
+    imp_cells, strong_cells = [], []
+    for m in MAIN_METRICS:
+        strongest = max(baselines, key=lambda r: mean_std(values(found, r, m).values())[0])
+        base = mean_std(values(found, strongest, m).values())[0]
+        dm = mean_std(dff[m].values())[0]
+        imp = (dm - base) / base * 100 if base > 0 else math.nan
+        p = paired_p(dff[m], values(found, strongest, m))
+        info["strongest"][m], info["improvement"][m] = strongest, imp
+        imp_cells.append(f"{imp:+.2f}% (p={fmt_p(p)})")
+        strong_cells.append(run_name(strongest))
+    text += "\n| DFF vs the strongest baseline | " + " | ".join(MAIN_METRICS) + " |\n|---|" + "---|" * len(MAIN_METRICS)
+    text += "\n| strongest baseline | " + " | ".join(strong_cells) + " |"
+    text += "\n| relative improvement (paired p) | " + " | ".join(imp_cells) + " |\n"
+    text += "\nPaired t-test of DFF against each baseline over the seeds both finished (two-sided, "
+    text += f"`scipy.stats.ttest_rel`; * = p < {ALPHA}; a positive Δ means DFF is better):\n\n"
+    text += (
+        "| baseline | "
+        + " | ".join(f"Δ{m} (p)" for m in MAIN_METRICS)
+        + " |\n|---|"
+        + "---|" * len(MAIN_METRICS)
+        + "\n"
+    )
+    for r in baselines:
+        cells = []
+        for m in MAIN_METRICS:
+            b = values(found, r, m)
+            p = paired_p(dff[m], b)
+            info["p"][(r, m)] = p
+            delta = mean_std(dff[m].values())[0] - mean_std(b.values())[0]
+            cells.append(f"{delta:+.4f} ({fmt_p(p)})")
+        text += f"| {run_name(r)} | " + " | ".join(cells) + " |\n"
+    return text, info
+
+
+def cold_tables(found: dict, runs: list[str]) -> str:
+    """Per run: metrics by bin of the target item's train interaction count (mean ± std over seeds)."""
+    parts = []
+    for r in runs:
+        if r not in found:
+            continue
+        bins = bin_order(next(iter(found[r].values()))["test"].get("cold_start", {}))
+        if not bins:
+            continue
+        lines = [f"**{run_name(r)}**\n", "| target's train count | test users | HR@10 | NDCG@10 |", "|---|---|---|---|"]
+        for b in bins:
+            slices = [res["test"]["cold_start"][b] for res in found[r].values() if b in res["test"]["cold_start"]]
+            users = slices[0].get("num_users", 0)
+            if not users:
+                lines.append(f"| {b} | 0 | – | – |")
+                continue
+            hr, nd = (fmt(*mean_std(s[m] for s in slices)) for m in KEY_METRICS)
+            lines.append(f"| {b} | {users} | {hr} | {nd} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts) if parts else "_no cold-start slices in the results_\n"
+
+
+def alpha_summary(found: dict) -> tuple[str, np.ndarray | None]:
+    runs = [
+        res["analysis"]["layer_weights"]
+        for res in found.get("dff", {}).values()
+        if res.get("analysis", {}).get("layer_weights")
+    ]
+    if not runs:
+        return "_no DFF run with layer weights_\n", None
+    w = np.asarray(runs, np.float64)
+    m, s = w.mean(0), (w.std(0, ddof=1) if len(w) > 1 else np.zeros(w.shape[1]))
+    top = np.argsort(-m)[:3]
+    text = (
+        f"DFF's learned layer weights alpha (softmax, Eq. 5), mean ± std over {len(w)} seeds; uniform would be "
+        f"{1 / w.shape[1]:.4f}. Largest: " + ", ".join(f"layer {i} ({m[i]:.4f})" for i in top) + ".\n\n"
+    )
+    text += "| layer | " + " | ".join(str(i) for i in range(w.shape[1])) + " |\n|---|" + "---|" * w.shape[1] + "\n"
+    text += "| alpha | " + " | ".join(f"{a:.3f}±{b:.3f}" for a, b in zip(m, s, strict=True)) + " |\n"
+    return text, w
+
+
+def gate_summary(found: dict, runs: list[str]) -> str:
+    lines = [
+        (
+            "Gate g of Eq. 4/6 is the weight on the ID embedding (1 - g on content), averaged over the embedding "
+            "dimensions per item; quantiles over items, mean over seeds.\n"
+        ),
+        "| run | mean g | q05 | q25 | median | q75 | q95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    n = 0
+    for r in runs:
+        an = [res.get("analysis", {}) for res in found.get(r, {}).values()]
+        an = [a for a in an if "gate_mean" in a]
+        if not an:
+            continue
+        qs = [np.mean([a["gate_quantiles"][q] for a in an]) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")]
+        mean = np.mean([a["gate_mean"] for a in an])
+        lines.append(f"| {run_name(r)} | {mean:.3f} | " + " | ".join(f"{q:.3f}" for q in qs) + " |")
+        n += 1
+    return "\n".join(lines) + "\n" if n else "_no fusion run with gate statistics_\n"
+
+
+def _m(found, run, metric):
+    return mean_std(values(found, run, metric).values())[0] if run in found else None
+
+
+def _verdict(ok: list[bool]) -> str:
+    return "**holds**" if all(ok) else ("**partly holds**" if any(ok) else "**does not hold**")
+
+
+def findings(found: dict, num_layers: int) -> str:
+    """The paper's findings checked against the means (both HR@10 and NDCG@10 must agree for "holds")."""
+    out = []
+
+    def cmp(a, b, metric, better=True):
+        x, y = _m(found, a, metric), _m(found, b, metric)
+        return (x > y) if better else (x < y), f"{metric} {x:.4f} vs {y:.4f}"
+
+    def check(title, pairs):
+        pairs = [(a, b, better) for a, b, better in pairs if a in found and b in found]
+        if not pairs:
+            out.append(f"- {title}: not tested (runs missing).")
+            return
+        oks, details = [], []
+        for a, b, better in pairs:
+            for metric in KEY_METRICS:
+                ok, d = cmp(a, b, metric, better)
+                oks.append(ok)
+                details.append(f"{run_name(a)} {'>' if better else '<'} {run_name(b)}: {d} {'✓' if ok else '✗'}")
+        out.append(f"- {title}: {_verdict(oks)}. " + "; ".join(details) + ".")
+
+    check("Finding 1 (Figure 2) — hidden states beat captions", [("fusion_last", "caption", True)])
+    check(
+        "Finding 2 (Table 1) — fusion beats replacement, and replacement is worse than ID only",
+        [("fusion_last", "replace", True), ("replace", "id", False), ("fusion_last", "id", True)],
+    )
+    layers = sorted(int(r.split("_")[1]) for r in found if r.startswith("layer_"))
+    if len(layers) >= 3:
+        third = num_layers / 3
+        groups = {
+            "shallow": [k for k in layers if k < third],
+            "middle": [k for k in layers if third <= k < 2 * third],
+            "deep": [k for k in layers if k >= 2 * third],
+        }
+        oks, details = [], []
+        for metric in KEY_METRICS:
+            g = {n: np.mean([_m(found, f"layer_{k}", metric) for k in ks]) for n, ks in groups.items() if ks}
+            if len(g) == 3:
+                ok = g["middle"] > g["shallow"] and g["middle"] > g["deep"]
+                oks.append(ok)
+                details.append(
+                    f"{metric} mean over layers shallow {g['shallow']:.4f} / middle {g['middle']:.4f} / deep "
+                    f"{g['deep']:.4f} {'✓' if ok else '✗'}"
+                )
+            best = max(layers, key=lambda k: _m(found, f"layer_{k}", metric))
+            if "fusion_mean" in found:
+                ok = _m(found, "fusion_mean", metric) >= _m(found, f"layer_{best}", metric)
+                oks.append(ok)
+                details.append(
+                    f"{metric} mean of layers {_m(found, 'fusion_mean', metric):.4f} vs best single layer {best} "
+                    f"{_m(found, f'layer_{best}', metric):.4f} {'✓' if ok else '✗'}"
+                )
+        out.append(
+            f"- Finding 3 (Figure 3) — middle layers beat shallow and deep ones (thirds of the {num_layers} stored "
+            f"rows), and the uniform mean of layers is at least as good as the best single layer: {_verdict(oks)}. "
+            + "; ".join(details)
+            + "."
+        )
+    else:
+        out.append("- Finding 3 (Figure 3): not tested (fewer than 3 layers swept).")
+    check(
+        "DFF (Table 2) — learned layer weights beat the uniform mean, the last layer and ID only",
+        [("dff", "fusion_mean", True), ("dff", "fusion_last", True), ("dff", "id", True)],
+    )
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None = None) -> list[Path]:
+    """Writes results.csv, report.md and plots/*.png into `out` from the finished runs among `runs`.
+
+    `last_layer`: the sweep includes the last stored layer, whose run is fusion_last (the same config): the sweep's
+    table and plot show fusion_last's results at that layer (results.csv lists them once, as fusion_last).
+    """
+    from dff_jax import plots
+
+    out = Path(out)
+    found = collect(out, runs)
+    order = [r for r in runs if r in found]
+    rows = [flat_row(r, s, found[r][s]) for r in order for s in sorted(found[r])]
+    write_csv(out / "results.csv", rows)
+    if last_layer is not None and "fusion_last" in found and f"layer_{last_layer}" not in found:
+        found[f"layer_{last_layer}"] = found["fusion_last"]
+        order.append(f"layer_{last_layer}")
+    layer_runs = sorted((r for r in order if r.startswith("layer_")), key=lambda r: int(r.split("_")[1]))
+    alpha_text, weights = alpha_summary(found)
+    plot_paths = plots.write_plots(out / "plots", found, layer_runs, weights)
+
+    any_res = next(iter(next(iter(found.values())).values()))
+    ds, cfg = any_res.get("dataset", {}), any_res.get("config", {})
+    md = [f"# DFF study: {meta.get('config')}\n"]
+    md.append(f"Command: `{meta.get('command')}`\n")
+    md.append(
+        f"{sum(len(v) for v in found.values())} finished runs ({len(order)} rows x up to {meta.get('seeds')} seeds, "
+        f"config.seed {meta.get('base_seed')} + seed index). Test metrics by full ranking (HR/NDCG@K) of the best "
+        "validation checkpoint; mean ± std (sample std) over seeds. Features: "
+        + ", ".join(f"{k} = `{v}`" for k, v in meta.get("features", {}).items())
+        + f" ({meta.get('num_layers')} stored layers in the hidden-state set). Overrides: {meta.get('sets') or 'none'}.\n"
+    )
+    if ds:
+        md.append(
+            "Dataset: "
+            + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in ds.items()
+                if isinstance(v, int | float)
+            )
+            + ".\n"
+        )
+    if cfg:
+        m, t, lo, o = cfg.get("model", {}), cfg.get("train", {}), cfg.get("loss", {}), cfg.get("optim", {})
+        md.append(
+            f"Model: embed_dim {m.get('embed_dim')}, {m.get('num_blocks')} blocks, dropout {m.get('dropout')}, "
+            f"max_seq_len {m.get('max_seq_len')}, loss {lo.get('name')}, lr {o.get('lr')}, batch "
+            f"{t.get('batch_size')}, at most {t.get('num_epochs')} epochs, patience {t.get('patience')} on "
+            f"valid {t.get('select_metric')}.\n"
+        )
+    md.append("## Table 1 — ID vs replacement vs fusion\n")
+    md.append(table(found, ["id", "replace", "fusion_last"]))
+    if "caption" in found:
+        md.append("\n## Figure 2 — caption-centric (CC) vs hidden-state-centric (HC)\n")
+        md.append(table(found, ["caption", "fusion_last", "fusion_mean", "dff"]))
+    if layer_runs:
+        md.append("\n## Figure 3 — layer sweep (fusion with one stored layer)\n")
+        md.append(table(found, layer_runs + [r for r in ("fusion_mean", "dff") if r in found], KEY_METRICS))
+        if (out / "plots" / "layers.png").is_file():
+            md.append("\n![layers](plots/layers.png)\n")
+    md.append("\n## Table 2 — main comparison\n")
+    main_text, _ = main_table(found)
+    md.append(main_text)
+    md.append("\n## Cold start — metrics by the target item's train interaction count\n")
+    md.append(cold_tables(found, [r for r in order if not r.startswith("layer_")]))
+    md.append("\n## DFF layer weights and gate\n")
+    md.append(alpha_text)
+    md.append("\n" + gate_summary(found, order))
+    images = [f"![{n}](plots/{n}.png)" for n in ("alpha", "gate") if (out / "plots" / f"{n}.png").is_file()]
+    if images:
+        md.append("\n" + " ".join(images) + "\n")
+    md.append("\n## Findings\n")
+    md.append(findings(found, int(meta.get("num_layers") or 0)))
+    report = out / "report.md"
+    _write_text(report, "\n".join(md))
+    return [out / "results.csv", report, *plot_paths]

@@ -1,0 +1,191 @@
+"""The study machinery end to end on the smoke-sized synthetic data: grid, resume, results.csv, report.md, plots.
+
+The module fixture trains the real grid once (6 rows x 2 seeds, 1 epoch each); most of its time is tracing and
+compiling 12 small models, so the end-to-end tests are marked slow (they still run in CI).
+"""
+
+import csv
+import json
+import math
+
+import matplotlib.image
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+from dff_jax import report, study, train
+from tests.conftest import REPO
+
+# the default grid with a two-layer sweep: layer_3 (the last of smoke's 4 stored rows) is fusion_last, not retrained
+RUNS = ["id", "replace", "fusion_last", "fusion_mean", "dff", "layer_0"]
+
+
+def study_args(data_dir, out, *extra):
+    return [
+        "--config",
+        str(REPO / "configs" / "smoke.py"),
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--layers",
+        "0,-1",
+        "--set",
+        f"data.dir={data_dir}",
+        "--set",
+        "train.num_epochs=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    out = root / "out"
+    args = study_args(root / "data", out)
+    assert study.main(args) == 0
+    return root, out, args
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+def test_csv_has_one_row_per_run_and_seed_equal_to_results_json(finished):
+    _, out, _ = finished
+    rows = read_csv(out / "results.csv")
+    assert sorted((r["run"], r["seed"]) for r in rows) == sorted((r, str(s)) for r in RUNS for s in (0, 1))
+    for row in rows:
+        res = json.loads((out / "runs" / row["run"] / f"seed{row['seed']}" / "results.json").read_text())
+        assert int(row["config_seed"]) == 42 + int(row["seed"])  # smoke's base seed + seed index
+        for m in report.MAIN_METRICS:
+            assert float(row[m]) == pytest.approx(res["test"][m], rel=1e-12)
+        for b, sl in res["test"]["cold_start"].items():
+            assert int(row[f"cold[{b}]/num_users"]) == sl["num_users"]
+        if row["run"] not in ("id", "replace"):  # fusion runs record their gate
+            assert float(row["gate_mean"]) == pytest.approx(res["analysis"]["gate_mean"])
+        else:
+            assert row["gate_mean"] == ""
+    # the grid really differs per row: the layer runs read different rows, so their results differ
+    by = {(r["run"], r["seed"]): float(r["NDCG@20"]) for r in rows}
+    assert by[("layer_0", "0")] != by[("fusion_last", "0")]
+
+
+@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+def test_report_tables_ttest_and_findings(finished):
+    _, out, _ = finished
+    rows = read_csv(out / "results.csv")
+    md = (out / "report.md").read_text()
+    for section in ("## Table 1", "## Figure 3", "## Table 2", "## Cold start", "## DFF layer weights", "## Findings"):
+        assert section in md
+    assert "## Figure 2" not in md  # no caption feature set was given
+    # mean ± std (sample std over the two seeds) of ID's HR@10, recomputed from the csv, appears in ID's row
+    hr = np.array([float(r["HR@10"]) for r in rows if r["run"] == "id"])
+    cell = f"{hr.mean():.4f} ± {hr.std(ddof=1):.4f}"
+    id_rows = [line for line in md.splitlines() if line.startswith("| ID only (IDRec) | 2 |")]
+    assert id_rows and all(cell in line for line in id_rows)
+    # the paired t-test of DFF vs ID over the two seeds, as the p-value column shows it
+    x = {r["seed"]: float(r["NDCG@10"]) for r in rows if r["run"] == "dff"}
+    y = {r["seed"]: float(r["NDCG@10"]) for r in rows if r["run"] == "id"}
+    p = stats.ttest_rel([x["0"], x["1"]], [y["0"], y["1"]]).pvalue
+    assert "ΔNDCG@10 (p)" in md
+    paired = md.split("Paired t-test of DFF")[1].split("## ")[0]
+    ttest_row = next(line for line in paired.splitlines() if line.startswith("| ID only (IDRec) | "))
+    cells = ttest_row.split("|")[2:-1]
+    delta = np.mean(list(x.values())) - np.mean(list(y.values()))
+    assert cells[1].strip() == f"{delta:+.4f} ({report.fmt_p(p)})"
+    # the best of each column is bold: exactly one bold cell per metric column in the main table
+    main = md.split("## Table 2")[1].split("\n\n")[1]
+    for col in range(len(report.MAIN_METRICS)):
+        assert sum("**" in line.split("|")[3 + col] for line in main.splitlines()[2:]) == 1
+    findings = md.split("## Findings")[1]
+    assert "Finding 2" in findings and "Finding 3" in findings and "DFF (Table 2)" in findings
+    assert "not tested" in findings.split("Finding 2")[0]  # finding 1 needs a caption set
+    assert any(v in findings for v in ("**holds**", "**partly holds**", "**does not hold**"))
+    # cold-start bins in order of their lower edge, DFF's layer weights over the 4 stored rows
+    cold = md.split("## Cold start")[1].split("## DFF")[0]
+    assert cold.index("| 0 |") < cold.index("| 1-4 |") < cold.index("| 5-19 |") < cold.index("| 20+ |")
+    # the sweep shows layer 3 with fusion_last's numbers (same config, trained once)
+    nd = np.array([float(r["NDCG@10"]) for r in rows if r["run"] == "fusion_last"])
+    sweep = md.split("## Figure 3")[1].split("## Table 2")[0]
+    assert (
+        "| Fusion, layer 3 | 2 | " in sweep and f"{nd.mean():.4f} ± {nd.std(ddof=1):.4f}" in sweep.split("layer 3")[1]
+    )
+    assert "| alpha |" in md and md.split("| alpha |")[1].split("\n")[0].count("±") == 4
+
+
+@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+def test_plots_are_real_images(finished):
+    _, out, _ = finished
+    for name in ("layers", "alpha", "gate"):
+        path = out / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(path)
+        assert img.shape[0] > 150 and img.shape[1] > 300
+        assert img[..., :3].std() > 0.05  # drawn content, not a blank canvas
+
+
+@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+def test_rerun_skips_finished_runs(finished, monkeypatch):
+    _root, out, args = finished
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/results.json")}
+    assert len(mtimes) == 2 * len(RUNS)
+    calls = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: calls.append(a))
+    assert study.main(args) == 0
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a deleted run is the only one trained again, in its own work directory
+    (out / "runs" / "dff" / "seed1" / "results.json").unlink()
+    assert study.main([*args, "--no-report"]) == 0
+    assert [a[1] for a in calls] == [out / "runs" / "dff" / "seed1"]
+
+
+@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+def test_shards_split_the_jobs(finished, monkeypatch, tmp_path):
+    _root, _, args = finished
+    out = tmp_path / "sharded"
+    args = [*args, "--no-report"]
+    args[args.index("--out") + 1] = str(out)
+    seen = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda cfg, wd: seen.append((wd, cfg.seed, cfg.model.layer)))
+    for i in range(3):
+        assert study.main([*args, "--shard", f"{i}/3"]) == 0
+    dirs = [s[0] for s in seen]
+    assert len(dirs) == len(set(dirs)) == 2 * len(RUNS)
+    layer0 = [s for s in seen if s[0].parent.name == "layer_0"]
+    assert {s[1] for s in layer0} == {42, 43} and {s[2] for s in layer0} == {0}
+
+
+def test_overrides_cast_and_reject_unknown_keys():
+    c = ml_collections.ConfigDict({"train": {"num_epochs": 3, "lr": 0.1, "flag": False}, "eval": {"ks": (10, 20)}})
+    study.apply_overrides(c, ["train.num_epochs=7", "train.lr=1e-3", "train.flag=true", "eval.ks=5,50"])
+    assert (c.train.num_epochs, c.train.lr, c.train.flag, c.eval.ks) == (7, 1e-3, True, (5, 50))
+    with pytest.raises(study.StudyError, match="unknown key 'epochs' in train"):
+        study.apply_overrides(c, ["train.epochs=3"])
+    with pytest.raises(study.StudyError, match="cannot read 'x'"):
+        study.apply_overrides(c, ["train.num_epochs=x"])
+    with pytest.raises(study.StudyError, match="expected key=value"):
+        study.apply_overrides(c, ["train.num_epochs"])
+
+
+def test_layer_selection_and_errors(tmp_path, capsys):
+    assert study.layer_list(31, None, 3) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert study.layer_list(31, "0,-1,15", None) == [0, 15, 30]
+    assert study.layer_list(4, None, None) == [0, 1, 2, 3]
+    with pytest.raises(study.StudyError, match="out of range"):
+        study.layer_list(4, "4", None)
+    with pytest.raises(study.StudyError, match="unknown runs"):
+        study.plan_runs(4, [0], False, "id,caption")
+    assert math.isnan(report.paired_p({0: 0.1}, {0: 0.2}))  # one seed: no test
+    assert report.paired_p({0: 0.1, 1: 0.3, 2: 0.2}, {0: 0.0, 1: 0.1, 2: 0.15}) == pytest.approx(
+        stats.ttest_rel([0.1, 0.3, 0.2], [0.0, 0.1, 0.15]).pvalue
+    )
+    # a feature folder without schema.json is one clear error, not a traceback
+    rc = study.main(
+        ["--config", str(REPO / "configs" / "smoke.py"), "--out", str(tmp_path), "--features", f"hidden={tmp_path}"]
+    )
+    assert rc == 2 and "no schema.json" in capsys.readouterr().err
