@@ -14,8 +14,10 @@ What is planted, so that a recommender can find what the paper reports (sections
 * Each user sequence mixes two kinds of steps. Collaborative steps (`p_collab`) follow a fixed sparse item -> item
   transition graph drawn independently of content: only ID embeddings can learn it, so content-only
   "replacement" loses to ID (finding ii). Content steps draw the next item from popularity ** content_pop_power x
-  exp(sharpness * taste_u . c_j), with a per-user taste over topics: many tail items are chosen through content
-  and have too few interactions for their ID embeddings, so fusing content with IDs beats IDs alone.
+  exp(sharpness * taste_u . c_j + similarity * cos(c_prev, c_j)): a per-user taste over topics and "more like
+  this" (the previous item's content). Many tail items are chosen through content and have too few interactions
+  for their ID embeddings, so fusing content with IDs beats IDs alone. Without the "more like this" term
+  (similarity 0) the content only tells the topic, and a converged ID-only SASRec matched every fusion variant.
 * The features of layer l (row 0 = "embedding", rows 1.. = "decoder layers", depth d = l / (layers - 1)) are
       h_l = R_l (w_l P c_i + a_l n_i + b_l m_i + noise * e_il)
   with P a fixed projection of the content into the hidden space, w_l a signal strength that peaks in the middle
@@ -64,6 +66,7 @@ DEFAULTS = {
     "successors": 3,  # fixed next items per item in the transition graph
     "sharpness": 3.0,  # how strongly content steps follow the user's taste
     "content_pop_power": 0.5,  # content steps weigh items by popularity ** content_pop_power (< 1: more tail items)
+    "similarity": 8.0,  # content steps also weigh items by exp(similarity * cos(c_prev, c_j)) ("more like this")
     "noise": 1.0,  # per-layer independent noise (std per coordinate)
     "shallow_nuisance": 1.5,  # item-specific low-level component of layer 0, decaying with depth
     "deep_nuisance": 0.5,  # item-specific task-irrelevant component of the last layer, decaying towards the middle
@@ -185,6 +188,7 @@ def user_sequences(
     lengths = np.minimum(lengths, min(knobs["max_seq_len"], num_items // 2)).astype(np.int64)
 
     log_pop = np.log(pop)
+    unit = content / np.linalg.norm(content, axis=1, keepdims=True)
     sequences, collab_steps, content_steps = [], 0, 0
     chunk = max(1, min(num_users, 4_000_000 // num_items))  # bounds the [users, items] weight matrix
     for start in range(0, num_users, chunk):
@@ -209,7 +213,16 @@ def user_sequences(
                 choice = np.where(use, succ[local, np.minimum(pick, k - 1)], -1)
                 collab_steps += int(use.sum())
             need = np.nonzero(active & (choice < 0))[0]
-            choice[need] = _sample_unseen(rng, need, flat_cum, weights, seen)
+            if t > 0 and knobs["similarity"] > 0 and len(need):
+                # "More like this": the content step also follows the previous item's content (cosine), which only
+                # the content features reveal for rarely seen items.
+                like = np.exp(knobs["similarity"] * (unit[seq[need, t - 1]] @ unit.T - 1.0))
+                w = np.where(seen[need], 0.0, weights[need] * like)
+                cum = np.cumsum(w, 1)
+                pick = (cum < rng.random(len(need))[:, None] * cum[:, -1:]).sum(1)
+                choice[need] = np.minimum(pick, num_items - 1)
+            else:
+                choice[need] = _sample_unseen(rng, need, flat_cum, weights, seen)
             content_steps += len(need)
             seq[:, t] = np.where(active, choice, 0)
             seen[local[active], choice[active]] = True
@@ -358,6 +371,7 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
             "p_collab",
             "sharpness",
             "content_pop_power",
+            "similarity",
         )
     }
     sequences, steps = user_sequences(seed, content, topics, pop, args["num_users"], **seq_knobs)
