@@ -140,12 +140,13 @@ def table(found: dict, runs: list[str], metrics=MAIN_METRICS, mark=True, label=r
     if not runs:
         return "_no finished run_\n"
     stats = {(r, m): mean_std(values(found, r, m).values()) for r in runs for m in metrics}
+    seeds = {r: len(found[r]) for r in runs}
     order = {m: sorted(runs, key=lambda r: -stats[(r, m)][0]) for m in metrics}
     lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for r in runs:
         cells = []
         for m in metrics:
-            c = fmt(*stats[(r, m)])
+            c = fmt(*stats[(r, m)]) if seeds[r] > 1 else f"{stats[(r, m)][0]:.4f}"  # one seed: no std
             if mark and len(runs) > 1 and order[m][0] == r:
                 c = f"**{c}**"
             elif mark and len(runs) > 2 and order[m][1] == r:
@@ -167,7 +168,7 @@ def main_table(found: dict) -> tuple[str, dict]:
     """Table 2: baselines and DFF, DFF's relative improvement and paired t-test p-values against each baseline."""
     baselines = [r for r in ("id", "replace", "caption", "fusion_last", "fusion_mean") if r in found]
     bl = best_layer(found)
-    if bl:
+    if bl and found[bl] is not found.get("fusion_last"):  # the last layer's sweep entry is fusion_last itself
         baselines.append(bl)
     rows = baselines + (["dff"] if "dff" in found else [])
     text = table(found, rows, label=lambda r: run_name(r) + (" (best single layer)" if r == bl else ""))
@@ -189,7 +190,7 @@ def main_table(found: dict) -> tuple[str, dict]:
     text += "\n| strongest baseline | " + " | ".join(strong_cells) + " |"
     text += "\n| relative improvement (paired p) | " + " | ".join(imp_cells) + " |\n"
     text += "\nPaired t-test of DFF against each baseline over the seeds both finished (two-sided, "
-    text += f"`scipy.stats.ttest_rel`; * = p < {ALPHA}; a positive Δ means DFF is better):\n\n"
+    text += f"`scipy.stats.ttest_rel`; * = p < {ALPHA}; n/a = fewer than 2 paired seeds; a positive Δ means DFF is better):\n\n"
     text += (
         "| baseline | "
         + " | ".join(f"Δ{m} (p)" for m in MAIN_METRICS)
@@ -290,10 +291,13 @@ def findings(found: dict, num_layers: int) -> str:
         return (x > y) if better else (x < y), f"{metric} {x:.4f} vs {y:.4f}"
 
     def check(title, pairs):
+        missing = [f"{run_name(a)} vs {run_name(b)}" for a, b, _ in pairs if a not in found or b not in found]
         pairs = [(a, b, better) for a, b, better in pairs if a in found and b in found]
         if not pairs:
             out.append(f"- {title}: not tested (runs missing).")
             return
+        if missing:
+            title += f" [untested, runs missing: {'; '.join(missing)}]"
         oks, details = [], []
         for a, b, better in pairs:
             for metric in KEY_METRICS:
