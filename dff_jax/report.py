@@ -226,7 +226,8 @@ def cold_tables(found: dict, runs: list[str]) -> str:
             if not users:
                 lines.append(f"| {b} | 0 | – | – |")
                 continue
-            hr, nd = (fmt(*mean_std(s[m] for s in slices)) for m in KEY_METRICS)
+            ms = [mean_std(s[m] for s in slices) for m in KEY_METRICS]
+            hr, nd = (fmt(*x) if len(slices) > 1 else f"{x[0]:.4f}" for x in ms)
             lines.append(f"| {b} | {users} | {hr} | {nd} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts) if parts else "_no cold-start slices in the results_\n"
