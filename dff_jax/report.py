@@ -381,7 +381,7 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     md = [f"# DFF study: {meta.get('config')}\n"]
     md.append(f"Command: `{meta.get('command')}`\n")
     md.append(
-        f"{sum(len(v) for v in found.values())} finished runs ({len(order)} rows x up to {meta.get('seeds')} seeds, "
+        f"{len(rows)} finished runs ({len({r['run'] for r in rows})} rows x up to {meta.get('seeds')} seeds, "
         f"config.seed {meta.get('base_seed')} + seed index). Test metrics by full ranking (HR/NDCG@K) of the best "
         "validation checkpoint; mean ± std (sample std) over seeds. Features: "
         + ", ".join(f"{k} = `{v}`" for k, v in meta.get("features", {}).items())
