@@ -110,9 +110,14 @@ def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch):
         train.train_and_evaluate(c, tmp_path / "nan")
 
 
-def _run_cli(args, **kw):
+def _cli(args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "dff_jax.train", *args], cwd=REPO, env=env, **kw)
+    return [sys.executable, "-m", "dff_jax.train", *args], dict(cwd=REPO, env=env)
+
+
+def _run_cli(args, **kw):
+    cmd, opts = _cli(args)
+    return subprocess.run(cmd, **opts, **kw)
 
 
 def test_config_typo_and_missing_data_fail_clearly(tmp_path):
@@ -152,7 +157,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     common = ["--config", "configs/smoke.py", f"--config.data.dir={tmp_path / 'data'}", "--config.train.num_epochs=4"]
     full = train.train_and_evaluate(smoke_config(tmp_path, train__num_epochs=4), tmp_path / "full")
     workdir = tmp_path / "killed"
-    proc = _run_cli([*common, "--workdir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd, opts = _cli([*common, "--workdir", str(workdir)])
+    proc = subprocess.Popen(cmd, **opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = workdir / "checkpoints" / "latest" / "2"
     deadline = time.time() + 240
     while not target.is_dir() and proc.poll() is None and time.time() < deadline:
