@@ -174,3 +174,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert [h["valid"]["NDCG@10"] for h in resumed["valid_history"]] == pytest.approx(
         [h["valid"]["NDCG@10"] for h in full["valid_history"]], abs=1e-6
     )
+
+
+def test_sampled_metrics_are_labelled_and_never_below_full_ranking(tmp_path):
+    c = smoke_config(tmp_path, "id", train__num_epochs=1)
+    c.eval.sampled_negatives = 20
+    test = train.train_and_evaluate(c, tmp_path / "sampled")["test"]
+    for k in (10, 20):
+        # the sampled candidates are a subset of the items the full ranking counts, so the sampled rank is never worse
+        assert test[f"sampled20/HR@{k}"] >= test[f"HR@{k}"]
+        assert test[f"sampled20/NDCG@{k}"] >= test[f"NDCG@{k}"]
+    assert not any(k.startswith("sampled") for k in test["cold_start"]["20+"])
