@@ -149,7 +149,8 @@ class Trainer:
         self.config, self.dataset, self.mesh = config, dataset, mesh
         features = None if table is None else table.table
         model = models.build_model(model_cfg, dataset.num_items, features, rngs=nnx.Rngs(config.seed))
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        del model  # the frozen table outlives setup only as consts["rest"]: no unsharded copy is kept for the run
         self.tx = make_optimizer(config.optim)
         counts = dataset.item_counts.astype(np.float64)
         pop = counts / max(counts.sum(), 1.0)
@@ -166,9 +167,9 @@ class Trainer:
         self.state_sharding = parallel.state_shardings(abstract, mesh, shard_items, num_items=dataset.num_items)
         # The frozen feature table [N+1, L, H] is item-indexed like the ID table: the same rule shards it on "model"
         # (rows, or H when N+1 does not divide); its normalisation statistics stay replicated.
-        self.rest_sharding = parallel.state_shardings(self.rest, mesh, shard_items, num_items=dataset.num_items)
+        self.rest_sharding = parallel.state_shardings(rest, mesh, shard_items, num_items=dataset.num_items)
         self.consts = {
-            "rest": jax.device_put(self.rest, self.rest_sharding),
+            "rest": jax.device_put(rest, self.rest_sharding),
             "log_pop": jax.device_put(log_pop, parallel.replicated(mesh)),
         }
         self.consts_sharding = {"rest": self.rest_sharding, "log_pop": parallel.replicated(mesh)}
