@@ -321,14 +321,20 @@ def cold_start_slices(ranks: np.ndarray, target_counts: np.ndarray, eval_cfg) ->
 
 
 def checkpoint_managers(workdir: Path, keep: int):
-    opts = dict(enable_async_checkpointing=True, create=True)
-    latest = ocp.CheckpointManager(
-        (workdir / "checkpoints" / "latest").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts)
-    )
-    best = ocp.CheckpointManager(
-        (workdir / "checkpoints" / "best").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
-    )
-    return latest, best
+    """Two async managers, checkpoints/latest and checkpoints/best. Each gets its own barrier prefix: without one,
+    both save epoch 1 at once and their background threads wait at the same coordination-service barrier name
+    ('async_write_complete.1'), which deadlocks a multi-process run until the barrier times out."""
+
+    def manager(name: str, max_to_keep: int):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=True,
+            create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"dff_{name}"),
+        )
+        return ocp.CheckpointManager((workdir / "checkpoints" / name).absolute(), options=options)
+
+    return manager("latest", keep), manager("best", 1)
 
 
 def abstract_of(state):
