@@ -53,7 +53,28 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dff_jax synthetic data")
+    if config.data.generate == "synthetic":
+        _check_synthetic_is_current(data_dir, config.data.synthetic.to_dict())
     return data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+
+
+def _check_synthetic_is_current(data_dir: Path, requested: dict) -> None:
+    """A synthetic folder made by another generator version or other arguments would silently train on different
+    data than the config describes; stop instead and say how to regenerate."""
+    from dff_jax import synthetic
+
+    path = data_dir / synthetic.GENERATION_FILE
+    if not path.is_file():
+        return  # files provided by hand: nothing to compare
+    recorded = json.loads(path.read_text())
+    wanted = {**synthetic.DEFAULTS, **requested}
+    differ = sorted(k for k in wanted if recorded.get("args", {}).get(k) != wanted[k])
+    if recorded.get("version") != synthetic.GENERATOR_VERSION or differ:
+        raise ValueError(
+            f"{path}: this synthetic data was made by generator version {recorded.get('version')} with other "
+            f"arguments ({', '.join(differ) or 'none'} differ) than the config asks for (version "
+            f"{synthetic.GENERATOR_VERSION}); delete {data_dir} to regenerate it, or set --config.data.dir to a new folder"
+        )
 
 
 def feature_rows(model_cfg: ml_collections.ConfigDict, num_stored: int) -> tuple[list[int], dict]:

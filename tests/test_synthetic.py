@@ -81,8 +81,8 @@ def test_popularity_is_zipf_like(default_dataset):
     _, seqs = _read_pairs(out / synthetic.PAIRS_FILE)
     counts = np.sort(np.unique(np.concatenate(seqs), return_counts=True)[1])[::-1]
     top = counts[: len(counts) // 10].sum() / counts.sum()
-    assert top > 0.4, f"top 10% of items take only {top:.0%} of interactions"
-    assert result["stats"]["top10pct_item_share"] > 0.4
+    assert top > 0.3, f"top 10% of items take only {top:.0%} of interactions"
+    assert result["stats"]["top10pct_item_share"] > 0.3
     assert counts[0] > 20 * np.median(counts)
 
 

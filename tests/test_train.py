@@ -185,3 +185,20 @@ def test_sampled_metrics_are_labelled_and_never_below_full_ranking(tmp_path):
         assert test[f"sampled20/HR@{k}"] >= test[f"HR@{k}"]
         assert test[f"sampled20/NDCG@{k}"] >= test[f"NDCG@{k}"]
     assert not any(k.startswith("sampled") for k in test["cold_start"]["20+"])
+
+
+def test_synthetic_data_from_other_generator_arguments_is_refused(tmp_path):
+    """A data/synthetic folder made with other generator arguments (or an older generator) stops the run naming
+    generation.json and the differing fields, instead of training on data the config does not describe."""
+    from dff_jax import synthetic
+
+    args = dict(synthetic.DEFAULTS)
+    (tmp_path / synthetic.GENERATION_FILE).write_text(
+        json.dumps({"version": synthetic.GENERATOR_VERSION, "args": args})
+    )
+    train._check_synthetic_is_current(tmp_path, {})  # the same arguments: accepted
+    with pytest.raises(ValueError, match=r"generation.json.*similarity.*differ"):
+        train._check_synthetic_is_current(tmp_path, {"similarity": 1.0})
+    (tmp_path / synthetic.GENERATION_FILE).write_text(json.dumps({"version": "0", "args": args}))
+    with pytest.raises(ValueError, match=r"generator version 0"):
+        train._check_synthetic_is_current(tmp_path, {})
