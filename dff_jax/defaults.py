@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.gate_dim = "vector"  # vector | scalar gate g
     c.model.proj_hidden = 0  # 0: one Linear projection of e_v into the behaviour space
     c.model.feature_norm = "standardize"  # none | layernorm | standardize (per stored layer, from the table)
+    c.model.cold_id = "random"  # random (MicroLens init) | zero: ID rows of items unseen in training start (and stay) 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "inbatch_logq"  # inbatch_logq (MicroLens) | full_softmax | sampled_softmax | bce (NineRec)

@@ -170,6 +170,11 @@ class Trainer:
         self.config, self.dataset, self.mesh = config, dataset, mesh
         features = None if table is None else table.table
         model = models.build_model(model_cfg, dataset.num_items, features, rngs=nnx.Rngs(config.seed))
+        if model_cfg.get("cold_id", "random") == "zero" and hasattr(model, "item_id"):
+            # Items absent from training never get a gradient, so their ID rows would stay random noise forever and
+            # drown their content path at test time; zero rows make a fused cold item content-only (g*0 + (1-g)*e_v).
+            cold = jnp.asarray(dataset.item_counts == 0)[:, None]
+            model.item_id[...] = jnp.where(cold, 0.0, model.item_id[...])
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         del model  # the frozen table outlives setup only as consts["rest"]: no unsharded copy is kept for the run
         self.tx = make_optimizer(config.optim)

@@ -8,13 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import smoke
 from conftest import REPO
 from dff_jax import data as data_lib
-from dff_jax import evaluate, recommend, train
+from dff_jax import evaluate, parallel, recommend, train
 
 
 def smoke_config(tmp_path, variant="dff", **overrides):
@@ -202,3 +204,26 @@ def test_synthetic_data_from_other_generator_arguments_is_refused(tmp_path):
     (tmp_path / synthetic.GENERATION_FILE).write_text(json.dumps({"version": "0", "args": args}))
     with pytest.raises(ValueError, match=r"generator version 0"):
         train._check_synthetic_is_current(tmp_path, {})
+
+
+def test_cold_id_zero_makes_unseen_items_content_only(tmp_path):
+    """model.cold_id="zero": items with no training interaction start with a zero ID row, which no step moves (they
+    are never in a batch; AdamW's decay of 0 is 0), so a fused cold item is its content path alone."""
+    config = smoke_config(tmp_path, model__cold_id="zero")
+    dataset = train.prepare_dataset(config)
+    dataset.item_counts = dataset.item_counts.copy()
+    dataset.item_counts[[3, 7]] = 0  # pretend two items were never trained on (smoke data has no cold item)
+    table, model_cfg = train.load_content(config, dataset)
+    trainer = train.Trainer(config, dataset, table, model_cfg, parallel.make_mesh(config.parallel))
+    state = trainer.init_state()
+    ids = np.asarray(state["params"]["item_id"][...])
+    assert not ids[[3, 7]].any() and np.abs(ids[[1, 2, 4]]).min() > 0
+    batch = next(data_lib.train_batches(dataset, 64, config.data.max_seq_len, 0, 1))
+    batch = {k: np.where(np.isin(v, [3, 7]), 1, v) if k != "users" else v for k, v in batch.items()}
+    state, _ = trainer.train_step(state, parallel.global_batch(batch, trainer.mesh), jax.random.key(0))
+    ids = np.asarray(state["params"]["item_id"][...])
+    assert not ids[[3, 7]].any()
+    model = trainer.model(state["params"], trainer.consts)
+    content = np.asarray(model.content(jnp.asarray([3, 7])))
+    gate = np.asarray(model._gate(jnp.zeros((2, content.shape[-1])), jnp.asarray(content)))
+    np.testing.assert_allclose(np.asarray(model.item_embeddings(jnp.asarray([3, 7]))), (1 - gate) * content, rtol=1e-5)
