@@ -77,7 +77,8 @@ def inbatch_logq_loss(
     reject = (own | (cand == 0)[None, :])[:, None, :]  # [B, 1, C]
     is_label = jnp.arange(slots)[None, None, :] == label[:, :, None]  # [B, L, C]
     # The mask and the logQ term enter as one additive bias that does not depend on the parameters: the backward
-    # pass then has no select over the [B*L, C] gradient (on CPU that fused select + transpose took 74 of ~265 ms per step).
+    # pass then has no select over the [B*L, C] gradient (on CPU that fused select + transpose took 74 of ~265 ms
+    # per step).
     bias = jnp.where(reject & ~is_label, INBATCH_MASK, 0.0)
     if log_pop is not None:
         bias = bias - log_pop[cand]
