@@ -69,11 +69,15 @@ def _check_synthetic_is_current(data_dir: Path, requested: dict) -> None:
     recorded = json.loads(path.read_text())
     wanted = {**synthetic.DEFAULTS, **requested}
     differ = sorted(k for k in wanted if recorded.get("args", {}).get(k) != wanted[k])
-    if recorded.get("version") != synthetic.GENERATOR_VERSION or differ:
-        raise ValueError(
-            f"{path}: this synthetic data was made by generator version {recorded.get('version')} with other "
-            f"arguments ({', '.join(differ) or 'none'} differ) than the config asks for (version "
-            f"{synthetic.GENERATOR_VERSION}); delete {data_dir} to regenerate it, or set --config.data.dir to a new folder"
+    why = []
+    if recorded.get("version") != synthetic.GENERATOR_VERSION:
+        why.append(f"by generator version {recorded.get('version')} (this code writes {synthetic.GENERATOR_VERSION})")
+    if differ:
+        why.append(f"with other arguments than the config asks for (differing: {', '.join(differ)})")
+    if why:
+        raise TrainError(
+            f"{path}: this synthetic data was made {' and '.join(why)}; delete {data_dir} to regenerate it, "
+            "or set --config.data.dir to a new folder"
         )
 
 

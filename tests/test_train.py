@@ -199,10 +199,10 @@ def test_synthetic_data_from_other_generator_arguments_is_refused(tmp_path):
         json.dumps({"version": synthetic.GENERATOR_VERSION, "args": args})
     )
     train._check_synthetic_is_current(tmp_path, {})  # the same arguments: accepted
-    with pytest.raises(ValueError, match=r"generation.json.*similarity.*differ"):
+    with pytest.raises(train.TrainError, match=r"generation.json.*differing: similarity"):
         train._check_synthetic_is_current(tmp_path, {"similarity": 1.0})
     (tmp_path / synthetic.GENERATION_FILE).write_text(json.dumps({"version": "0", "args": args}))
-    with pytest.raises(ValueError, match=r"generator version 0"):
+    with pytest.raises(train.TrainError, match=r"generator version 0"):
         train._check_synthetic_is_current(tmp_path, {})
 
 
