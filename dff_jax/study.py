@@ -142,16 +142,6 @@ def parse_features(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
-def ensure_synthetic(config: ml_collections.ConfigDict) -> None:
-    """Generates the synthetic dataset up front (the layer count of its features is needed to plan the sweep)."""
-    data_dir = Path(config.data.dir)
-    if config.data.generate == "synthetic" and not (data_dir / config.data.interactions).is_file():
-        from dff_jax import synthetic
-
-        print(f"generating the synthetic dataset in {data_dir} ...", flush=True)
-        synthetic.generate(data_dir, **config.data.synthetic.to_dict())
-
-
 # ------------------------------------------------------------------------------------------------------ plan
 
 
@@ -279,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         apply_overrides(config, args.sets)
         feats = parse_features(args.features)
-        if not args.report_only:
-            ensure_synthetic(config)
+        if not args.report_only:  # the sweep needs the layer count of the features, so the data must exist first
+            from dff_jax import parallel, train
+
+            parallel.initialize(config.parallel)
+            train.ensure_synthetic_data(config)
         hidden_dir = feats.get("hidden", Path(config.features.dir) if config.features.dir else None)
         if hidden_dir is None or not (hidden_dir / records.SCHEMA_FILE).is_file():
             raise StudyError(

@@ -42,8 +42,17 @@ class TrainError(RuntimeError):
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     """Builds the dataset, generating the synthetic default first when the config asks for it and it is absent."""
+    ensure_synthetic_data(config)
+    return data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+
+
+def ensure_synthetic_data(config: ml_collections.ConfigDict) -> None:
+    """For `data.generate="synthetic"`: generates the data when absent (process 0; the others wait), and stops when
+    the folder holds data made by another generator version or other arguments. Call after `parallel.initialize`."""
+    if config.data.generate != "synthetic":
+        return
     data_dir = Path(config.data.dir)
-    if config.data.generate == "synthetic" and not (data_dir / config.data.interactions).is_file():
+    if not (data_dir / config.data.interactions).is_file():
         from dff_jax import synthetic
 
         if parallel.is_main_process():
@@ -53,9 +62,7 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dff_jax synthetic data")
-    if config.data.generate == "synthetic":
-        _check_synthetic_is_current(data_dir, config.data.synthetic.to_dict())
-    return data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+    _check_synthetic_is_current(data_dir, config.data.synthetic.to_dict())
 
 
 def _check_synthetic_is_current(data_dir: Path, requested: dict) -> None:
