@@ -211,19 +211,14 @@ def user_sequences(
                 succ = successors[seq[:, t - 1]]  # [n, k]
                 w = succ_weights[None, :] * ~seen[local[:, None], succ]
                 use = active & (rng.random(n) < knobs["p_collab"]) & (w.sum(1) > 0)
-                cum = np.cumsum(w, 1)
-                pick = (cum < rng.random(n)[:, None] * cum[:, -1:]).sum(1)
-                choice = np.where(use, succ[local, np.minimum(pick, k - 1)], -1)
+                choice = np.where(use, succ[local, _draw(rng, w)], -1)
                 collab_steps += int(use.sum())
             need = np.nonzero(active & (choice < 0))[0]
             if t > 0 and knobs["similarity"] > 0 and len(need):
                 # "More like this": the content step also follows the previous item's content (cosine), which only
                 # the content features reveal for rarely seen items.
                 like = np.exp(knobs["similarity"] * (unit[seq[need, t - 1]] @ unit.T - 1.0))
-                w = np.where(seen[need], 0.0, weights[need] * like)
-                cum = np.cumsum(w, 1)
-                pick = (cum < rng.random(len(need))[:, None] * cum[:, -1:]).sum(1)
-                choice[need] = np.minimum(pick, num_items - 1)
+                choice[need] = _draw(rng, np.where(seen[need], 0.0, weights[need] * like))
             else:
                 choice[need] = _sample_unseen(rng, need, flat_cum, weights, seen)
             content_steps += len(need)
@@ -253,10 +248,15 @@ def _sample_unseen(rng, rows, flat_cum, weights, seen) -> np.ndarray:
         todo = todo[~ok]
     if len(todo):
         r = rows[todo]
-        cum = np.cumsum(np.where(seen[r], 0.0, weights[r]), 1)
-        pick = (cum < rng.random(len(r))[:, None] * cum[:, -1:]).sum(1)
-        picks[todo] = np.minimum(pick, num_items - 1)
+        picks[todo] = _draw(rng, np.where(seen[r], 0.0, weights[r]))
     return picks
+
+
+def _draw(rng, weights: np.ndarray) -> np.ndarray:
+    """One column per row of `weights` [rows, cols] (>= 0, a positive sum per row), drawn in proportion to it."""
+    cum = np.cumsum(weights, 1)
+    pick = (cum < rng.random(len(weights))[:, None] * cum[:, -1:]).sum(1)
+    return np.minimum(pick, weights.shape[1] - 1)
 
 
 # ----------------------------------------------------------------------------------------------------- probe
