@@ -158,7 +158,9 @@ def encode_item_bytes(item_id: str, data: bytes, dtype: str, shape: tuple[int, .
     feat["hidden"].bytes_list.value.append(data)
     feat["dtype"].bytes_list.value.append(dtype.encode())
     feat["shape"].int64_list.value.extend(int(s) for s in shape)
-    return ex.SerializeToString()
+    # Sorted map keys: otherwise the feature-map order follows the process's hash seed, and the same item gave
+    # different bytes (the same values) in different processes.
+    return ex.SerializeToString(deterministic=True)
 
 
 def encode_item(item_id: str, array: np.ndarray) -> bytes:
