@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dff_jax.report import seed_stats
+
 
 def _plt():
     import matplotlib
@@ -27,11 +29,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _stats(found: dict, run: str, metric: str) -> tuple[float, float]:
-    xs = np.array([r["test"][metric] for r in found[run].values()], np.float64)
-    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0
-
-
 def layers_plot(path: Path, found: dict, layer_runs: list[str]) -> Path:
     """HR@10 and NDCG@10 per stored layer (mean ± std over seeds) with the mean-of-layers and DFF lines (Figure 3)."""
     plt = _plt()
@@ -40,7 +37,7 @@ def layers_plot(path: Path, found: dict, layer_runs: list[str]) -> Path:
     ks = [int(r.split("_")[1]) for r in layer_runs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ("HR@10", "NDCG@10"), strict=True):
-        m, s = np.array([_stats(found, r, metric) for r in layer_runs]).T
+        m, s = np.array([seed_stats(found, r, metric) for r in layer_runs]).T
         ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label="single layer (fusion)")
         for run, style, color, label in (
             ("fusion_mean", "--", "tab:red", "uniform mean of layers"),
@@ -49,7 +46,7 @@ def layers_plot(path: Path, found: dict, layer_runs: list[str]) -> Path:
             ("id", ":", "black", "ID only"),
         ):
             if run in found and label:
-                ax.axhline(_stats(found, run, metric)[0], linestyle=style, color=color, label=label)
+                ax.axhline(seed_stats(found, run, metric)[0], linestyle=style, color=color, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("stored layer (0 = embedding output)")
         ax.set_ylabel(metric)

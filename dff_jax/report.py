@@ -110,6 +110,16 @@ def mean_std(xs) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def seed_stats(found: dict, run: str, metric: str) -> tuple[float, float]:
+    """Mean and sample std over the seeds of `run` for one test metric."""
+    return mean_std(values(found, run, metric).values())
+
+
+def seed_mean(found: dict, run: str, metric: str) -> float | None:
+    """Mean over the seeds of `run` (None when the run has no finished seed)."""
+    return seed_stats(found, run, metric)[0] if run in found else None
+
+
 def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
     """Two-sided paired t-test over the seeds both runs finished (paper Table 2); nan below 2 pairs or 0 variance."""
     from scipy import stats
@@ -139,7 +149,7 @@ def table(found: dict, runs: list[str], metrics=MAIN_METRICS, mark=True, label=r
     runs = [r for r in runs if r in found]
     if not runs:
         return "_no finished run_\n"
-    stats = {(r, m): mean_std(values(found, r, m).values()) for r in runs for m in metrics}
+    stats = {(r, m): seed_stats(found, r, m) for r in runs for m in metrics}
     seeds = {r: len(found[r]) for r in runs}
     order = {m: sorted(runs, key=lambda r: -stats[(r, m)][0]) for m in metrics}
     lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
@@ -158,7 +168,7 @@ def table(found: dict, runs: list[str], metrics=MAIN_METRICS, mark=True, label=r
 
 def best_layer(found: dict, metric: str = "NDCG@10") -> str | None:
     layers = [r for r in found if r.startswith("layer_")]
-    return max(layers, key=lambda r: mean_std(values(found, r, metric).values())[0]) if layers else None
+    return max(layers, key=lambda r: seed_mean(found, r, metric)) if layers else None
 
 
 # ------------------------------------------------------------------------------------------------------ sections
@@ -178,8 +188,8 @@ def main_table(found: dict) -> tuple[str, dict]:
     dff = {m: values(found, "dff", m) for m in MAIN_METRICS}
     imp_cells, strong_cells = [], []
     for m in MAIN_METRICS:
-        strongest = max(baselines, key=lambda r: mean_std(values(found, r, m).values())[0])
-        base = mean_std(values(found, strongest, m).values())[0]
+        strongest = max(baselines, key=lambda r: seed_mean(found, r, m))
+        base = seed_mean(found, strongest, m)
         dm = mean_std(dff[m].values())[0]
         imp = (dm - base) / base * 100 if base > 0 else math.nan
         p = paired_p(dff[m], values(found, strongest, m))
@@ -275,10 +285,6 @@ def gate_summary(found: dict, runs: list[str]) -> str:
     return "\n".join(lines) + "\n" if n else "_no fusion run with gate statistics_\n"
 
 
-def _m(found, run, metric):
-    return mean_std(values(found, run, metric).values())[0] if run in found else None
-
-
 def _verdict(ok: list[bool]) -> str:
     return "**holds**" if all(ok) else ("**partly holds**" if any(ok) else "**does not hold**")
 
@@ -288,7 +294,7 @@ def findings(found: dict, num_layers: int) -> str:
     out = []
 
     def cmp(a, b, metric, better=True):
-        x, y = _m(found, a, metric), _m(found, b, metric)
+        x, y = seed_mean(found, a, metric), seed_mean(found, b, metric)
         return (x > y) if better else (x < y), f"{metric} {x:.4f} vs {y:.4f}"
 
     def check(title, pairs):
@@ -322,7 +328,7 @@ def findings(found: dict, num_layers: int) -> str:
         }
         oks, details = [], []
         for metric in KEY_METRICS:
-            g = {n: np.mean([_m(found, f"layer_{k}", metric) for k in ks]) for n, ks in groups.items() if ks}
+            g = {n: np.mean([seed_mean(found, f"layer_{k}", metric) for k in ks]) for n, ks in groups.items() if ks}
             if len(g) == 3:
                 ok = g["middle"] > g["shallow"] and g["middle"] > g["deep"]
                 oks.append(ok)
@@ -330,13 +336,14 @@ def findings(found: dict, num_layers: int) -> str:
                     f"{metric} mean over layers shallow {g['shallow']:.4f} / middle {g['middle']:.4f} / deep "
                     f"{g['deep']:.4f} {'✓' if ok else '✗'}"
                 )
-            best = max(layers, key=lambda k: _m(found, f"layer_{k}", metric))
+            best = max(layers, key=lambda k: seed_mean(found, f"layer_{k}", metric))
             if "fusion_mean" in found:
-                ok = _m(found, "fusion_mean", metric) >= _m(found, f"layer_{best}", metric)
+                mean_all, best_one = seed_mean(found, "fusion_mean", metric), seed_mean(found, f"layer_{best}", metric)
+                ok = mean_all >= best_one
                 oks.append(ok)
                 details.append(
-                    f"{metric} mean of layers {_m(found, 'fusion_mean', metric):.4f} vs best single layer {best} "
-                    f"{_m(found, f'layer_{best}', metric):.4f} {'✓' if ok else '✗'}"
+                    f"{metric} mean of layers {mean_all:.4f} vs best single layer {best} {best_one:.4f} "
+                    f"{'✓' if ok else '✗'}"
                 )
         out.append(
             f"- Finding 3 (Figure 3) — middle layers beat shallow and deep ones (thirds of the {num_layers} stored "
