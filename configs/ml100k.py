@@ -4,7 +4,7 @@
       --config.features.dir=/work/features/ml100k-smollm2-title
   python -m dff_jax.study --config configs/ml100k.py \
       --features hidden=/work/features/ml100k-smollm2-title caption=/work/features/ml100k-minilm-text \
-      --out /work/study/ml100k --seeds 3 --layer-step 3
+      --out /work/study/ml100k --seeds 2 --layers 0,10,20,30
 
 Data: `u.data` of MovieLens-100k (943 users, 1682 movies, 100,000 ratings; every user has >= 20 ratings), looked up
 in `../shared/data/ml-100k` beside the repository (data.dir; override with --config.data.dir / --set data.dir=...).
@@ -21,9 +21,9 @@ Protocol adaptation (reference/microlens-protocol.md), and why:
     the in-batch sampling bias on a dataset where 943 users give only 8 batches per epoch;
   - embed_dim 64, lr 2e-3, batch 64, dropout 0.2, at most 20 epochs with patience 3 on valid NDCG@10: a small
     dataset needs a small model and a larger step than MicroLens's 1024-d / 1e-4. The epoch budget (the paper: 100
-    epochs, patience 5) is cut so the study's runs fit a shared, overloaded 2-core CPU (an epoch took 15-40 s
-    there); batch 64 gives 15 updates per epoch instead of 8 at the same cost per epoch. Runs that stop at epoch 20
-    are visible in results.csv (epochs_run == best_epoch == 20) and are under-trained, equally for every variant.
+    epochs, patience 5) is cut so the study's runs fit a shared 2-core CPU (an epoch took 5-40 s there, by load);
+    batch 64 gives 15 updates per epoch instead of 8 at the same cost per epoch. Runs that stop at epoch 20
+    are visible in results.csv (epochs_run == best_epoch == 20) and may be under-trained.
 """
 
 from pathlib import Path
