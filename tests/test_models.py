@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dff_jax.models import FrozenFeatures, build_model, select_layers, standardize_stats
+from dff_jax.models import FrozenFeatures, build_model, select_layers, standardize_stats, standardized_table
 
 N, D, LAYERS, H, L = 11, 8, 3, 6, 4
 
@@ -113,6 +113,21 @@ def test_standardize_stats_match_numpy_and_floor_constant_dims():
     ok = std > 0
     np.testing.assert_allclose(inv_std[ok], 1 / std[ok], rtol=1e-4)
     assert np.isfinite(inv_std).all() and inv_std[0, 2] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_standardized_table_is_the_z_scores_in_the_stored_dtype_filled_in_chunks(dtype):
+    feats = _features(seed=5).astype(dtype)  # layers on scales 1, 10, 100 around 3
+    # 5 items per chunk: several chunks and a ragged last one (N + 1 rows is not a multiple of 5)
+    got = standardized_table(feats, max_values=5 * feats.shape[1] * feats.shape[2])
+    assert feats.shape[0] % 5 != 0 and got.dtype == feats.dtype and got.shape == feats.shape
+    mean, inv_std = standardize_stats(feats)
+    expected = (feats.astype(np.float32) - mean) * inv_std
+    tol = 1e-6 if dtype == np.float32 else 1e-2  # bf16 keeps 8 bits of mantissa
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=tol, atol=tol)
+    body = np.asarray(got, np.float64)[1:]
+    np.testing.assert_allclose(body.mean(0), 0.0, atol=3 * tol)
+    np.testing.assert_allclose(body.std(0), 1.0, rtol=3 * tol)
 
 
 def test_padding_row_is_zero_and_gets_no_gradient():
