@@ -2,6 +2,7 @@
 
   python -m dff_jax.bench --preset cpu          # CPU-sized shapes (also times the PyTorch eager port)
   python -m dff_jax.bench --preset microlens    # MicroLens-100k shapes: 100,000 users, 19,738 items, 33 x 4096 bf16
+  python -m dff_jax.bench --preset microlens --compute-dtype bfloat16   # the same step in bf16 compute
   python -m dff_jax.bench --preset cpu --set embed_dim=256 --set batch_size=512
   python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size (dff_jax.features)
   python -m dff_jax.bench --what scaling        # strong/weak scaling on simulated CPU devices (dff_jax.bench_scaling)
@@ -73,7 +74,9 @@ class _Table:
         self.table = table
 
 
-def make_trainer(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", seed: int = 0):
+def make_trainer(
+    shape: dict, variant: str = "dff", loss: str = "inbatch_logq", seed: int = 0, compute_dtype: str = "float32"
+):
     config = defaults.apply_variant(defaults.base_config(), variant)
     config.model.embed_dim = shape["embed_dim"]
     config.model.max_seq_len = shape["max_seq_len"]
@@ -82,6 +85,7 @@ def make_trainer(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", 
     config.train.batch_size = shape["batch_size"]
     config.eval.batch_size = shape["batch_size"]
     config.loss.name = loss
+    config.train.compute_dtype = compute_dtype
     config.train.progress_bar = False
     config.train.log_every_steps = 10**9
     dataset = random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], seed)
@@ -235,12 +239,15 @@ def memory() -> dict:
     return out
 
 
-def run(preset: str, overrides: dict, steps: int, variant: str, torch_compare: bool) -> dict:
+def run(
+    preset: str, overrides: dict, steps: int, variant: str, torch_compare: bool, compute_dtype: str = "float32"
+) -> dict:
     shape = dict(PRESETS[preset], **overrides)
-    trainer = make_trainer(shape, variant)
+    trainer = make_trainer(shape, variant, compute_dtype=compute_dtype)
     result = {
         "preset": preset,
         "variant": variant,
+        "compute_dtype": compute_dtype,
         "shape": shape,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
@@ -267,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a preset shape field")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager comparison")
+    p.add_argument(
+        "--compute-dtype", choices=["float32", "bfloat16"], default="float32", help="train.compute_dtype of the step"
+    )
     args = p.parse_args(argv)
     if args.what == "features":
         from dff_jax import features
@@ -284,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         if key not in PRESETS["cpu"] or not value.isdigit():
             p.error(f"--set {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
         overrides[key] = int(value)
-    result = run(args.preset, overrides, args.steps, args.variant, torch_compare=not args.no_torch)
+    # The PyTorch port runs in float32, so it is compared only with a float32 step.
+    torch_compare = not args.no_torch and args.compute_dtype == "float32"
+    result = run(args.preset, overrides, args.steps, args.variant, torch_compare, args.compute_dtype)
     print(json.dumps(result, indent=2))
 
 

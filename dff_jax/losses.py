@@ -40,6 +40,16 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arr
     return jnp.where(mask, values, 0.0).sum() / jnp.maximum(count, 1), count
 
 
+def _logits(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated and returned in float32: with bf16 compute the logits and the softmax stay float32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """sum(a * b, -1) in float32 (a multiply-and-sum fuses on every backend; a batched dot may not)."""
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=-1)
+
+
 def _cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     """-log softmax(logits)[label] along the last axis."""
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -82,7 +92,7 @@ def inbatch_logq_loss(
     bias = jnp.where(reject & ~is_label, INBATCH_MASK, 0.0)
     if log_pop is not None:
         bias = bias - log_pop[cand]
-    logits = jnp.einsum("bld,cd->blc", seq_out, window_emb.reshape(slots, d)) + bias
+    logits = _logits("bld,cd->blc", seq_out, window_emb.reshape(slots, d)) + bias
     return _masked_mean(_cross_entropy(logits, label), valid)
 
 
@@ -94,7 +104,7 @@ def full_softmax_loss(
     Args:
         seq_out: [B, L, d]; item_emb: [N+1, d]; targets: [B, L]; valid: [B, L].
     """
-    logits = jnp.einsum("bld,nd->bln", seq_out, item_emb)
+    logits = _logits("bld,nd->bln", seq_out, item_emb)
     logits = logits.at[..., 0].set(NEG_INF)
     return _masked_mean(_cross_entropy(logits, targets), valid)
 
@@ -118,8 +128,8 @@ def sampled_softmax_loss(
             they are subtracted from the logits (logQ correction, which makes the sampled softmax consistent).
             A negative equal to the position's target is masked out.
     """
-    pos = jnp.sum(seq_out * pos_emb, axis=-1)  # [B, L]
-    neg = jnp.einsum("bld,kd->blk", seq_out, neg_emb)  # [B, L, K]
+    pos = _row_dot(seq_out, pos_emb)  # [B, L]
+    neg = _logits("bld,kd->blk", seq_out, neg_emb)  # [B, L, K]
     if pos_log_q is not None:
         pos = pos - pos_log_q
         neg = neg - neg_log_q
@@ -140,8 +150,8 @@ def bce_loss(
     Args:
         seq_out, pos_emb, neg_emb: [B, L, d]; valid, neg_valid: [B, L] bool.
     """
-    pos = jnp.sum(seq_out * pos_emb, axis=-1)
-    neg = jnp.sum(seq_out * neg_emb, axis=-1)
+    pos = _row_dot(seq_out, pos_emb)
+    neg = _row_dot(seq_out, neg_emb)
     pos_loss, count = _masked_mean(jax.nn.softplus(-pos), valid)
     neg_loss, _ = _masked_mean(jax.nn.softplus(neg), valid & neg_valid)
     return pos_loss + neg_loss, count

@@ -226,7 +226,7 @@ class ContentEncoder(nnx.Module):
         x = self.aggregate(items)
         if self.feature_norm == "layernorm":
             x = self.feature_ln(x)
-        x = self.proj(x)
+        x = self.proj(x.astype(self.proj.kernel.dtype))  # bf16 compute: the big projection runs in bf16 too
         if self.proj_out is not None:
             x = self.proj_out(jax.nn.gelu(x))
         return x
@@ -263,7 +263,8 @@ class Block(nnx.Module):
         # MicroLens's dropout on the attention probabilities.
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
         scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
-        probs = dropout(jax.nn.softmax(scores, axis=-1), self.rate, keys[0])
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)  # float32 softmax under bf16
+        probs = dropout(probs, self.rate, keys[0])
         context = jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(b, length, d)
         return dropout(self.out(context), self.rate, keys[1])
 

@@ -195,6 +195,26 @@ def test_proposals_and_shared_negatives():
         losses.proposal_log_probs(4, None, "zipf")
 
 
+def test_bf16_inputs_give_float32_logits():
+    # With train.compute_dtype=bfloat16 the embeddings arrive in bf16; the logits must still be accumulated and kept
+    # in float32 (rounding logits of size ~10 to bf16 moves them by ~0.05, far beyond this tolerance).
+    rng = np.random.default_rng(7)
+    b, length, d, n = 3, 4, 16, 9
+    inputs, targets, window = _batch(rng, b, length, n)
+    valid = jnp.asarray((inputs != 0) & (targets != 0))
+    seq16 = jnp.asarray(rng.normal(size=(b, length, d)) * 1.5, jnp.bfloat16)
+    win16 = jnp.asarray(rng.normal(size=(b, length + 1, d)) * 1.5, jnp.bfloat16)
+    item16 = jnp.asarray(rng.normal(size=(n + 1, d)) * 1.5, jnp.bfloat16)
+    f32 = lambda x: x.astype(jnp.float32)  # the same (already bf16-rounded) values in float32
+    got = losses.inbatch_logq_loss(seq16, win16, jnp.asarray(window), valid, None)[0]
+    want = losses.inbatch_logq_loss(f32(seq16), f32(win16), jnp.asarray(window), valid, None)[0]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), float(want), rtol=RTOL)
+    got = losses.full_softmax_loss(seq16, item16, jnp.asarray(targets), valid)[0]
+    want = losses.full_softmax_loss(f32(seq16), f32(item16), jnp.asarray(targets), valid)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=RTOL)
+
+
 def _tiny_model(encoder="fusion"):
     cfg = ml_collections.ConfigDict(
         {"embed_dim": 8, "num_blocks": 1, "num_heads": 2, "dropout": 0.1, "pre_ln": False, "max_seq_len": 4, "item_encoder": encoder,
