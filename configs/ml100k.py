@@ -4,7 +4,7 @@
       --config.features.dir=/work/features/ml100k-smollm2-title
   python -m dff_jax.study --config configs/ml100k.py \
       --features hidden=/work/features/ml100k-smollm2-title caption=/work/features/ml100k-minilm-text \
-      --out /work/study/ml100k --seeds 2 --layers 0,10,20,30
+      --out /work/study/ml100k-v2 --seeds 2 --layers 0,10,20,30
 
 Data: `u.data` of MovieLens-100k (943 users, 1682 movies, 100,000 ratings; every user has >= 20 ratings), looked up
 in `../shared/data/ml-100k` beside the repository (data.dir; override with --config.data.dir / --set data.dir=...).
