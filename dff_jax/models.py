@@ -141,24 +141,25 @@ def standardize_stats(table: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray,
     return mean.astype(np.float32), (1.0 / np.maximum(std, floor)).astype(np.float32)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _fill_standardized(out: jax.Array, block: jax.Array, start: jax.Array, mean: jax.Array, inv_std: jax.Array):
+    z = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, z, start, axis=0)
+
+
 def standardized_table(table: np.ndarray, max_values: int = 1 << 26) -> jax.Array:
     """The table z-scored per (layer, dimension) with `standardize_stats`, as a device array in its stored dtype.
 
     Filled in place on the device, one chunk of items at a time (at most ``max_values`` float32 values in flight),
     so neither host nor device ever holds a second whole copy or a float32 widening of a bf16/f16 table. Row 0
-    (padding) is transformed like the others; the model zeroes padding items' embeddings anyway.
+    (padding) is transformed like the others; the model zeroes padding items' embeddings anyway. The fill is one
+    module-level jit taking the statistics as arguments, so every model built at the same shapes reuses it.
     """
     mean, inv_std = (jnp.asarray(a) for a in standardize_stats(table))
     chunk = max(1, max_values // int(np.prod(table.shape[1:])))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def fill(out: jax.Array, block: jax.Array, start: jax.Array) -> jax.Array:
-        z = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, z, start, axis=0)
-
     out = jnp.zeros(table.shape, table.dtype)
     for start in range(0, table.shape[0], chunk):
-        out = fill(out, np.asarray(table[start : start + chunk]), np.int32(start))
+        out = _fill_standardized(out, np.asarray(table[start : start + chunk]), np.int32(start), mean, inv_std)
     return out
 
 
