@@ -257,7 +257,7 @@ def run(
     }
     result["train"], state = bench_train(trainer, steps)
     result["eval"] = bench_eval(trainer, state["params"])
-    if torch_compare:
+    if torch_compare and compute_dtype == "float32":  # the PyTorch port runs in float32: compare like with like
         t = bench_torch(trainer, state, steps)
         if t is not None:
             result["torch_eager"] = t
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         if key not in PRESETS["cpu"] or not value.isdigit():
             p.error(f"--set {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
         overrides[key] = int(value)
-    # The PyTorch port runs in float32, so it is compared only with a float32 step.
-    torch_compare = not args.no_torch and args.compute_dtype == "float32"
-    result = run(args.preset, overrides, args.steps, args.variant, torch_compare, args.compute_dtype)
+    result = run(args.preset, overrides, args.steps, args.variant, not args.no_torch, args.compute_dtype)
     print(json.dumps(result, indent=2))
 
 
