@@ -5,12 +5,11 @@ python -m dff_jax.train --config configs/smoke.py --workdir /tmp/smoke
 
 import ml_collections
 
-from dff_jax import defaults as common
+from dff_jax import defaults
 
 
-def get_config(arg: str | None = None):
-    variant, _ = common.split_arg(arg)
-    c = common.base_config()
+def get_config(variant: str | None = None):
+    c = defaults.base_config()
     c.data.dir = "data/smoke"
     c.data.interactions = "synthetic_pairs.tsv"
     c.data.format = "microlens_tsv"
@@ -28,4 +27,4 @@ def get_config(arg: str | None = None):
     c.train.progress_bar = False
     c.eval.batch_size = 64
     c.eval.chunk_size = 32
-    return common.apply_variant(c, variant or "dff")
+    return defaults.apply_variant(c, variant or "dff")

@@ -9,12 +9,11 @@ DFF > fusion of the mean of layers > fusion of the last layer > ID only > replac
 
 import ml_collections
 
-from dff_jax import defaults as common
+from dff_jax import defaults
 
 
-def get_config(arg: str | None = None):
-    variant, _ = common.split_arg(arg)
-    c = common.base_config()
+def get_config(variant: str | None = None):
+    c = defaults.base_config()
     c.data.dir = "data/synthetic"
     c.data.interactions = "synthetic_pairs.tsv"
     c.data.format = "microlens_tsv"
@@ -31,4 +30,4 @@ def get_config(arg: str | None = None):
     c.train.patience = 10
     c.train.log_every_steps = 20
     c.eval.batch_size = 1024
-    return common.apply_variant(c, variant or "dff")
+    return defaults.apply_variant(c, variant or "dff")

@@ -3,32 +3,36 @@
   python -m dff_jax.bench --preset cpu          # CPU-sized shapes (also times the PyTorch eager port)
   python -m dff_jax.bench --preset microlens    # MicroLens-100k shapes: 100,000 users, 19,738 items, 33 x 4096 bf16
   python -m dff_jax.bench --preset microlens --compute-dtype bfloat16   # the same step in bf16 compute
-  python -m dff_jax.bench --preset cpu --set embed_dim=256 --set batch_size=512
-  python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size (dff_jax.features)
-  python -m dff_jax.bench --what scaling        # strong/weak scaling on simulated CPU devices (dff_jax.bench_scaling)
+  python -m dff_jax.bench --preset cpu --shape embed_dim=256 --shape batch_size=512
+  python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size
+  python -m dff_jax.bench_scaling               # strong/weak scaling on simulated CPU devices (its own module)
 
-Everything is measured in one process, side by side, on random data of the given shapes (no files): the jitted
-train step (sequences/s, compile time), one whole epoch, full-ranking evaluation of every user against the bare
-user-by-item score matmul at the same shapes, host peak RSS and (on GPU) device peak memory. At the CPU preset the
-PyTorch eager port of the same model and loss (tests/torch_sasrec.py) is timed on the same batches.
+Everything is measured in one process, side by side, on random data of the given shapes (no files), through the
+functions a real run uses (`train_state.create_train_state`, `jit_train_step`, `train.train_epoch`,
+`evaluate.evaluate`): the jitted train step (sequences/s, compile time), one whole epoch, full-ranking evaluation of
+every user against the bare user-by-item score matmul at the same shapes, host peak RSS and (on GPU) device peak
+memory. At the CPU preset the PyTorch eager port of the same model and loss (dff_jax/bench_torch.py) is timed on the
+same batches. Measured figures and their history: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dff_jax import data as data_lib
-from dff_jax import defaults, metrics, parallel
-from dff_jax import train as train_lib
+from dff_jax import defaults, evaluate, features, metrics, parallel, records, train, train_state
 
 PRESETS = {
     # num_users, num_items, layers x hidden of the features, embed_dim, batch (global), seq len
@@ -69,43 +73,45 @@ def random_dataset(num_users: int, num_items: int, max_seq_len: int, seed: int =
     )
 
 
-class _Table:
-    def __init__(self, table):
-        self.table = table
+def random_table(num_items: int, layers: int, hidden: int, seed: int = 1) -> np.ndarray:
+    """[N+1, layers, hidden] bf16 standard-normal features (row 0 zero), filled in chunks: never a float32 copy."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    n = num_items + 1
+    table = np.empty((n, layers, hidden), ml_dtypes.bfloat16)
+    for start in range(0, n, 1024):
+        block = rng.standard_normal((min(1024, n - start), layers, hidden), dtype=np.float32)
+        table[start : start + len(block)] = block.astype(ml_dtypes.bfloat16)
+    table[0] = 0
+    return table
 
 
-def make_trainer(
-    shape: dict, variant: str = "dff", loss: str = "inbatch_logq", seed: int = 0, compute_dtype: str = "float32"
-):
+def bench_config(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", compute_dtype: str = "float32"):
+    """The run config of a benchmark: the defaults, the variant, and the shape's model and batch sizes."""
     config = defaults.apply_variant(defaults.base_config(), variant)
     config.model.embed_dim = shape["embed_dim"]
-    config.model.max_seq_len = shape["max_seq_len"]
     config.model.gate_hidden = min(256, shape["embed_dim"])
     config.data.max_seq_len = shape["max_seq_len"]
-    config.train.batch_size = shape["batch_size"]
-    config.eval.batch_size = shape["batch_size"]
+    config.train.batch_size = config.eval.batch_size = shape["batch_size"]
     config.loss.name = loss
     config.train.compute_dtype = compute_dtype
     config.train.progress_bar = False
     config.train.log_every_steps = 10**9
+    return config
+
+
+def make_run(config, shape: dict, seed: int = 0):
+    """(dataset, state, static, frozen) of a run at `shape` on random data, built as training builds one."""
     dataset = random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], seed)
     table = None
-    if variant != "id":
-        import ml_dtypes
-
-        rng = np.random.default_rng(seed + 1)
-        n, L, H = shape["num_items"] + 1, shape["layers"], shape["hidden"]
-        table = np.empty((n, L, H), ml_dtypes.bfloat16)
-        for start in range(0, n, 1024):  # fill in chunks: never a float32 copy of the whole table
-            block = rng.standard_normal((min(1024, n - start), L, H), dtype=np.float32)
-            table[start : start + len(block)] = block.astype(ml_dtypes.bfloat16)
-        table[0] = 0
+    if config.model.item_encoder != "id":
+        m = config.model
+        rows = features.model_rows(m.content, m.layer, m.layers, shape["layers"], "bench shape")
+        table = random_table(shape["num_items"], len(rows), shape["hidden"], seed + 1)
     mesh = parallel.make_mesh(config.parallel)
-    model_cfg = config.model
-    if table is not None:
-        model_cfg = config.model.copy_and_resolve_references()
-        model_cfg.update(train_lib.feature_rows(config.model, shape["layers"])[1])
-    return train_lib.Trainer(config, dataset, None if table is None else _Table(table), model_cfg, mesh)
+    state, static, frozen = train_state.create_train_state(config, dataset, table, mesh)
+    return dataset, state, static, frozen
 
 
 def _timed(fn, repeats: int) -> float:
@@ -118,62 +124,60 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def bench_train(trainer, steps: int) -> dict:
+def bench_train(config, dataset, state, static, frozen, steps: int) -> tuple[dict, dict]:
     """Jitted train-step throughput and one whole epoch."""
-    cfg, ds = trainer.config, trainer.dataset
-    batches = list(data_lib.train_batches(ds, cfg.train.batch_size, cfg.data.max_seq_len, 0, 1))
+    step = train_state.jit_train_step(static)
+    mesh = static["mesh"]
+    batches = list(data_lib.train_batches(dataset, config.train.batch_size, config.data.max_seq_len, 0, 1))
     rng = jax.random.key(0)
-    state = trainer.init_state()
-    gb = [parallel.global_batch(b, trainer.mesh) for b in batches[: max(2, steps)]]
+    gb = [parallel.global_batch(b, mesh) for b in batches[: max(2, steps)]]
     t = time.perf_counter()
-    state, m = trainer.train_step(state, gb[0], rng)
+    state, m = step(state, frozen, gb[0], rng)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     for i in range(steps):
-        state, m = trainer.train_step(state, gb[i % len(gb)], rng)
+        state, m = step(state, frozen, gb[i % len(gb)], rng)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t) / steps
     t = time.perf_counter()
-    state = train_lib.run_epoch(trainer, state, rng, 1, len(batches), None)
+    state = train.train_epoch(step, state, frozen, dataset, config, mesh, rng, 1)
     jax.block_until_ready(state)
     epoch_s = time.perf_counter() - t
     return {
         "compile_s": round(compile_s, 3),
         "step_ms": round(1000 * step_s, 3),
-        "sequences_per_s": round(cfg.train.batch_size / step_s, 1),
+        "sequences_per_s": round(config.train.batch_size / step_s, 1),
         "steps_per_epoch": len(batches),
         "epoch_s": round(epoch_s, 3),
         "final_loss": float(m["loss"]),
     }, state
 
 
-def bench_eval(trainer, params, repeats: int = 3) -> dict:
+def bench_eval(config, dataset, params, static, frozen, repeats: int = 3) -> dict:
     """Full-ranking evaluation of every test user vs the bare user x item score matmul over the same batches."""
-    cfg, ds = trainer.config, trainer.dataset
-    item_emb = trainer._item_table(params, trainer.consts)
-    batches = [parallel.global_batch(b, trainer.mesh) for b in data_lib.eval_batches(ds, "test", cfg.eval.batch_size)]
-    user_fn = jax.jit(lambda p, c, x: trainer.model(p, c).user_embeddings(x).astype(jnp.float32))
-    users = [user_fn(params, trainer.consts, b["inputs"]) for b in batches]
-    e = cfg.eval
+    e, mesh, graphdef = config.eval, static["mesh"], static["graphdef"]
+    items = evaluate.item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
+    batches = [parallel.global_batch(b, mesh) for b in data_lib.eval_batches(dataset, "test", e.batch_size)]
+    users = [evaluate.user_table(params, frozen["features"], b["inputs"], graphdef=graphdef) for b in batches]
     rank_fn = jax.jit(
         lambda u, it, t, h: metrics.target_ranks(u, it, t, h, mask_history=e.mask_history, chunk_size=e.chunk_size)
     )
     matmul_fn = jax.jit(lambda u, it: u @ it.T)
 
     def ranking():
-        jax.block_until_ready([rank_fn(u, item_emb, b["targets"], b["history"]) for u, b in zip(users, batches)])
+        jax.block_until_ready([rank_fn(u, items, b["targets"], b["history"]) for u, b in zip(users, batches)])
 
     def matmul():
-        jax.block_until_ready([matmul_fn(u, item_emb) for u in users])
+        jax.block_until_ready([matmul_fn(u, items) for u in users])
 
     ranking(), matmul()  # compile
     rank_s, matmul_s = _timed(ranking, repeats), _timed(matmul, repeats)
     t = time.perf_counter()
-    trainer.evaluate(params, "test")
+    evaluate.evaluate(static, params, frozen, dataset, "test", e, config.seed)
     whole_s = time.perf_counter() - t
     return {
-        "users": len(ds.test["targets"]),
+        "users": len(dataset.test["targets"]),
         "ranking_s": round(rank_s, 6),  # microseconds: a tiny shape must not round to 0
         "bare_matmul_s": round(matmul_s, 6),
         "ranking_over_matmul": round(rank_s / matmul_s, 3),
@@ -181,39 +185,38 @@ def bench_eval(trainer, params, repeats: int = 3) -> dict:
     }
 
 
-def bench_torch(trainer, state, steps: int, rounds: int = 5) -> dict | None:
-    """The jitted JAX step against the PyTorch eager port (tests/torch_sasrec.py): same batches, same starting
+def bench_torch(config, dataset, state, static, frozen, steps: int, rounds: int = 5) -> dict | None:
+    """The jitted JAX step against the PyTorch eager port (dff_jax/bench_torch.py): same batches, same starting
     weights, same loss. The two alternate in `rounds` rounds of `steps` steps each and the ratio is of the median
     round times, so a burst of load on a shared machine hits both rather than one."""
     try:
-        import torch  # noqa: F401
+        import torch
+
+        from dff_jax import bench_torch as port
     except ImportError:
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    try:
-        import torch_sasrec
-    except ImportError:
-        return None
-    cfg, ds = trainer.config, trainer.dataset
-    batches = list(data_lib.train_batches(ds, cfg.train.batch_size, cfg.data.max_seq_len, 0, 1))[: max(2, steps)]
-    gb = [parallel.global_batch(b, trainer.mesh) for b in batches]
-    step = torch_sasrec.torch_train_step_factory(trainer, cfg)
+    mesh = static["mesh"]
+    batches = list(data_lib.train_batches(dataset, config.train.batch_size, config.data.max_seq_len, 0, 1))
+    batches = batches[: max(2, steps)]
+    gb = [parallel.global_batch(b, mesh) for b in batches]
+    torch_step = port.torch_step_for_run(static, state, frozen, config)
+    jax_step = train_state.jit_train_step(static)
     rng = jax.random.key(0)
     t = time.perf_counter()
-    step(batches[0])
+    torch_step(batches[0])
     first_s = time.perf_counter() - t
 
     def jax_round():
         nonlocal state
         for i in range(steps):
-            state, _ = trainer.train_step(state, gb[i % len(gb)], rng)
+            state, _ = jax_step(state, frozen, gb[i % len(gb)], rng)
         jax.block_until_ready(state)
 
     def torch_round():
         for i in range(steps):
-            step(batches[i % len(batches)])
+            torch_step(batches[i % len(batches)])
 
-    jax_round()  # warm (compiled already by bench_train; this settles caches)
+    jax_round()  # compiles this step function and settles caches
     jax_s, torch_s = [], []
     for _ in range(rounds):
         jax_s.append(_timed(jax_round, 1) / steps)
@@ -222,7 +225,7 @@ def bench_torch(trainer, state, steps: int, rounds: int = 5) -> dict | None:
     return {
         "first_step_s": round(first_s, 3),
         "step_ms": round(1000 * torch_med, 3),
-        "sequences_per_s": round(cfg.train.batch_size / torch_med, 1),
+        "sequences_per_s": round(config.train.batch_size / torch_med, 1),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "jax_step_ms_per_round": [round(1000 * x, 2) for x in jax_s],
@@ -243,7 +246,8 @@ def run(
     preset: str, overrides: dict, steps: int, variant: str, torch_compare: bool, compute_dtype: str = "float32"
 ) -> dict:
     shape = dict(PRESETS[preset], **overrides)
-    trainer = make_trainer(shape, variant, compute_dtype=compute_dtype)
+    config = bench_config(shape, variant, compute_dtype=compute_dtype)
+    dataset, state, static, frozen = make_run(config, shape)
     result = {
         "preset": preset,
         "variant": variant,
@@ -252,13 +256,13 @@ def run(
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "devices": jax.device_count(),
-        "mesh": dict(trainer.mesh.shape),
-        "param_count": trainer.param_count,
+        "mesh": dict(static["mesh"].shape),
+        "param_count": static["param_count"],
     }
-    result["train"], state = bench_train(trainer, steps)
-    result["eval"] = bench_eval(trainer, state["params"])
+    result["train"], state = bench_train(config, dataset, state, static, frozen, steps)
+    result["eval"] = bench_eval(config, dataset, state["params"], static, frozen)
     if torch_compare and compute_dtype == "float32":  # the PyTorch port runs in float32: compare like with like
-        t = bench_torch(trainer, state, steps)
+        t = bench_torch(config, dataset, state, static, frozen, steps)
         if t is not None:
             result["torch_eager"] = t
             result["jax_over_torch_throughput"] = t["jax_over_torch_throughput"]
@@ -266,33 +270,142 @@ def run(
     return result
 
 
+# ------------------------------------------------------------------------------------------------- feature load
+
+
+def _write_bench_features(directory: Path, num_items: int, layers: int, hidden: int, dtype: str, shards: int) -> None:
+    """Writes a feature folder of the given shape with constant memory (a few distinct arrays, reused)."""
+    rng = np.random.default_rng(0)
+    np_dtype = records.numpy_dtype(dtype)
+    pool = [rng.standard_normal((layers, hidden), np.float32).astype(np_dtype).tobytes() for _ in range(8)]
+    per_shard = -(-num_items // shards)
+    for s in range(shards):
+        with records.ShardWriter(directory / f"bench-{s:05d}-of-{shards:05d}{records.SHARD_SUFFIX}") as w:
+            for i in range(s * per_shard, min(num_items, (s + 1) * per_shard)):
+                w.write_bytes(str(i), pool[i % len(pool)], dtype, (layers, hidden))
+    records.write_schema(
+        directory,
+        records.Schema(
+            model="bench",
+            layers=layers,
+            hidden_size=hidden,
+            dtype=dtype,
+            pooling="none",
+            prompt="",
+            modality="none",
+            num_frames=0,
+            extractor_version="dff_jax.bench",
+            num_items=num_items,
+        ),
+    )
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def _bench_child(directory: str, num_items: int) -> None:
+    """Runs in a fresh process: loads the folder and prints time and peak RSS as JSON."""
+    item_ids = [""] + [str(i) for i in range(num_items)]
+    baseline = _peak_rss_bytes()
+    start = time.perf_counter()
+    loaded = features.load_features(directory, item_ids)
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_bytes": _peak_rss_bytes(),
+                "baseline_rss_bytes": baseline,
+                "table_bytes": int(loaded.table.nbytes),
+            }
+        )
+    )
+
+
+def bench_feature_load(
+    num_items: int = 19738,
+    layers: int = 33,
+    hidden: int = 4096,
+    dtype: str = "bfloat16",
+    tmpdir: str | None = None,
+    shards: int = 8,
+) -> dict:
+    """Measures loading a feature folder of the given shape: time and peak memory.
+
+    Writes the folder (streaming, constant memory) into a temporary directory under `tmpdir`, loads it in a
+    fresh Python process (so the writer's memory does not count) and deletes it. The files are freshly
+    written, so the load reads from a warm page cache.
+
+    Returns:
+      {"table_bytes", "peak_rss_bytes", "baseline_rss_bytes", "ratio" (peak RSS / table bytes), "seconds",
+       "items_per_s", "MB_per_s", "shape", "dtype"}.
+    """
+    itemsize = records.numpy_dtype(dtype).itemsize
+    needed = num_items * layers * hidden * itemsize
+    parent = Path(tmpdir or tempfile.gettempdir())
+    free = shutil.disk_usage(parent).free
+    if free < 2 * needed:
+        raise RuntimeError(
+            f"{parent}: {free / 1e9:.1f} GB free, the benchmark needs {2 * needed / 1e9:.1f} GB "
+            f"(twice the {needed / 1e9:.1f} GB it writes); pass tmpdir= on a larger disk or smaller sizes"
+        )
+    work = Path(tempfile.mkdtemp(prefix="dff_feature_bench_", dir=parent))
+    try:
+        _write_bench_features(work, num_items, layers, hidden, dtype, shards)
+        code = f"from dff_jax.bench import _bench_child; _bench_child({str(work)!r}, {num_items})"
+        repo_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+        out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark child failed:\n{out.stderr}")
+        child = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "shape": [num_items + 1, layers, hidden],
+        "dtype": dtype,
+        "table_bytes": child["table_bytes"],
+        "peak_rss_bytes": child["peak_rss_bytes"],
+        "baseline_rss_bytes": child["baseline_rss_bytes"],
+        "ratio": child["peak_rss_bytes"] / child["table_bytes"],
+        "seconds": child["seconds"],
+        "items_per_s": num_items / child["seconds"],
+        "MB_per_s": needed / 1e6 / child["seconds"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--what", choices=["train", "features", "scaling"], default="train")
+    p.add_argument("--what", choices=["train", "features"], default="train")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--variant", default="dff", help="model variant (configs: id, replace, fusion_last, ..., dff)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a preset shape field")
+    p.add_argument("--shape", action="append", default=[], metavar="KEY=INT", help="override a preset shape field")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager comparison")
     p.add_argument(
         "--compute-dtype", choices=["float32", "bfloat16"], default="float32", help="train.compute_dtype of the step"
     )
+    p.add_argument("--items", type=int, default=19738, help="--what features: items of the feature folder")
+    p.add_argument("--layers", type=int, default=33, help="--what features: stored layers per item")
+    p.add_argument("--hidden", type=int, default=4096, help="--what features: hidden size")
+    p.add_argument("--dtype", default="bfloat16", choices=records.DTYPES, help="--what features: stored dtype")
+    p.add_argument("--tmpdir", default=None, help="--what features: where to write the temporary feature folder")
     args = p.parse_args(argv)
     if args.what == "features":
-        from dff_jax import features
-
-        print(json.dumps(features.bench_feature_load(), indent=2))
-        return
-    if args.what == "scaling":
-        from dff_jax import bench_scaling
-
-        print(json.dumps(bench_scaling.bench_scaling(), indent=2))
+        result = bench_feature_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
+        print(json.dumps(result, indent=2))
         return
     overrides = {}
-    for kv in args.set:
+    for kv in args.shape:
         key, _, value = kv.partition("=")
         if key not in PRESETS["cpu"] or not value.isdigit():
-            p.error(f"--set {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
+            p.error(f"--shape {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
         overrides[key] = int(value)
     result = run(args.preset, overrides, args.steps, args.variant, not args.no_torch, args.compute_dtype)
     print(json.dumps(result, indent=2))

@@ -2,7 +2,6 @@
 
   python -m dff_jax.bench_scaling                       # simulated CPU devices (or the GPUs when there are some)
   python -m dff_jax.bench_scaling --platform cpu --devices 1,2,4,8 --model-axis 2 --shard-items
-  python -m dff_jax.bench --what scaling                # the same, from the main benchmark
 
 Every device count runs in its own subprocess (jax fixes the device count at start-up) with the same model, data
 and seed. Strong scaling keeps the global batch fixed (ideal: step time / n); weak scaling keeps the per-device
@@ -41,50 +40,40 @@ GPU_SHAPE = {
 
 
 def _worker(args: dict) -> dict:
-    """Runs in the subprocess: builds the trainer on `args['devices']` devices and times its train step."""
+    """Runs in the subprocess: builds the run on `args['devices']` devices and times its train step."""
     import jax
-    import ml_collections
     import numpy as np
 
-    from dff_jax import bench, defaults, parallel
-    from dff_jax import train as train_lib
+    from dff_jax import bench, data, defaults, parallel, train_state
 
-    pcfg = ml_collections.ConfigDict(
-        {"model_axis": args["model_axis"], "shard_items": args["shard_items"], "cpu_devices": args["cpu_devices"]}
-    )
-    parallel.initialize(pcfg)
+    parallel_cfg = defaults.base_config().parallel
+    parallel_cfg.update(model_axis=args["model_axis"], shard_items=args["shard_items"], cpu_devices=args["cpu_devices"])
+    parallel.initialize(parallel_cfg)
     if jax.device_count() != args["devices"]:
         raise RuntimeError(f"asked for {args['devices']} devices, jax sees {jax.device_count()}: {jax.devices()}")
     shape = args["shape"]
     results = []
     for mode, batch in (("strong", args["global_batch"]), ("weak", args["per_device_batch"] * args["devices"])):
-        config = defaults.apply_variant(defaults.base_config(), "dff")
-        config.model.embed_dim = shape["embed_dim"]
-        config.model.max_seq_len = config.data.max_seq_len = shape["max_seq_len"]
-        config.model.gate_hidden = min(256, shape["embed_dim"])
-        config.train.batch_size = config.eval.batch_size = batch
-        config.parallel.update(pcfg)
-        mesh = parallel.make_mesh(config.parallel)
+        config = bench.bench_config(dict(shape, batch_size=batch))
+        config.parallel.update(parallel_cfg)
+        dataset, state, static, frozen = bench.make_run(config, dict(shape, batch_size=batch))
+        mesh = static["mesh"]
         parallel.check_global_batch(batch, mesh)
-        dataset = bench.random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], seed=0)
-        table = _random_table(shape)
-        model_cfg = config.model.copy_and_resolve_references()
-        model_cfg.update(train_lib.feature_rows(config.model, shape["layers"])[1])
-        trainer = train_lib.Trainer(config, dataset, _Table(table), model_cfg, mesh)
+        step = train_state.jit_train_step(static)
         batches = [
             parallel.global_batch(b, mesh)
-            for _, b in zip(range(2), bench.data_lib.train_batches(dataset, batch, shape["max_seq_len"], 0, 1))
+            for _, b in zip(range(2), data.train_batches(dataset, batch, shape["max_seq_len"], 0, 1))
         ]
-        state, rng = trainer.init_state(), jax.random.key(0)
+        rng = jax.random.key(0)
         t = time.perf_counter()
-        state, m = trainer.train_step(state, batches[0], rng)
+        state, m = step(state, frozen, batches[0], rng)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t
         best = float("inf")
         for _ in range(args["repeats"]):
             t = time.perf_counter()
             for i in range(args["steps"]):
-                state, m = trainer.train_step(state, batches[i % 2], rng)
+                state, m = step(state, frozen, batches[i % 2], rng)
             jax.block_until_ready(state)
             best = min(best, (time.perf_counter() - t) / args["steps"])
         loss = float(np.asarray(parallel.to_host(m["loss"])))
@@ -101,27 +90,6 @@ def _worker(args: dict) -> dict:
             }
         )
     return {"runs": results}
-
-
-class _Table:
-    """The `FeatureTable` attributes Trainer reads."""
-
-    def __init__(self, table):
-        self.table = table
-
-
-def _random_table(shape: dict):
-    import ml_dtypes
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    n, layers, hidden = shape["num_items"] + 1, shape["layers"], shape["hidden"]
-    table = np.empty((n, layers, hidden), ml_dtypes.bfloat16)
-    for start in range(0, n, 1024):  # chunks: never a float32 copy of a large table
-        block = rng.standard_normal((min(1024, n - start), layers, hidden), dtype=np.float32)
-        table[start : start + len(block)] = block.astype(ml_dtypes.bfloat16)
-    table[0] = 0
-    return table
 
 
 def _detect_gpus() -> int:

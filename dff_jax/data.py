@@ -1,7 +1,7 @@
 """Interactions, the MicroLens evaluation protocol, and batch iterators.
 
 Readers turn an interaction file into time-ordered (user, item, timestamp) records; `build_dataset` applies the
-MicroLens official protocol (shared/reference/microlens-protocol.md, section 2) with every knob in `config.data`;
+MicroLens official protocol (docs/protocol.md, section 2) with every knob in `config.data`;
 `train_batches` / `eval_batches` yield fixed-shape dicts of numpy arrays (so a jitted step compiles once).
 
 Choices made where the official code leaves room (all documented here once):
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dff_jax import records
+from dff_jax.errors import UserError
 
 FORMATS = ("auto", "microlens_tsv", "microlens_csv", "ninerec", "csv", "movielens")
 # Header names accepted for each column of a CSV (lower-cased). NineRec's get_behaviour.py calls them
@@ -40,7 +41,7 @@ _COLUMN_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An interaction file or protocol setting that cannot be used; the message names the file and line."""
 
 
@@ -359,9 +360,9 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
         )
     inter = read_interactions(
         path,
-        data_cfg.get("format", "auto"),
-        columns=data_cfg.get("columns", ""),
-        min_rating=data_cfg.get("min_rating", 0),
+        data_cfg.format,
+        columns=data_cfg.columns,
+        min_rating=data_cfg.min_rating,
     )
 
     # (1) Users in first-seen file order; each user's interactions in time order (stable: the records are sorted).
@@ -504,6 +505,18 @@ def load_item_map(path) -> list[str]:
     ):
         raise DataError(f"{path}: expected {{'num_items': N, 'item_ids': ['', id1, ..., idN]}} with unique string ids")
     return ids
+
+
+def log_popularity(dataset: Dataset) -> np.ndarray:
+    """[N+1] float32 log of each item's share of the train interactions, for the logQ corrections (losses.py).
+
+    As MicroLens's pop_prob_list: row 0 (padding, never a label) gets probability 1, and an item never seen in
+    training gets log(1e-12) instead of -inf, so its logit stays finite.
+    """
+    counts = dataset.item_counts.astype(np.float64)
+    pop = counts / max(counts.sum(), 1.0)
+    pop[0] = 1.0
+    return np.log(np.maximum(pop, 1e-12)).astype(np.float32)
 
 
 def num_train_batches(dataset: Dataset, batch_size: int) -> int:

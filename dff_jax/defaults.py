@@ -1,7 +1,10 @@
-"""Config fields every experiment shares, with the paper's defaults (section 6.2) and MicroLens's (protocol 4).
+"""Every config field, declared once, with the paper's defaults (section 6.2) and MicroLens's (docs/protocol.md 4).
 
-Each experiment file (`microlens.py`, `bili_movie.py`, `synthetic.py`, `smoke.py`) starts from `base_config()`
-and changes only what differs. `apply_variant` maps the study's variants onto the model fields.
+Each experiment file in `configs/` starts from `base_config()` and changes only what differs; no module reads a field
+that is not declared here and none keeps a default of its own, so what `config.json` of a run shows is what ran.
+The modules take the fields as explicit arguments: `models.Recommender(num_items, table, **config.model, ...)`,
+`losses.compute_loss(..., **config.loss)`, `train.make_optimizer(**config.optim)`. `apply_variant` maps the study's
+variants onto the model fields.
 """
 
 import ml_collections
@@ -55,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.proj_hidden = 0  # 0: one Linear projection of e_v into the behaviour space
     c.model.feature_norm = "standardize"  # none | layernorm | standardize (per stored layer, from the table)
     c.model.cold_id = "random"  # random (MicroLens init) | zero: ID rows of items unseen in training start (and stay) 0
+    c.model.dedup = "auto"  # auto | none | unique: embed each distinct item of a batch once (models.ItemEncoder)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "inbatch_logq"  # inbatch_logq (MicroLens) | full_softmax | sampled_softmax | bce (NineRec)
@@ -112,9 +116,3 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     if layer is not None:
         c.model.layer = layer
     return c
-
-
-def split_arg(arg: str | None) -> tuple[str, str]:
-    """`variant` or `variant,size` from `--config configs/x.py:variant`."""
-    parts = (arg or "").split(",")
-    return parts[0], (parts[1] if len(parts) > 1 else "")

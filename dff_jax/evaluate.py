@@ -1,87 +1,239 @@
-"""Evaluate a trained run's checkpoint with the trainer's own evaluation code.
+"""Evaluation: full ranking (HR@K / NDCG@K, cold-start slices), the sampled protocol, DFF's alpha and gate; and the
+checkpoint evaluation command.
 
   python -m dff_jax.evaluate --workdir W [--split test|valid] [--step N]
 
-Without --step the best checkpoint (by the run's validation metric) is used. The run's config.json is read back
-from the workdir, so data and feature paths are resolved as they were when it trained (relative to the same cwd).
-Writes W/eval-<split>-epoch<N>.json and prints the metrics.
+The device functions are jitted once at module level (the graph definition, shardings and ranking options are
+static arguments), so validating every epoch reuses one compiled program. Training calls `evaluate` on the live
+parameters; the command rebuilds the run from W/config.json without ever creating data (a missing synthetic folder
+is an error here, not a reason to generate one), restores the best checkpoint (or --step), checks that the dataset
+still gives the item index the run was trained with, prints the metrics and then writes
+W/eval-<split>-epoch<N>.json.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import nnx
 
 from dff_jax import data as data_lib
-from dff_jax import features as features_lib
-from dff_jax import records, train
-from dff_jax.train import quiet_libraries
+from dff_jax import metrics, parallel, records, train_state
+from dff_jax.errors import TrainError, exit_on_user_error
+
+# ------------------------------------------------------------------------------------------------- device functions
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding"))
+def item_table(params, features, *, graphdef, sharding):
+    """[N+1, d] float32 embeddings of every item, laid out as `sharding` (replicated for ranking)."""
+    emb = nnx.merge(graphdef, params, features).all_item_embeddings().astype(jnp.float32)
+    return jax.lax.with_sharding_constraint(emb, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def user_table(params, features, inputs, *, graphdef):
+    """[B, d] user vectors of left-padded histories [B, L] (deterministic)."""
+    return nnx.merge(graphdef, params, features).user_embeddings(inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "mask_history", "chunk_size", "ties"))
+def batch_ranks(params, features, items, batch, *, graphdef, sharding, mask_history, chunk_size, ties):
+    """Full-ranking rank of each user's target in one batch (metrics.target_ranks), sharded like the batch."""
+    user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
+    ranks = metrics.target_ranks(
+        user, items, batch["targets"], batch["history"], mask_history=mask_history, chunk_size=chunk_size, ties=ties
+    )
+    return jax.lax.with_sharding_constraint(ranks, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def gate_table(params, features, *, graphdef):
+    """[N, 1] the fusion gate of every real item (mean over d for the vector gate)."""
+    model = nnx.merge(graphdef, params, features)
+    return model.gate_values(jnp.arange(1, model.num_items + 1))
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def ranks(static, params, frozen, dataset, split: str, eval_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Full-ranking rank of every evaluation user's target in `split` (and the users' target items).
+
+    Every process holds the whole dataset, so the global mask and targets are known on the host; each process
+    feeds only its rows, and the device ranks are fetched once at the end (no host sync per batch).
+    """
+    mesh, graphdef = static["mesh"], static["graphdef"]
+    items = item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
+    start, stop = parallel.process_rows(eval_cfg.batch_size, mesh)
+    device_ranks, masks, targets = [], [], []
+    for batch in data_lib.eval_batches(dataset, split, eval_cfg.batch_size):
+        masks.append(batch.pop("mask"))
+        targets.append(batch["targets"])
+        local = parallel.global_batch({k: v[start:stop] for k, v in batch.items()}, mesh)
+        r = batch_ranks(
+            params,
+            frozen["features"],
+            items,
+            local,
+            graphdef=graphdef,
+            sharding=static["batch_sharding"],
+            mask_history=eval_cfg.mask_history,
+            chunk_size=eval_cfg.chunk_size,
+            ties=eval_cfg.ties,
+        )
+        device_ranks.append(r)
+    all_ranks = np.concatenate([parallel.to_host(r) for r in device_ranks])
+    mask = np.concatenate(masks)
+    return all_ranks[mask], np.concatenate(targets)[mask]
+
+
+def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
+    """HR@K / NDCG@K by full ranking, cold-start slices by the target's train interaction count, and (with
+    `eval_cfg.sampled_negatives` > 0) the sampled protocol seeded by `seed`."""
+    r, targets = ranks(static, params, frozen, dataset, split, eval_cfg)
+    result = metrics.metrics_from_ranks(r, eval_cfg.ks)
+    result["num_users"] = int(r.size)
+    result["cold_start"] = cold_start_slices(r, dataset.item_counts[targets], eval_cfg)
+    if eval_cfg.sampled_negatives > 0:
+        result.update(sampled_metrics(static, params, frozen, dataset, split, eval_cfg, seed))
+    return result
+
+
+def sampled_metrics(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
+    """The sampled protocol (K uniform negatives), for comparison with older papers; keys say "sampled"."""
+    if jax.process_count() > 1:
+        raise TrainError("sampled metrics run in one process; evaluate the checkpoint with python -m dff_jax.evaluate")
+    graphdef, mesh = static["graphdef"], static["mesh"]
+    items = item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
+    items = np.asarray(items)
+    user = []
+    for batch in data_lib.eval_batches(dataset, split, eval_cfg.batch_size):
+        inputs = parallel.global_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
+        user.append(parallel.to_host(user_table(params, frozen["features"], inputs, graphdef=graphdef))[batch["mask"]])
+    ev = getattr(dataset, split)
+    interacted = np.concatenate([ev["history"], ev["targets"][:, None]], axis=1)
+    r = metrics.sampled_ranks(
+        np.concatenate(user),
+        items,
+        ev["targets"],
+        interacted,
+        num_negatives=eval_cfg.sampled_negatives,
+        rng=np.random.default_rng(seed),
+    )
+    return metrics.metrics_from_ranks(r, eval_cfg.ks, sampled_negatives=eval_cfg.sampled_negatives)
+
+
+def cold_start_slices(ranks: np.ndarray, target_counts: np.ndarray, eval_cfg) -> dict:
+    """Metrics per bin of the target item's train interaction count (e.g. 0, 1-4, 5-19, 20+)."""
+    edges = list(eval_cfg.cold_bins)
+    out = {}
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        sel = (target_counts >= lo) & (target_counts < hi) if hi is not None else target_counts >= lo
+        name = f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
+        if sel.any():
+            out[name] = {"num_users": int(sel.sum()), **metrics.metrics_from_ranks(ranks[sel], eval_cfg.ks)}
+        else:
+            out[name] = {"num_users": 0}
+    return out
+
+
+def analysis(static, params, frozen, model_cfg) -> dict:
+    """DFF's learned layer weights and the gate's distribution over items (fusion only)."""
+    out = {}
+    if model_cfg.item_encoder == "fusion":
+        g = gate_table(params, frozen["features"], graphdef=static["graphdef"])
+        g = np.asarray(g, np.float32).reshape(g.shape[0], -1).mean(axis=1)
+        out["gate_mean"] = float(g.mean())
+        out["gate_quantiles"] = {str(q): float(np.quantile(g, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
+        out["gate_histogram"] = np.histogram(g, bins=20, range=(0.0, 1.0))[0].tolist()
+    if model_cfg.item_encoder != "id" and model_cfg.content == "learned":
+        weights = train_state.model_of(static, params, frozen).layer_weights()
+        out["layer_weights"] = np.asarray(weights, np.float32).tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ a saved run
 
 
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     if not path.is_file():
-        raise train.TrainError(f"{path}: missing; is {workdir} a dff_jax run directory (python -m dff_jax.train)?")
+        raise TrainError(f"{path}: missing; is {workdir} a dff_jax run directory (python -m dff_jax.train)?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_run(workdir: str | Path, step: int | None = None):
-    """Rebuilds a run's Trainer and restores a checkpoint: (trainer, params, epoch)."""
+def load_run(workdir: str | Path, step: int | None = None) -> dict:
+    """Rebuilds a run from its workdir and restores a checkpoint (default: the best).
+
+    Returns {"config", "dataset", "static", "frozen", "params", "epoch"}.
+    """
     workdir = Path(workdir)
     config = load_config(workdir)
-    trainer = train.setup(config)
+    parallel.initialize(config.parallel)
+    dataset, state, static, frozen = train_state.build_run(config)
     saved = data_lib.load_item_map(workdir / "item_map.json")
-    if saved != trainer.dataset.item_ids:
-        raise train.TrainError(
+    if saved != dataset.item_ids:
+        raise TrainError(
             f"{workdir / 'item_map.json'}: the dataset at {config.data.dir} no longer gives the item index this run "
-            f"was trained with ({len(saved) - 1} items then, {trainer.dataset.num_items} now)"
+            f"was trained with ({len(saved) - 1} items then, {dataset.num_items} now)"
         )
-    latest, best = train.checkpoint_managers(workdir, config.train.keep_checkpoints)
+    latest, best = train_state.checkpoint_managers(workdir, config.train.keep_checkpoints)
     if step is None:
         manager, step = best, best.latest_step()
         if step is None:
-            raise train.TrainError(f"{workdir}/checkpoints/best holds no checkpoint yet")
+            raise TrainError(f"{workdir}/checkpoints/best holds no checkpoint yet")
     elif step in best.all_steps():
         manager = best
     elif step in latest.all_steps():
         manager = latest
     else:
-        raise train.TrainError(
+        raise TrainError(
             f"no checkpoint for epoch {step} in {workdir}/checkpoints; available: best {best.all_steps()}, "
             f"latest {latest.all_steps()}"
         )
-    state, _ = train.restore(manager, step, train.abstract_of(trainer.init_state()))
+    state, _ = train_state.restore(manager, step, train_state.abstract_of(state))
     latest.close()
     best.close()
-    return trainer, state["params"], step
+    return {
+        "config": config,
+        "dataset": dataset,
+        "static": static,
+        "frozen": frozen,
+        "params": state["params"],
+        "epoch": step,
+    }
 
 
 def evaluate_checkpoint(workdir: str | Path, split: str = "test", step: int | None = None) -> dict:
+    """Evaluates a saved checkpoint of a run on `split`; prints the metrics, then writes eval-<split>-epoch<N>.json."""
     if split not in ("test", "valid"):
-        raise train.TrainError(f"--split must be test or valid, got {split!r}")
-    trainer, params, epoch = load_run(workdir, step)
-    result = {"split": split, "epoch": epoch, **trainer.evaluate(params, split)}
-    if train.parallel.is_main_process():
-        records.write_json_atomic(Path(workdir) / f"eval-{split}-epoch{epoch}.json", result)
+        raise TrainError(f"--split must be test or valid, got {split!r}")
+    run = load_run(workdir, step)
+    config = run["config"]
+    metrics_ = evaluate(run["static"], run["params"], run["frozen"], run["dataset"], split, config.eval, config.seed)
+    result = {"split": split, "epoch": run["epoch"], **metrics_}
+    if parallel.is_main_process():
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
+        print(f"{split} @ epoch {result['epoch']} ({result['num_users']} users): {shown}", flush=True)
+        records.write_json_atomic(Path(workdir) / f"eval-{split}-epoch{result['epoch']}.json", result)
     return result
 
 
+@exit_on_user_error
 def main(argv) -> None:
     from absl import flags
 
     del argv
     f = flags.FLAGS
-    quiet_libraries()
-    try:
-        result = evaluate_checkpoint(f.workdir, f.split, f.step)
-    except (train.TrainError, data_lib.DataError, features_lib.FeatureError, records.RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
-    print(f"{f.split} @ epoch {result['epoch']} ({result['num_users']} users): {shown}")
+    evaluate_checkpoint(f.workdir, f.split, f.step)
 
 
 if __name__ == "__main__":

@@ -8,32 +8,27 @@ NaN/Inf values, duplicate ids, the item count, items of the dataset without feat
 
 Memory: the table is allocated once (`np.zeros`, pages materialise as rows are written) and every record is
 copied straight into its row from a view of the record bytes, so loading MicroLens-100k with a 7B LVLM
-(19,738 x 33 x 4096 bf16 = 5.3 GB) peaks at the table plus one record (see `bench_feature_load`).
+(19,738 x 33 x 4096 bf16 = 5.3 GB) peaks at the table plus one record (`python -m dff_jax.bench --what features`
+measures it).
+
+Which stored rows a model reads is decided here and only here (`resolve_layers`, `model_rows`): the trainer loads
+just those rows and the model receives the already-selected table.
 
 This module deliberately does not import jax: the table is plain numpy, loading stays fast and light.
-
-Command line: `python -m dff_jax.features --bench [--items N --layers L --hidden H --dtype D]` prints the
-load benchmark as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dff_jax import records
+from dff_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +46,7 @@ _EXPONENT_MASK = {
 }
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
     """A feature folder that does not match the dataset or the format; the message names file and record."""
 
 
@@ -86,8 +81,13 @@ class FeatureTable:
         )
 
 
-def _select_layers(layers: Sequence[int] | None, stored: int, where: str) -> list[int]:
-    """Normalises requested layer indices (negative counts from the end) against the stored row count."""
+def resolve_layers(layers: Sequence[int] | None, stored: int, where: str) -> list[int]:
+    """Stored-row indices as non-negative ints (negative counts from the end: -1 = last); None means all rows.
+
+    The one resolver of layer indices in the project: the trainer, the study's layer sweep and `load_features` all
+    call it, so an index means the same row everywhere. Raises FeatureError naming `where` for an index outside
+    0..stored-1 or an empty list.
+    """
     if layers is None:
         return list(range(stored))
     chosen = []
@@ -98,6 +98,12 @@ def _select_layers(layers: Sequence[int] | None, stored: int, where: str) -> lis
     if not chosen:
         raise FeatureError(f"{where}: an empty list of layers was requested")
     return chosen
+
+
+def model_rows(content: str, layer: int, layers: Sequence[int], stored: int, where: str) -> list[int]:
+    """The stored rows a model reads: `[layer]` for content "layer" (one layer, paper 4.1 and Figure 3), else
+    `layers` aggregated by the uniform mean or DFF's alpha (paper 4.3, Eq. 5), with () meaning every stored row."""
+    return resolve_layers([layer] if content == "layer" else (list(layers) or None), stored, where)
 
 
 def _check_expected_schema(schema: records.Schema, expect: dict | None, where: str) -> None:
@@ -159,7 +165,7 @@ def load_features(
         raise FeatureError(str(e)) from None
     schema_path = directory / records.SCHEMA_FILE
     _check_expected_schema(schema, expect_schema, str(schema_path))
-    kept = _select_layers(layers, schema.layers, str(schema_path))
+    kept = resolve_layers(layers, schema.layers, str(schema_path))
     if len(item_ids) == 0 or item_ids[0] != "":
         raise ValueError('item_ids must be the dataset index with item_ids[0] == "" (padding)')
 
@@ -240,132 +246,3 @@ def load_features(
     if result.missing:
         log.warning("%s: %d items have no features and were zero-filled", directory, result.missing)
     return result
-
-
-# --- benchmark ---------------------------------------------------------------------------------------------
-
-
-def _write_bench_features(directory: Path, num_items: int, layers: int, hidden: int, dtype: str, shards: int) -> None:
-    """Writes a feature folder of the given shape with constant memory (a few distinct arrays, reused)."""
-    rng = np.random.default_rng(0)
-    np_dtype = records.numpy_dtype(dtype)
-    pool = [rng.standard_normal((layers, hidden), np.float32).astype(np_dtype).tobytes() for _ in range(8)]
-    per_shard = -(-num_items // shards)
-    for s in range(shards):
-        with records.ShardWriter(directory / f"bench-{s:05d}-of-{shards:05d}{records.SHARD_SUFFIX}") as w:
-            for i in range(s * per_shard, min(num_items, (s + 1) * per_shard)):
-                w.write_bytes(str(i), pool[i % len(pool)], dtype, (layers, hidden))
-    records.write_schema(
-        directory,
-        records.Schema(
-            model="bench",
-            layers=layers,
-            hidden_size=hidden,
-            dtype=dtype,
-            pooling="none",
-            prompt="",
-            modality="none",
-            num_frames=0,
-            extractor_version="dff_jax.features.bench",
-            num_items=num_items,
-        ),
-    )
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set size (VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
-def _bench_child(directory: str, num_items: int) -> None:
-    """Runs in a fresh process: loads the folder and prints time and peak RSS as JSON."""
-    item_ids = [""] + [str(i) for i in range(num_items)]
-    baseline = _peak_rss_bytes()
-    start = time.perf_counter()
-    loaded = load_features(directory, item_ids)
-    seconds = time.perf_counter() - start
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "peak_rss_bytes": _peak_rss_bytes(),
-                "baseline_rss_bytes": baseline,
-                "table_bytes": int(loaded.table.nbytes),
-            }
-        )
-    )
-
-
-def bench_feature_load(
-    num_items: int = 19738,
-    layers: int = 33,
-    hidden: int = 4096,
-    dtype: str = "bfloat16",
-    tmpdir: str | None = None,
-    shards: int = 8,
-) -> dict:
-    """Measures loading a feature folder of the given shape: time and peak memory.
-
-    Writes the folder (streaming, constant memory) into a temporary directory under `tmpdir`, loads it in a
-    fresh Python process (so the writer's memory does not count) and deletes it. The files are freshly
-    written, so the load reads from a warm page cache.
-
-    Returns:
-      {"table_bytes", "peak_rss_bytes", "baseline_rss_bytes", "ratio" (peak RSS / table bytes), "seconds",
-       "items_per_s", "MB_per_s", "shape", "dtype"}.
-    """
-    itemsize = records.numpy_dtype(dtype).itemsize
-    needed = num_items * layers * hidden * itemsize
-    parent = Path(tmpdir or tempfile.gettempdir())
-    free = shutil.disk_usage(parent).free
-    if free < 2 * needed:
-        raise RuntimeError(
-            f"{parent}: {free / 1e9:.1f} GB free, the benchmark needs {2 * needed / 1e9:.1f} GB "
-            f"(twice the {needed / 1e9:.1f} GB it writes); pass tmpdir= on a larger disk or smaller sizes"
-        )
-    work = Path(tempfile.mkdtemp(prefix="dff_feature_bench_", dir=parent))
-    try:
-        _write_bench_features(work, num_items, layers, hidden, dtype, shards)
-        code = f"from dff_jax.features import _bench_child; _bench_child({str(work)!r}, {num_items})"
-        repo_root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
-        out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark child failed:\n{out.stderr}")
-        child = json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {
-        "shape": [num_items + 1, layers, hidden],
-        "dtype": dtype,
-        "table_bytes": child["table_bytes"],
-        "peak_rss_bytes": child["peak_rss_bytes"],
-        "baseline_rss_bytes": child["baseline_rss_bytes"],
-        "ratio": child["peak_rss_bytes"] / child["table_bytes"],
-        "seconds": child["seconds"],
-        "items_per_s": num_items / child["seconds"],
-        "MB_per_s": needed / 1e6 / child["seconds"],
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dff_jax.features", description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="measure loading a feature folder of the given shape")
-    parser.add_argument("--items", type=int, default=19738)
-    parser.add_argument("--layers", type=int, default=33)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--dtype", default="bfloat16", choices=records.DTYPES)
-    parser.add_argument("--tmpdir", default=None, help="where to write the temporary feature folder")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    result = bench_feature_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,13 +3,13 @@
 Every loss is a pure function of arrays (sequence outputs, candidate embeddings, item ids, masks) so it can be
 checked against a plain numpy implementation; ``compute_loss`` wires one of them to a ``Recommender`` and a batch.
 
-* ``inbatch_logq_loss``: the MicroLens SASRec loss (../shared/reference/microlens-protocol.md section 4): in-batch
+* ``inbatch_logq_loss``: the MicroLens SASRec loss (docs/protocol.md section 4): in-batch
   softmax over all B*(L+1) item slots of the batch, logQ popularity correction, own-sequence masking to -1e4.
   Note: the protocol text says other users' copies of the positive are kept; MicroLens's code masks by item id,
   and the positive is one of the user's own L+1 items, so those copies ARE masked. We follow the code.
 * ``full_softmax_loss``: cross-entropy over all N items.
 * ``sampled_softmax_loss``: K shared negatives (uniform or popularity proposal), logQ-corrected.
-* ``bce_loss``: one random negative per position, binary cross-entropy (NineRec / original SASRec, protocol
+* ``bce_loss``: one random negative per position, binary cross-entropy (NineRec / original SASRec, docs/protocol.md
   section 7).
 
 A position counts when it has an input item and a target (``inputs != 0`` and ``targets != 0``): with left padding
@@ -18,21 +18,12 @@ the first item of a short history is a target at a padding input; MicroLens skip
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 LOSSES = ("inbatch_logq", "full_softmax", "sampled_softmax", "bce")
 INBATCH_MASK = -1e4  # the value MicroLens writes into masked in-batch logits
 NEG_INF = -1e9  # for candidates that must never win (padding column, negatives equal to the positive)
-
-
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    try:
-        return cfg.get(name, default)
-    except AttributeError:
-        return getattr(cfg, name, default)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,8 +78,8 @@ def inbatch_logq_loss(
     reject = (own | (cand == 0)[None, :])[:, None, :]  # [B, 1, C]
     is_label = jnp.arange(slots)[None, None, :] == label[:, :, None]  # [B, L, C]
     # The mask and the logQ term enter as one additive bias that does not depend on the parameters: the backward
-    # pass then has no select over the [B*L, C] gradient (on CPU that fused select + transpose took 74 of ~265 ms
-    # per step).
+    # pass then has no select over the [B*L, C] gradient (on CPU that fused select + transpose was over a quarter of
+    # the step; docs/benchmarks.md).
     bias = jnp.where(reject & ~is_label, INBATCH_MASK, 0.0)
     if log_pop is not None:
         bias = bias - log_pop[cand]
@@ -208,24 +199,34 @@ def sample_bce_negatives(
 
 
 def compute_loss(
-    model, batch: dict, rng: jax.Array, loss_cfg: Any, log_pop: jax.Array | None, *, deterministic: bool = False
+    model,
+    batch: dict,
+    rng: jax.Array,
+    log_pop: jax.Array | None,
+    *,
+    name: str,
+    num_negatives: int,
+    proposal: str,
+    logq: bool,
+    deterministic: bool = False,
 ):
-    """Training loss of ``model`` (a ``Recommender``) on a batch, with dropout.
+    """Training loss of ``model`` (a ``Recommender``) on a batch, with dropout: ``compute_loss(..., **config.loss)``.
 
     Args:
         model: the recommender (typically ``nnx.merge``d inside the jitted step).
         batch: {"inputs": [B, L] int32, "targets": [B, L] int32}, 0 = padding / no target.
         rng: PRNG key for dropout and negative sampling.
-        loss_cfg: ``config.loss`` with ``name`` in LOSSES, ``num_negatives``, ``proposal``, ``logq``.
-        log_pop: [N+1] log of the normalised train popularity (index 0 arbitrary), used by logQ corrections and the
-            popularity proposal.
+        log_pop: [N+1] log of the normalised train popularity (``data.log_popularity``), used by logQ corrections
+            and the popularity proposal.
+        name: one of LOSSES.
+        num_negatives: K shared negatives (sampled_softmax only).
+        proposal: "uniform" or "pop" (sampled_softmax only).
+        logq: subtract the log proposal probability (in-batch: popularity; sampled: q).
         deterministic: switch dropout off (parity checks against the PyTorch port; the negatives stay random).
 
     Returns:
         (loss scalar, aux dict with "positions": number of scored positions).
     """
-    name = str(_cfg(loss_cfg, "name", "inbatch_logq"))
-    logq = bool(_cfg(loss_cfg, "logq", True))
     inputs, targets = batch["inputs"], batch["targets"]
     valid = (inputs != 0) & (targets != 0)
     drop_key, sample_key = jax.random.split(rng)
@@ -241,9 +242,8 @@ def compute_loss(
         seq_out = model.encode(inputs, deterministic=deterministic, rng=drop_key)
         loss, count = full_softmax_loss(seq_out, model.all_item_embeddings(), targets, valid)
     elif name == "sampled_softmax":
-        num_negatives = int(_cfg(loss_cfg, "num_negatives", 256))
-        log_q = proposal_log_probs(model.num_items, log_pop, str(_cfg(loss_cfg, "proposal", "uniform")))
-        negatives = sample_shared_negatives(sample_key, num_negatives, log_q)
+        log_q = proposal_log_probs(model.num_items, log_pop, proposal)
+        negatives = sample_shared_negatives(sample_key, int(num_negatives), log_q)
         emb = model.item_embeddings(jnp.concatenate([inputs.reshape(-1), targets.reshape(-1), negatives]))
         n_in = inputs.size
         in_emb = emb[:n_in].reshape(inputs.shape + (-1,))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -208,53 +207,3 @@ def sampled_ranks(
     neg_scores = np.einsum("bd,bkd->bk", user, items[draws])
     above = neg_scores > target_score if ties == "optimistic" else neg_scores >= target_score
     return 1 + above.sum(axis=1)
-
-
-def bench_ranking(
-    batch: int = 512,
-    num_items: int = 19738,
-    dim: int = 1024,
-    chunk_size: int = 4096,
-    history: int = 12,
-    repeats: int = 5,
-) -> dict:
-    """Times `target_ranks` against a bare jitted `u @ E.T` at the same shapes (float32, random data).
-
-    The project target is ranking time <= 1.25x the bare matmul. Returns seconds per call (best synchronised call,
-    and the mean over `repeats` calls dispatched back to back as an evaluation loop does) and both ratios.
-    """
-    k = jax.random.split(jax.random.key(0), 4)
-    user = jax.random.normal(k[0], (batch, dim), jnp.float32)
-    items = jax.random.normal(k[1], (num_items + 1, dim), jnp.float32)
-    targets = jax.random.randint(k[2], (batch,), 1, num_items + 1)
-    hist = jax.random.randint(k[3], (batch, history), 0, num_items + 1)
-    matmul = jax.jit(lambda u, e: jnp.einsum("bd,nd->bn", u, e, preferred_element_type=jnp.float32))
-    rank = functools.partial(target_ranks, chunk_size=chunk_size)
-
-    def timed(fn):
-        """(best single synchronised call, per call of `repeats` calls dispatched back to back) in seconds."""
-        jax.block_until_ready(fn())  # compile
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best = min(best, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        jax.block_until_ready([fn() for _ in range(repeats)])
-        return best, (time.perf_counter() - t0) / repeats
-
-    matmul_s, matmul_pipe = timed(lambda: matmul(user, items))
-    ranking_s, ranking_pipe = timed(lambda: rank(user, items, targets, hist))
-    return {
-        "device": str(jax.devices()[0].device_kind),
-        "batch": batch,
-        "num_items": num_items,
-        "dim": dim,
-        "chunk_size": chunk_size,
-        "matmul_s": matmul_s,
-        "ranking_s": ranking_s,
-        "ratio": ranking_s / matmul_s,
-        "matmul_pipelined_s": matmul_pipe,
-        "ranking_pipelined_s": ranking_pipe,
-        "ratio_pipelined": ranking_pipe / matmul_pipe,
-    }

@@ -1,12 +1,12 @@
-"""SASRec with ID, content-replacement and DFF fusion item encoders (Flax NNX).
+"""SASRec over ID, content-replacement and DFF-fusion item embeddings (Flax NNX).
 
-The recommender follows the MicroLens SASRec baseline (../shared/reference/microlens-protocol.md section 4):
-learned positions, 2 post-LN Transformer blocks with 2 heads, FFN 4d with ReLU, LayerNorm eps 1e-6, dropout 0.1,
-causal + key-padding attention mask, xavier-normal item ID table with a zero padding row 0, xavier-normal position
-table and Transformer Linear kernels (MicroLens ``_init_weights``); the content projection and gate MLP use the Flax
-default init.
+``Recommender`` = ``ItemEncoder`` (item index -> e) + ``SASRec`` (sequence of e -> user vector). The recommender
+follows the MicroLens SASRec baseline (docs/protocol.md section 4): learned positions, 2 post-LN Transformer blocks
+with 2 heads, FFN 4d with ReLU, LayerNorm eps 1e-6, dropout 0.1, causal + key-padding attention mask, xavier-normal
+item ID table with a zero padding row 0, xavier-normal position table and Transformer Linear kernels (MicroLens
+``_init_weights``); the content projection and gate MLP use the Flax default init.
 
-Item encoders (``model_cfg.item_encoder``):
+Item encoders (``item_encoder``):
 
 * ``id``: e = e_id.
 * ``replace``: e = e_v (paper section 4.1, "Replacement"); no ID table is created at all.
@@ -18,22 +18,24 @@ Item encoders (``model_cfg.item_encoder``):
 Pre-LN option (``pre_ln=True``): x = item + position -> dropout -> blocks x + f(LN(x)) -> final LayerNorm, the usual
 pre-LN arrangement; the default post-LN is MicroLens's.
 
-The content vector e_v = Proj(Agg(h)) is computed from the frozen feature table [N+1, L_sel, H]
-(``model_cfg.content``): ``layer`` keeps one stored row, ``mean`` averages the selected rows uniformly (paper
-section 4.3), ``learned`` weighs them with DFF's global learnable alpha (paper Eq. 5). Layers are aggregated BEFORE
-the projection: for a linear projection Proj(sum_l a_l h_l) == sum_l a_l Proj(h_l), at 1/L of the cost.
+The content vector e_v = Proj(Agg(h)) is computed from the frozen feature table [N+1, L_sel, H] that the caller has
+already cut to the rows the model reads (``features.model_rows``; ``content``): ``layer`` is one row, ``mean``
+averages the rows uniformly (paper section 4.3), ``learned`` weighs them with DFF's global learnable alpha (paper
+Eq. 5). Layers are aggregated BEFORE the projection: for the linear projection (``proj_hidden=0``) and an affine or
+no per-layer normalisation (``feature_norm`` "standardize" or "none"), Proj(sum_l a_l h_l) == sum_l a_l Proj(h_l)
+at 1/L of the cost; with ``proj_hidden > 0`` or ``feature_norm="layernorm"`` the two orders differ and we aggregate
+first.
 
-The frozen table and its normalisation statistics are ``FrozenFeatures`` variables, not ``nnx.Param``, so
-``nnx.split(model, nnx.Param, ...)`` leaves them out of the trainable state (the optimizer never decays them).
-Dropout takes an explicit key (``encode(..., rng=key)``): the model holds no RNG state, so a train step can be the
-pure function ``loss(params, batch, key)`` with ``nnx.merge`` inside ``jax.jit``.
+The frozen table is a ``FrozenFeatures`` variable, not an ``nnx.Param``, so ``nnx.split(model, nnx.Param, ...)``
+leaves it out of the trainable state (the optimizer never decays it). Dropout takes an explicit key
+(``encode(..., rng=key)``): the model holds no RNG state, so a train step can be the pure function
+``loss(params, batch, key)`` with ``nnx.merge`` inside ``jax.jit``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,7 @@ CONTENT_MODES = ("layer", "mean", "learned")
 FEATURE_NORMS = ("none", "layernorm", "standardize")
 GATE_DIMS = ("vector", "scalar")
 DEDUP_MODES = ("auto", "none", "unique")
+COLD_IDS = ("random", "zero")
 LN_EPS = 1e-6  # MicroLens SASRec LayerNorm eps (protocol section 4)
 MASK_VALUE = -1e9  # finite, like MicroLens's additive -1e9 mask
 KEYS_PER_BLOCK = 3  # dropout sites per block: attention probabilities, attention output, FFN output
@@ -56,16 +59,6 @@ class FrozenFeatures(nnx.Variable):
     """A frozen, non-trainable array (the LVLM feature table and its statistics); not an ``nnx.Param``."""
 
 
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    """Reads an optional config field (ConfigDict, dict or attribute object) with a default."""
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    try:
-        return cfg.get(name, default)
-    except AttributeError:
-        return getattr(cfg, name, default)
-
-
 def _xavier_normal(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
     # torch.nn.init.xavier_normal_ on an [rows, cols] embedding: std = sqrt(2 / (rows + cols)).
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / (shape[0] + shape[1]))
@@ -75,7 +68,7 @@ def dropout_keeps(key: jax.Array | None, rate: float, shapes: list[tuple[int, ..
     """Keep-masks for several dropout sites from ONE uniform draw.
 
     Each ``jax.random`` call inlines a full threefry hash into the XLA graph; one draw sliced into all sites
-    instead of one per site cut the compile time of the train step by about 3x on CPU. Returns Nones (no dropout)
+    instead of one per site cut the compile time of the train step severalfold on CPU. Returns Nones (no dropout)
     when ``key`` is None or ``rate`` is 0.
     """
     if key is None or rate <= 0.0:
@@ -94,27 +87,6 @@ def dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
     if keep is None:
         return x
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def select_layers(num_stored: int, content: str, layer: int, layers: tuple[int, ...] | list[int]) -> list[int]:
-    """Which stored feature rows the model keeps (row 0 = embedding output, rows 1.. = decoder layers).
-
-    Args:
-        num_stored: rows stored per item in the feature table.
-        content: "layer" keeps ``layer`` only; "mean"/"learned" keep ``layers`` (empty = all rows).
-        layer: index into the stored rows, negative counts from the end.
-        layers: indices into the stored rows (negative from the end); empty means all rows.
-
-    Returns:
-        Non-negative row indices, in the given order.
-    """
-    chosen = [layer] if content == "layer" else (list(layers) if len(layers) else list(range(num_stored)))
-    out = []
-    for index in chosen:
-        if not -num_stored <= int(index) < num_stored:
-            raise ValueError(f"model config: layer index {index} is outside the {num_stored} stored feature rows")
-        out.append(int(index) % num_stored)
-    return out
 
 
 def standardize_stats(table: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -180,31 +152,35 @@ class ContentEncoder(nnx.Module):
     weights learn and the projection sees a stable input. False uses raw weights initialised to 1/L.
     """
 
-    def __init__(self, table: np.ndarray, model_cfg: Any, *, rngs: nnx.Rngs):
-        d = int(model_cfg.embed_dim)
-        self.content = str(_cfg(model_cfg, "content", "learned"))
-        self.feature_norm = str(_cfg(model_cfg, "feature_norm", "standardize"))
-        self.alpha_softmax = bool(_cfg(model_cfg, "alpha_softmax", True))
-        if self.content not in CONTENT_MODES:
-            raise ValueError(f"model config: content must be one of {CONTENT_MODES}, got {self.content!r}")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise ValueError(f"model config: feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
+    def __init__(
+        self,
+        table: np.ndarray,
+        *,
+        embed_dim: int,
+        content: str,
+        feature_norm: str,
+        alpha_softmax: bool,
+        proj_hidden: int,
+        rngs: nnx.Rngs,
+    ):
+        if content not in CONTENT_MODES:
+            raise ValueError(f"model config: content must be one of {CONTENT_MODES}, got {content!r}")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"model config: feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.content, self.feature_norm, self.alpha_softmax = content, feature_norm, bool(alpha_softmax)
         self.num_layers, hidden = int(table.shape[1]), int(table.shape[2])
         # The stored dtype is kept (bf16/f16/f32); rows are cast to float32 on gather.
-        self.table = FrozenFeatures(
-            standardized_table(table) if self.feature_norm == "standardize" else jnp.asarray(table)
-        )
-        if self.content == "learned":
+        self.table = FrozenFeatures(standardized_table(table) if feature_norm == "standardize" else jnp.asarray(table))
+        if content == "learned":
             init = 0.0 if self.alpha_softmax else 1.0 / self.num_layers
             self.layer_logits = nnx.Param(jnp.full((self.num_layers,), init, jnp.float32))
-        if self.feature_norm == "layernorm":
+        if feature_norm == "layernorm":
             self.feature_ln = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
-        proj_hidden = int(_cfg(model_cfg, "proj_hidden", 0))
         if proj_hidden > 0:  # Linear-GELU-Linear head
             self.proj = nnx.Linear(hidden, proj_hidden, rngs=rngs)
-            self.proj_out = nnx.Linear(proj_hidden, d, rngs=rngs)
+            self.proj_out = nnx.Linear(proj_hidden, embed_dim, rngs=rngs)
         else:
-            self.proj = nnx.Linear(hidden, d, rngs=rngs)
+            self.proj = nnx.Linear(hidden, embed_dim, rngs=rngs)
             self.proj_out = None
 
     def weights(self) -> jax.Array:
@@ -219,8 +195,7 @@ class ContentEncoder(nnx.Module):
         rows = self.table[...][items].astype(jnp.float32)  # [..., L, H]
         # The table is standardised once at build time rather than per step with (layer, dim) weights
         # alpha_l / s_l: the gradient of alpha is then one reduction of rows * g to L numbers, where the folded form
-        # reduced over the batch's slots for every (layer, dim). Measured side by side on CPU, the whole DFF train
-        # step with 33 x 1,024 bf16 features: 437 ms against 2,597 ms folded (README, benchmark notes).
+        # reduced over the batch's slots for every (layer, dim), several times slower (docs/benchmarks.md).
         return jnp.sum(rows * self.weights()[:, None], axis=-2)
 
     def __call__(self, items: jax.Array) -> jax.Array:
@@ -259,9 +234,8 @@ class Block(nnx.Module):
         q = self.query(x).reshape(b, length, h, d // h)
         k = self.key(x).reshape(b, length, h, d // h)
         v = self.value(x).reshape(b, length, h, d // h)
-        # Hand-written einsum attention rather than jax.nn.dot_product_attention: at B=256, L=10, d=64 on 2 CPU cores
-        # the two train steps timed the same within noise (~1.0 s each, contended machine), and only this form has
-        # MicroLens's dropout on the attention probabilities.
+        # Hand-written einsum attention rather than jax.nn.dot_product_attention: the two train steps timed the same
+        # on CPU, and only this form has MicroLens's dropout on the attention probabilities.
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
         scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)  # float32 softmax under bf16
@@ -280,38 +254,66 @@ class Block(nnx.Module):
         return self.ffn_ln(x + self.feed_forward(x, keys))
 
 
-class Recommender(nnx.Module):
-    """SASRec over fused item embeddings. Build it with ``build_model``."""
+class ItemEncoder(nnx.Module):
+    """Item index -> e (``item_encoder`` "id", "replace" or "fusion"; module docstring), padding 0 -> zeros."""
 
-    def __init__(self, model_cfg: Any, num_items: int, features: np.ndarray | None, *, rngs: nnx.Rngs):
-        d = int(model_cfg.embed_dim)
-        self.num_items, self.embed_dim = int(num_items), d
-        self.max_seq_len = int(model_cfg.max_seq_len)
-        self.item_encoder = str(_cfg(model_cfg, "item_encoder", "id"))
-        self.rate = float(_cfg(model_cfg, "dropout", 0.1))
-        self.pre_ln = bool(_cfg(model_cfg, "pre_ln", False))
-        self.gate_dim = str(_cfg(model_cfg, "gate_dim", "vector"))
-        self.dedup = str(_cfg(model_cfg, "dedup", "auto"))
-        if self.item_encoder not in ITEM_ENCODERS:
-            raise ValueError(f"model config: item_encoder must be one of {ITEM_ENCODERS}, got {self.item_encoder!r}")
-        if self.gate_dim not in GATE_DIMS:
-            raise ValueError(f"model config: gate_dim must be one of {GATE_DIMS}, got {self.gate_dim!r}")
-        if self.dedup not in DEDUP_MODES:
-            raise ValueError(f"model config: dedup must be one of {DEDUP_MODES}, got {self.dedup!r}")
-
-        if self.item_encoder != "replace":  # the replacement model has no ID table at all (paper section 4.1)
-            table = _xavier_normal(rngs.params(), (self.num_items + 1, d))
+    def __init__(
+        self,
+        num_items: int,
+        table: np.ndarray | None,
+        *,
+        item_encoder: str,
+        embed_dim: int,
+        content: str,
+        feature_norm: str,
+        alpha_softmax: bool,
+        proj_hidden: int,
+        gate_hidden: int,
+        gate_dim: str,
+        cold_id: str,
+        dedup: str,
+        train_counts: np.ndarray | None,
+        rngs: nnx.Rngs,
+    ):
+        if item_encoder not in ITEM_ENCODERS:
+            raise ValueError(f"model config: item_encoder must be one of {ITEM_ENCODERS}, got {item_encoder!r}")
+        if gate_dim not in GATE_DIMS:
+            raise ValueError(f"model config: gate_dim must be one of {GATE_DIMS}, got {gate_dim!r}")
+        if dedup not in DEDUP_MODES:
+            raise ValueError(f"model config: dedup must be one of {DEDUP_MODES}, got {dedup!r}")
+        if cold_id not in COLD_IDS:
+            raise ValueError(f"model config: cold_id must be one of {COLD_IDS}, got {cold_id!r}")
+        self.kind, self.dedup = item_encoder, dedup
+        self.num_items, self.embed_dim = int(num_items), int(embed_dim)
+        d = self.embed_dim
+        if item_encoder != "replace":  # the replacement model has no ID table at all (paper section 4.1)
+            ids = _xavier_normal(rngs.params(), (self.num_items + 1, d))
             # padding_idx=0: zero row, and the lookup multiplies by (item != 0) so it never gets a gradient. (MicroLens
             # re-initialises the whole table with xavier_normal_, leaving row 0 random but frozen; a scored position
             # never attends to padding keys, so the two are equivalent.)
-            self.item_id = nnx.Param(table.at[0].set(0.0))
-        if self.item_encoder == "id":
+            ids = ids.at[0].set(0.0)
+            if cold_id == "zero":
+                # Items absent from training never get a gradient, so their ID rows would stay random noise forever
+                # and drown their content path at test time; zero rows make a fused cold item content-only
+                # (g*0 + (1-g)*e_v).
+                if train_counts is None:
+                    raise ValueError("model config: cold_id='zero' needs the items' train counts (train_counts=)")
+                ids = jnp.where(jnp.asarray(train_counts == 0)[:, None], 0.0, ids)
+            self.item_id = nnx.Param(ids)
+        if item_encoder == "id":
             self.content = None
         else:
-            self.content = ContentEncoder(features, model_cfg, rngs=rngs)
-        if self.item_encoder == "fusion":
-            gate_hidden = int(_cfg(model_cfg, "gate_hidden", d))
-            gate_out = d if self.gate_dim == "vector" else 1
+            self.content = ContentEncoder(
+                table,
+                embed_dim=d,
+                content=content,
+                feature_norm=feature_norm,
+                alpha_softmax=alpha_softmax,
+                proj_hidden=proj_hidden,
+                rngs=rngs,
+            )
+        if item_encoder == "fusion":
+            gate_out = d if gate_dim == "vector" else 1
             if gate_hidden > 0:  # Eq. 3/6 MLP: Linear(2d, hidden) -> ReLU -> Linear(hidden, d or 1)
                 self.gate_in = nnx.Linear(2 * d, gate_hidden, rngs=rngs)
                 self.gate_out = nnx.Linear(gate_hidden, gate_out, rngs=rngs)
@@ -319,64 +321,56 @@ class Recommender(nnx.Module):
                 self.gate_in = None
                 self.gate_out = nnx.Linear(2 * d, gate_out, rngs=rngs)
 
-        self.position = nnx.Param(_xavier_normal(rngs.params(), (self.max_seq_len, d)))
-        # Post-LN (MicroLens): LayerNorm(item + position) before the blocks. Pre-LN: a final LayerNorm after them.
-        self.seq_ln = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        num_blocks, num_heads = int(_cfg(model_cfg, "num_blocks", 2)), int(_cfg(model_cfg, "num_heads", 2))
-        self.blocks = nnx.List([Block(d, num_heads, self.rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
-
-    # ---------------------------------------------------------------- items
-    def _gate(self, e_id: jax.Array, e_v: jax.Array) -> jax.Array:
+    def gate(self, e_id: jax.Array, e_v: jax.Array) -> jax.Array:
+        """g of Eq. 3/6: the weight on the ID embedding, [..., d] (vector gate) or [..., 1] (scalar gate)."""
         x = jnp.concatenate([e_id, e_v], axis=-1)
         if self.gate_in is not None:
             x = jax.nn.relu(self.gate_in(x))
         return jax.nn.sigmoid(self.gate_out(x))
 
-    def _encode_items(self, items: jax.Array) -> jax.Array:
-        if self.item_encoder == "id":
+    def encode(self, items: jax.Array) -> jax.Array:
+        """e for every slot of ``items`` (no padding mask, no deduplication)."""
+        if self.kind == "id":
             return self.item_id[...][items]
         e_v = self.content(items)
-        if self.item_encoder == "replace":
+        if self.kind == "replace":
             return e_v
         e_id = self.item_id[...][items]
-        g = self._gate(e_id, e_v)
+        g = self.gate(e_id, e_v)
         return g * e_id + (1.0 - g) * e_v  # Eq. 4 / Eq. 7
 
-    def item_embeddings(self, items: jax.Array) -> jax.Array:
+    def __call__(self, items: jax.Array) -> jax.Array:
         """Item representations e for any int array ``items`` [...] -> [..., d] (padding 0 -> zero vector).
 
         With a content encoder, ``dedup`` decides how the batch is embedded: "unique" encodes each distinct item
         once (jnp.unique with a static size of min(items.size, N+1)) and gathers back; "none" encodes every slot;
         "auto" (default) uses "unique" only when it actually shrinks the work, i.e. when N+1 < items.size
-        (static shapes under jit mean a unique set padded to items.size costs as much as encoding every slot).
-        Measured at the CPU preset (B=256, L+1=11: 2,816 slots, N=5,000, 13 x 256 bf16 features, DFF fusion, in-batch
-        loss, fwd+bwd): "none" 1.27 s vs "unique" 1.39 s per step on average over 3 rounds (contended 2-core machine;
-        the sort and gathers cost more than they save), hence "auto".
-        The ``id`` encoder is a plain gather.
+        (static shapes under jit mean a unique set padded to items.size costs as much as encoding every slot, and
+        on CPU the sort and gathers cost more than they save). The ``id`` encoder is a plain gather.
         """
         items = jnp.asarray(items)
         slots = items.size
-        use_unique = self.item_encoder != "id" and (
+        use_unique = self.kind != "id" and (
             self.dedup == "unique" or (self.dedup == "auto" and self.num_items + 1 < slots)
         )
         if use_unique:
             flat = items.reshape(-1)
             uniq, inverse = jnp.unique(flat, size=min(slots, self.num_items + 1), fill_value=0, return_inverse=True)
-            emb = self._encode_items(uniq)[inverse.reshape(-1)].reshape(items.shape + (self.embed_dim,))
+            emb = self.encode(uniq)[inverse.reshape(-1)].reshape(items.shape + (self.embed_dim,))
         else:
-            emb = self._encode_items(items)
+            emb = self.encode(items)
         # padding_idx=0: row 0 is zero and gets no gradient, whatever the encoder makes of it.
         return emb * (items != 0)[..., None].astype(emb.dtype)
 
-    def all_item_embeddings(self, chunk_size: int | None = None) -> jax.Array:
+    def all_items(self, chunk_size: int | None = None) -> jax.Array:
         """[N+1, d] representations of every item (row 0 = zeros), for full ranking and full softmax.
 
         Content encoders run in chunks (``jax.lax.map``) so the gathered feature rows stay bounded
         (default: about 64 M float32 values per chunk).
         """
         n = self.num_items + 1
-        if self.item_encoder == "id":
-            return self.item_embeddings(jnp.arange(n))
+        if self.kind == "id":
+            return self(jnp.arange(n))
         if chunk_size is None:
             per_item = self.content.num_layers * int(self.content.table.shape[-1])
             chunk_size = max(1, (1 << 26) // per_item)
@@ -384,27 +378,133 @@ class Recommender(nnx.Module):
         chunks = -(-n // chunk_size)
         ids = jnp.arange(chunks * chunk_size).reshape(chunks, chunk_size)
         ids = jnp.where(ids < n, ids, 0)
-        out = jax.lax.map(self._encode_items, ids).reshape(chunks * chunk_size, self.embed_dim)[:n]
+        out = jax.lax.map(self.encode, ids).reshape(chunks * chunk_size, self.embed_dim)[:n]
         return out * (jnp.arange(n) != 0)[:, None].astype(out.dtype)
 
-    def gate_values(self, items: jax.Array, *, reduce: bool = True) -> jax.Array:
-        """Fusion gate g of Eq. 6 (weight on the ID embedding) for ``items`` [...].
 
-        Returns [..., 1]: the scalar gate, or for the default vector gate its mean over the d dimensions
-        (``reduce=False`` returns the full [..., d] vector gate).
-        """
-        if self.item_encoder != "fusion":
-            raise ValueError(f"gate_values: the model's item_encoder is {self.item_encoder!r}, not 'fusion'")
-        g = self._gate(self.item_id[...][items], self.content(items))
-        return g.mean(axis=-1, keepdims=True) if reduce else g
+class SASRec(nnx.Module):
+    """The sequence encoder: item embeddings [B, L, d] + positions -> Transformer blocks -> outputs [B, L, d]."""
 
-    def layer_weights(self) -> jax.Array:
-        """alpha [L_sel] of Eq. 5 (learned), uniform for content="mean", [1.] for content="layer"."""
-        if self.content is None:
-            raise ValueError("layer_weights: the 'id' item encoder uses no content features")
-        return self.content.weights()
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        max_seq_len: int,
+        num_blocks: int,
+        num_heads: int,
+        dropout: float,
+        pre_ln: bool,
+        rngs: nnx.Rngs,
+    ):
+        d = int(embed_dim)
+        self.rate, self.pre_ln, self.num_heads = float(dropout), bool(pre_ln), int(num_heads)
+        self.position = nnx.Param(_xavier_normal(rngs.params(), (int(max_seq_len), d)))
+        # Post-LN (MicroLens): LayerNorm(item + position) before the blocks. Pre-LN: a final LayerNorm after them.
+        self.seq_ln = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
+        self.blocks = nnx.List([Block(d, self.num_heads, self.rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
 
-    # ---------------------------------------------------------------- sequences
+    def __call__(self, x: jax.Array, inputs: jax.Array, *, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+        """Outputs per position for item embeddings ``x`` [B, L, d] of the left-padded ``inputs`` [B, L]."""
+        if not deterministic and rng is None and self.rate > 0:
+            raise ValueError("encode: deterministic=False needs a dropout key rng=")
+        b, length, d = x.shape
+        h = self.num_heads
+        # Dropout sites: embeddings, then per block attention probabilities, attention output, FFN output.
+        shapes = [(b, length, d)] + [(b, h, length, length), (b, length, d), (b, length, d)] * len(self.blocks)
+        keys = dropout_keeps(None if deterministic else rng, self.rate, shapes)
+        x = x + self.position[...][:length]
+        if not self.pre_ln:
+            x = self.seq_ln(x)
+        x = dropout(x, self.rate, keys[0])
+        # Causal + key padding mask. The diagonal is always allowed, so left-padding query rows (which attend to
+        # nothing in MicroLens) see only themselves: no NaN and no leak from later positions. Their outputs are
+        # never scored (no target there).
+        valid = inputs != 0
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        allowed = causal[None] & (valid[:, None, :] | jnp.eye(length, dtype=bool)[None])
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)])
+        if self.pre_ln:
+            x = self.seq_ln(x)
+        return x
+
+
+class Recommender(nnx.Module):
+    """SASRec over fused item embeddings: ``Recommender(num_items, table, **config.model, train_counts=, rngs=)``.
+
+    Args:
+        num_items: N; item indices are 1..N, 0 is padding.
+        table: the frozen features [N+1, L_sel, H] (numpy, bf16/f16/f32), already cut to the rows the model reads
+            (``features.model_rows`` of ``content``/``layer``/``layers``); None for the ``id`` encoder.
+        layer, layers: which stored rows ``table`` holds (config.model); checked against its width here, so a table
+            that was not cut to them cannot slip through.
+        train_counts: [N+1] train interactions per item (``data.Dataset.item_counts``); needed by cold_id="zero".
+        other keywords: the ``config.model`` fields (dff_jax/defaults.py), used as the module docstring says.
+        rngs: parameter init keys.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        table: np.ndarray | None = None,
+        *,
+        embed_dim: int,
+        num_blocks: int,
+        num_heads: int,
+        dropout: float,
+        pre_ln: bool,
+        max_seq_len: int,
+        item_encoder: str,
+        content: str,
+        layer: int,
+        layers: tuple[int, ...],
+        alpha_softmax: bool,
+        gate_hidden: int,
+        gate_dim: str,
+        proj_hidden: int,
+        feature_norm: str,
+        cold_id: str,
+        dedup: str,
+        train_counts: np.ndarray | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if item_encoder != "id":
+            _check_table(table, num_items, content, layer, layers)
+        self.items = ItemEncoder(
+            num_items,
+            None if item_encoder == "id" else np.asarray(table),
+            item_encoder=item_encoder,
+            embed_dim=embed_dim,
+            content=content,
+            feature_norm=feature_norm,
+            alpha_softmax=alpha_softmax,
+            proj_hidden=proj_hidden,
+            gate_hidden=gate_hidden,
+            gate_dim=gate_dim,
+            cold_id=cold_id,
+            dedup=dedup,
+            train_counts=train_counts,
+            rngs=rngs,
+        )
+        self.sasrec = SASRec(
+            embed_dim=embed_dim,
+            max_seq_len=max_seq_len,
+            num_blocks=num_blocks,
+            num_heads=num_heads,
+            dropout=dropout,
+            pre_ln=pre_ln,
+            rngs=rngs,
+        )
+        self.num_items, self.embed_dim = int(num_items), int(embed_dim)
+
+    def item_embeddings(self, items: jax.Array) -> jax.Array:
+        """[...] item indices -> [..., d] (``ItemEncoder.__call__``)."""
+        return self.items(items)
+
+    def all_item_embeddings(self, chunk_size: int | None = None) -> jax.Array:
+        """[N+1, d] for every item (``ItemEncoder.all_items``)."""
+        return self.items.all_items(chunk_size)
+
     def encode(
         self,
         inputs: jax.Array,
@@ -423,70 +523,48 @@ class Recommender(nnx.Module):
                 items once for both the inputs and the candidates).
 
         Returns:
-            [B, L, d] float32.
+            [B, L, d].
         """
-        if not deterministic and rng is None and self.rate > 0:
-            raise ValueError("encode: deterministic=False needs a dropout key rng=")
-        b, length = inputs.shape
-        d, h = self.embed_dim, (self.blocks[0].num_heads if len(self.blocks) else 1)
-        # Dropout sites: embeddings, then per block attention probabilities, attention output, FFN output.
-        shapes = [(b, length, d)] + [(b, h, length, length), (b, length, d), (b, length, d)] * len(self.blocks)
-        keys = dropout_keeps(None if deterministic else rng, self.rate, shapes)
-        x = self.item_embeddings(inputs) if input_embs is None else input_embs
-        x = x + self.position[...][:length]
-        if not self.pre_ln:
-            x = self.seq_ln(x)
-        x = dropout(x, self.rate, keys[0])
-        # Causal + key padding mask. The diagonal is always allowed, so left-padding query rows (which attend to
-        # nothing in MicroLens) see only themselves: no NaN and no leak from later positions. Their outputs are
-        # never scored (no target there).
-        valid = inputs != 0
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        allowed = causal[None] & (valid[:, None, :] | jnp.eye(length, dtype=bool)[None])
-        for i, block in enumerate(self.blocks):
-            x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)])
-        if self.pre_ln:
-            x = self.seq_ln(x)
-        return x
+        x = self.items(inputs) if input_embs is None else input_embs
+        return self.sasrec(x, inputs, deterministic=deterministic, rng=rng)
 
     def user_embeddings(self, inputs: jax.Array) -> jax.Array:
         """[B, L] -> [B, d]: the deterministic output at the last position (left padding puts the newest item there)."""
         return self.encode(inputs, deterministic=True)[:, -1]
 
+    def gate_values(self, items: jax.Array, *, reduce: bool = True) -> jax.Array:
+        """Fusion gate g of Eq. 6 (weight on the ID embedding) for ``items`` [...].
 
-def build_model(model_cfg: Any, num_items: int, features: np.ndarray | None, *, rngs: nnx.Rngs) -> Recommender:
-    """Builds the recommender.
+        Returns [..., 1]: the scalar gate, or for the default vector gate its mean over the d dimensions
+        (``reduce=False`` returns the full [..., d] vector gate).
+        """
+        if self.items.kind != "fusion":
+            raise ValueError(f"gate_values: the model's item_encoder is {self.items.kind!r}, not 'fusion'")
+        g = self.items.gate(self.items.item_id[...][items], self.items.content(items))
+        return g.mean(axis=-1, keepdims=True) if reduce else g
 
-    Args:
-        model_cfg: ``config.model`` (fields in the module docstring of the common brief; optional extras with
-            defaults: ``feature_norm`` "standardize", ``gate_dim`` "vector", ``dedup`` "auto").
-        num_items: N; item indices are 1..N, 0 is padding.
-        features: frozen table [N+1, L_stored, H] (numpy, any of bf16/f16/f32; a ``FeatureTable`` is accepted too),
-            required by the ``replace`` and ``fusion`` encoders, ignored by ``id``. Only the selected rows
-            (``layer``/``layers``) are kept on device, in the stored dtype.
-        rngs: parameter init keys.
+    def layer_weights(self) -> jax.Array:
+        """alpha [L_sel] of Eq. 5 (learned), uniform for content="mean", [1.] for content="layer"."""
+        if self.items.content is None:
+            raise ValueError("layer_weights: the 'id' item encoder uses no content features")
+        return self.items.content.weights()
 
-    Returns:
-        A ``Recommender``.
-    """
-    encoder = str(_cfg(model_cfg, "item_encoder", "id"))
-    if encoder == "id":
-        return Recommender(model_cfg, num_items, None, rngs=rngs)
-    if features is None:
-        raise ValueError(f"build_model: item_encoder={encoder!r} needs a feature table, got None")
-    table = getattr(features, "table", features)
-    if not hasattr(table, "ndim") or table.ndim != 3:
+
+def _check_table(table, num_items: int, content: str, layer: int, layers: tuple[int, ...]) -> None:
+    """The feature table must be [N+1, rows the model reads, H]: cut by features.model_rows, not the whole set."""
+    if table is None:
+        raise ValueError("Recommender: a content item encoder needs a feature table, got None")
+    if getattr(table, "ndim", None) != 3:
         raise ValueError(
-            f"build_model: features must be an array [N+1, layers, hidden], got {getattr(table, 'shape', type(table))}"
+            f"Recommender: features must be an array [N+1, layers, hidden], got {getattr(table, 'shape', type(table))}"
         )
     if table.shape[0] != num_items + 1:
         raise ValueError(
-            f"build_model: feature table has {table.shape[0]} rows, expected num_items + 1 = {num_items + 1}"
+            f"Recommender: feature table has {table.shape[0]} rows, expected num_items + 1 = {num_items + 1}"
         )
-    content = str(_cfg(model_cfg, "content", "learned"))
-    rows = select_layers(
-        table.shape[1], content, int(_cfg(model_cfg, "layer", -1)), tuple(_cfg(model_cfg, "layers", ()))
-    )
-    if rows != list(range(table.shape[1])):
-        table = table[:, rows]
-    return Recommender(model_cfg, num_items, np.asarray(table), rngs=rngs)
+    expected = 1 if content == "layer" else (len(layers) or None)
+    if expected is not None and table.shape[1] != expected:
+        raise ValueError(
+            f"Recommender: content={content!r} (layer={layer}, layers={tuple(layers)}) reads {expected} stored row(s) "
+            f"but the table holds {table.shape[1]}; cut it with features.model_rows first"
+        )

@@ -42,26 +42,6 @@ _WATCHDOG_GRACE_S = 2
 _log = logging.getLogger(__name__)
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Returns the `config.parallel` block with every field and its default."""
-    c = ml_collections.ConfigDict()
-    c.model_axis = 1  # size of the "model" mesh axis; the "data" axis gets devices // model_axis
-    c.shard_items = False  # split item-indexed arrays (ID table, its moments, feature table) along "model"
-    c.coordinator_address = ""  # host:port of process 0; "" = from env / Slurm / Open MPI, or single process
-    c.num_processes = 0  # 0 = from env / cluster detection
-    c.process_id = -1  # -1 = from env / cluster detection
-    c.initialization_timeout = 300  # seconds to wait for all peers before failing
-    c.cpu_devices = 0  # >0: simulate this many CPU devices per process (jax_num_cpu_devices); 0 = leave alone
-    return c
-
-
-def _get(cfg: Any, name: str) -> Any:
-    """Reads a config.parallel field, falling back to the default when the config predates the field."""
-    if cfg is not None and name in cfg:
-        return cfg[name]
-    return default_config()[name]
-
-
 def _env_int(name: str, default: int) -> int:
     """An integer environment variable; a clear error naming the variable when it is not one."""
     value = os.environ.get(name, "").strip()
@@ -79,9 +59,9 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     Returns None for a single-process run, else keyword arguments for `jax.distributed.initialize` ({} = let jax
     auto-detect Slurm / Open MPI).
     """
-    address = _get(cfg, "coordinator_address") or os.environ.get(ENV_COORDINATOR, "")
-    num = int(_get(cfg, "num_processes") or 0) or _env_int(ENV_NUM_PROCESSES, 0)
-    pid = int(_get(cfg, "process_id"))
+    address = cfg.coordinator_address or os.environ.get(ENV_COORDINATOR, "")
+    num = int(cfg.num_processes or 0) or _env_int(ENV_NUM_PROCESSES, 0)
+    pid = int(cfg.process_id)
     if pid < 0:
         pid = _env_int(ENV_PROCESS_ID, -1)
     explicit = bool(address) or num > 0 or pid >= 0
@@ -123,7 +103,7 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
-def initialize(parallel_cfg: Any = None) -> None:
+def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     """Sets up devices and, for multi-process jobs, joins the job. Call once, before any other jax use.
 
     Multi-process when config.parallel names a coordinator / process count / process id, or the environment has
@@ -132,12 +112,12 @@ def initialize(parallel_cfg: Any = None) -> None:
     `initialization_timeout` seconds the process exits with status 1 and a message naming the coordinator.
 
     Args:
-      parallel_cfg: `config.parallel` (fields as in `default_config()`); None = all defaults.
+      parallel_cfg: `config.parallel` (fields in `dff_jax.defaults.base_config`).
 
     Raises:
       ValueError: incomplete explicit multi-process settings, or cpu_devices requested after jax started.
     """
-    cpu_devices = int(_get(parallel_cfg, "cpu_devices") or 0)
+    cpu_devices = int(parallel_cfg.cpu_devices or 0)
     if cpu_devices > 0 and jax.config.jax_num_cpu_devices != cpu_devices:
         if jax._src.xla_bridge.backends_are_initialized():
             raise ValueError(
@@ -150,7 +130,7 @@ def initialize(parallel_cfg: Any = None) -> None:
     args = _distributed_args(parallel_cfg)
     if args is None:
         return
-    timeout = int(_get(parallel_cfg, "initialization_timeout"))
+    timeout = int(parallel_cfg.initialization_timeout)
     where = args.get("coordinator_address") or "the coordinator detected from Slurm / Open MPI"
     who = f"process {args['process_id']} of {args['num_processes']}" if args else "this process"
     print(f"dff_jax: {who} waiting for all processes at {where} (timeout {timeout} s)", file=sys.stderr, flush=True)
@@ -180,7 +160,7 @@ def initialize(parallel_cfg: Any = None) -> None:
     )
 
 
-def make_mesh(parallel_cfg: Any = None, devices: list | None = None) -> Mesh:
+def make_mesh(parallel_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """Builds the ("data", "model") mesh over all devices of all processes.
 
     Devices are ordered by (process, id) so each process owns a contiguous block of the "data" axis (it then feeds
@@ -193,7 +173,7 @@ def make_mesh(parallel_cfg: Any = None, devices: list | None = None) -> Mesh:
     Raises:
       ValueError: the device count is not a multiple of model_axis.
     """
-    model = int(_get(parallel_cfg, "model_axis") or 1)
+    model = int(parallel_cfg.model_axis)
     devs = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
     if model < 1 or len(devs) % model:
         raise ValueError(
@@ -254,7 +234,7 @@ def item_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
     )
 
 
-def state_shardings(state_abstract: Any, mesh: Mesh, shard_items: bool, *, num_items: int | None = None) -> Any:
+def state_shardings(state_abstract: Any, mesh: Mesh, shard_items: bool, *, num_items: int) -> Any:
     """Shardings for the train state {"params", "opt_state", "step"} (any pytree of arrays / ShapeDtypeStructs).
 
     Everything is replicated, except with `shard_items`: every array whose leading dim is num_items + 1 (the item-ID
@@ -267,8 +247,7 @@ def state_shardings(state_abstract: Any, mesh: Mesh, shard_items: bool, *, num_i
       state_abstract: the state or `jax.eval_shape` of it.
       mesh: from `make_mesh`.
       shard_items: config.parallel.shard_items.
-      num_items: number of real items N (tables have N + 1 rows, row 0 = padding); default: read off the model's
-        `item_id` table (a ValueError when there is none, e.g. the replacement encoder: pass it then).
+      num_items: number of real items N (tables have N + 1 rows, row 0 = padding).
 
     Returns:
       A pytree of NamedSharding with the structure of `state_abstract`.
@@ -276,7 +255,7 @@ def state_shardings(state_abstract: Any, mesh: Mesh, shard_items: bool, *, num_i
     rep = replicated(mesh)
     if not shard_items or mesh.shape[MODEL_AXIS] == 1:
         return jax.tree.map(lambda _: rep, state_abstract)
-    rows = (num_items if num_items is not None else _infer_num_items(state_abstract)) + 1
+    rows = num_items + 1
 
     def one(x: Any) -> NamedSharding:
         shape = tuple(getattr(x, "shape", ()))
@@ -285,30 +264,6 @@ def state_shardings(state_abstract: Any, mesh: Mesh, shard_items: bool, *, num_i
         return rep
 
     return jax.tree.map(one, state_abstract)
-
-
-def _infer_num_items(tree: Any) -> int:
-    """N from the item-ID table (a leaf whose path names `item_id`, shape [N + 1, d]) when the caller gave no N."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if "item_id" in jax.tree_util.keystr(path) and len(getattr(leaf, "shape", ())) == 2:
-            return int(leaf.shape[0]) - 1
-    raise ValueError(
-        "state_shardings(shard_items=True): pass num_items= (no `item_id` table found to infer the catalogue size)"
-    )
-
-
-def feature_sharding(mesh: Mesh, shard_items: bool, shape: tuple[int, ...] | None = None) -> NamedSharding:
-    """Sharding of the frozen feature table [N + 1, L, H]: split over "model" with shard_items, else replicated.
-
-    Args:
-      mesh: from `make_mesh`.
-      shard_items: config.parallel.shard_items.
-      shape: the table's shape; lets `item_spec` fall back to splitting H when N + 1 does not divide. Without it
-        rows are split (the caller guarantees divisibility).
-    """
-    if not shard_items or mesh.shape[MODEL_AXIS] == 1:
-        return replicated(mesh)
-    return NamedSharding(mesh, item_spec(tuple(shape), mesh) if shape is not None else P(MODEL_AXIS))
 
 
 def process_rows(global_batch_size: int, mesh: Mesh | None = None) -> tuple[int, int]:

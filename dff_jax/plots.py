@@ -1,6 +1,8 @@
 """The study's figures (matplotlib, Agg): the layer sweep (paper Figure 3), DFF's layer weights and the gate.
 
-Each figure is written to a temporary file and renamed, so an interrupted report never leaves a half-written PNG.
+The figures take numbers already aggregated over seeds by `report.py` (which calls `write_plots`); this module
+imports nothing of the project's. Each figure is written to a temporary file and renamed, so an interrupted report
+never leaves a half-written PNG.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from dff_jax.report import seed_stats
 
 
 def _plt():
@@ -29,24 +29,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def layers_plot(path: Path, found: dict, layer_runs: list[str]) -> Path:
-    """HR@10 and NDCG@10 per stored layer (mean ± std over seeds) with the mean-of-layers and DFF lines (Figure 3)."""
+LINES = (  # run, line style, colour, legend label (None: drawn without a legend entry)
+    ("fusion_mean", "--", "tab:red", "uniform mean of layers"),
+    ("dff", "-.", "tab:green", "DFF (learned alpha)"),
+    ("fusion_last", ":", "tab:gray", None),
+    ("id", ":", "black", "ID only"),
+)
+
+
+def layers_plot(path: Path, layers: list[int], sweep: dict, lines: dict) -> Path:
+    """HR@10 and NDCG@10 per stored layer (mean ± std over seeds) with the mean-of-layers and DFF lines (Figure 3).
+
+    Args:
+      layers: the swept stored layers (x axis).
+      sweep: {metric: (means, stds)}, one value per layer.
+      lines: {run: {metric: mean over seeds}} for the horizontal reference lines (runs of `LINES` that finished).
+    """
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    ks = [int(r.split("_")[1]) for r in layer_runs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ("HR@10", "NDCG@10"), strict=True):
-        m, s = np.array([seed_stats(found, r, metric) for r in layer_runs]).T
-        ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label="single layer (fusion)")
-        for run, style, color, label in (
-            ("fusion_mean", "--", "tab:red", "uniform mean of layers"),
-            ("dff", "-.", "tab:green", "DFF (learned alpha)"),
-            ("fusion_last", ":", "tab:gray", None),
-            ("id", ":", "black", "ID only"),
-        ):
-            if run in found and label:
-                ax.axhline(seed_stats(found, run, metric)[0], linestyle=style, color=color, label=label)
+        m, s = sweep[metric]
+        ax.errorbar(layers, m, yerr=s, marker="o", capsize=3, label="single layer (fusion)")
+        for run, style, color, label in LINES:
+            if run in lines and label:
+                ax.axhline(lines[run][metric], linestyle=style, color=color, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("stored layer (0 = embedding output)")
         ax.set_ylabel(metric)
@@ -105,12 +113,14 @@ def gate_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
     return path
 
 
-def write_plots(plot_dir: Path, found: dict, layer_runs: list[str], weights: np.ndarray | None) -> list[Path]:
+def write_plots(
+    plot_dir: Path, found: dict, layers: list[int], sweep: dict, lines: dict, weights: np.ndarray | None
+) -> list[Path]:
     """layers.png (when layers were swept), alpha.png (when DFF finished) and gate.png (when a fusion run finished)."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    if layer_runs:
-        out.append(layers_plot(plot_dir / "layers.png", found, layer_runs))
+    if layers:
+        out.append(layers_plot(plot_dir / "layers.png", layers, sweep, lines))
     if weights is not None:
         out.append(alpha_plot(plot_dir / "alpha.png", weights))
     gate_runs = [r for r in ("dff", "fusion_mean", "fusion_last", "caption") if r in found]

@@ -8,56 +8,47 @@ Scores every item with the same fused item embeddings used in training and evalu
 
 from __future__ import annotations
 
-import sys
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dff_jax import data as data_lib
-from dff_jax import features as features_lib
-from dff_jax import records, train
-from dff_jax.train import quiet_libraries
-from dff_jax.evaluate import load_run
+from dff_jax import evaluate, parallel
+from dff_jax.errors import TrainError, exit_on_user_error
 
 
-def recommend(trainer, params, history: list[str], k: int) -> list[tuple[str, float]]:
-    """Top-k (raw item id, score) for one history of raw ids (oldest first)."""
-    index = {raw: i for i, raw in enumerate(trainer.dataset.item_ids) if i > 0}
+def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
+    """Top-k (raw item id, score) for one history of raw ids (oldest first), from `evaluate.load_run`'s run."""
+    dataset = run["dataset"]
+    index = {raw: i for i, raw in enumerate(dataset.item_ids) if i > 0}
     unknown = [h for h in history if h not in index]
     if unknown:
-        raise train.TrainError(f"unknown item ids {unknown[:10]}: not in this run's item_map.json")
+        raise TrainError(f"unknown item ids {unknown[:10]}: not in this run's item_map.json")
     if not history:
-        raise train.TrainError("--history is empty: give at least one raw item id")
-    if not 1 <= k <= trainer.dataset.num_items - len(set(history)):
-        raise train.TrainError(f"--k must be between 1 and the number of items not in the history, got {k}")
-    L = trainer.config.data.max_seq_len
+        raise TrainError("--history is empty: give at least one raw item id")
+    if not 1 <= k <= dataset.num_items - len(set(history)):
+        raise TrainError(f"--k must be between 1 and the number of items not in the history, got {k}")
+    L = run["config"].data.max_seq_len
     seq = [index[h] for h in history][-L:]
     inputs = np.zeros((1, L), np.int32)
     inputs[0, L - len(seq) :] = seq  # left padding, as in training
-    model = trainer.model(params, trainer.consts)
-    scores = np.array(  # a writable host copy
-        jax.jit(lambda x: model.user_embeddings(x) @ model.all_item_embeddings().T)(jnp.asarray(inputs))[0], np.float32
-    )
+    static, params, features = run["static"], run["params"], run["frozen"]["features"]
+    mesh, graphdef = static["mesh"], static["graphdef"]
+    items = evaluate.item_table(params, features, graphdef=graphdef, sharding=parallel.replicated(mesh))
+    user = evaluate.user_table(params, features, jnp.asarray(inputs), graphdef=graphdef)
+    scores = np.asarray(items, np.float32) @ np.asarray(user, np.float32)[0]  # the same vectors evaluation ranks
     scores[0] = -np.inf
     scores[[index[h] for h in history]] = -np.inf
     top = np.argpartition(-scores, k)[:k]
     top = top[np.argsort(-scores[top], kind="stable")]
-    return [(trainer.dataset.item_ids[i], float(scores[i])) for i in top]
+    return [(dataset.item_ids[i], float(scores[i])) for i in top]
 
 
+@exit_on_user_error
 def main(argv) -> None:
     from absl import flags
 
     del argv
     f = flags.FLAGS
-    quiet_libraries()
-    try:
-        trainer, params, _ = load_run(f.workdir, f.step)
-        recs = recommend(trainer, params, f.history.split(), f.k)
-    except (train.TrainError, data_lib.DataError, features_lib.FeatureError, records.RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    recs = recommend(evaluate.load_run(f.workdir, f.step), f.history.split(), f.k)
     for rank, (item, score) in enumerate(recs, 1):
         print(f"{rank}\t{item}\t{score:.4f}")
 

@@ -29,13 +29,15 @@ import google_crc32c
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from dff_jax.errors import UserError
+
 SCHEMA_FILE = "schema.json"
 SHARD_SUFFIX = ".tfrecord"
 FORMAT_VERSION = 1
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A feature file that is not what the format promises; the message names the file and record."""
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dff_jax import plots
+from dff_jax.errors import UserError
+
 MAIN_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 KEY_METRICS = ("HR@10", "NDCG@10")
 NAMES = {
@@ -31,7 +34,7 @@ NAMES = {
 ALPHA = 0.05  # Table 2: significant at p < 0.05
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError):
     """No finished run to report, or an unreadable results.json (the message names the file)."""
 
 
@@ -369,8 +372,6 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     `last_layer`: the sweep includes the last stored layer, whose run is fusion_last (the same config): the sweep's
     table and plot show fusion_last's results at that layer (results.csv lists them once, as fusion_last).
     """
-    from dff_jax import plots
-
     out = Path(out)
     found = collect(out, runs)
     order = [r for r in runs if r in found]
@@ -381,7 +382,14 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
         order.append(f"layer_{last_layer}")
     layer_runs = sorted((r for r in order if r.startswith("layer_")), key=lambda r: int(r.split("_")[1]))
     alpha_text, weights = alpha_summary(found)
-    plot_paths = plots.write_plots(out / "plots", found, layer_runs, weights)
+    layers = [int(r.split("_")[1]) for r in layer_runs]
+    sweep = {m: tuple(np.array([seed_stats(found, r, m) for r in layer_runs]).T) for m in KEY_METRICS}
+    lines = {
+        r: {m: seed_stats(found, r, m)[0] for m in KEY_METRICS}
+        for r in found
+        if r in ("fusion_mean", "dff", "fusion_last", "id")
+    }
+    plot_paths = plots.write_plots(out / "plots", found, layers, sweep, lines, weights)
 
     any_res = next(iter(next(iter(found.values())).values()))
     ds, cfg = any_res.get("dataset", {}), any_res.get("config", {})

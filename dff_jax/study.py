@@ -1,8 +1,8 @@
 """The paper's experiment grid on one dataset, over seeds, with a report: `python -m dff_jax.study`.
 
-  python -m dff_jax.study --config configs/synthetic.py --out /tmp/study --seeds 3 --layer-step 3
+  python -m dff_jax.study --config configs/synthetic.py --out study/synthetic --seeds 3 --layer-step 3
   python -m dff_jax.study --config configs/ml100k.py --features hidden=FEAT_DIR caption=CAPTION_DIR \
-      --out /tmp/ml100k --seeds 3 --set train.num_epochs=50
+      --out study/ml100k --seeds 3 --config.train.num_epochs=50
   python -m dff_jax.study ... --shard 0/2 &  python -m dff_jax.study ... --shard 1/2 &  # spread over processes
   python -m dff_jax.study ... --report-only                                           # aggregate what finished
 
@@ -15,6 +15,9 @@ Rows of the grid (paper sections 4-5), each a named run:
   layer_<k>    fusion of stored layer k alone (Figure 3's sweep; the last layer is fusion_last, not trained twice)
   caption      fusion of the one-layer caption-style feature set (Figure 2 "CC"), when `--features caption=DIR`
 
+`--config FILE[:variant]` and its `--config.x.y=value` overrides are parsed by ml-collections exactly as
+`python -m dff_jax.train` parses them (locked: an undeclared field is an error), so one override syntax serves both.
+
 Every (run, seed) is its own work directory `<out>/runs/<run>/seed<k>/` trained by `train.train_and_evaluate`, which
 returns the stored results.json of a finished run: an interrupted study resumes by skipping what finished.
 The report (report.md, results.csv, plots/) is written by `dff_jax.report` from whatever results exist.
@@ -23,21 +26,20 @@ The report (report.md, results.csv, plots/) is written by `dff_jax.report` from 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import ml_collections
 
-from dff_jax import defaults, records
+from dff_jax import defaults, features, records
+from dff_jax.errors import UserError, exit_on_user_error
 
 BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff")
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError):
     """A study that cannot be planned (bad arguments, missing features); the message says what to fix."""
 
 
@@ -53,65 +55,42 @@ class Job:
 # ------------------------------------------------------------------------------------------------------ config
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file (`path` or `path:variant`), imported by file path like absl's config_flags."""
-    file, _, arg = path.partition(":")
-    p = Path(file)
-    if not p.is_file():
-        raise StudyError(f"--config {file}: no such config file")
-    repo = str(p.resolve().parent.parent)
-    if repo not in sys.path:  # configs import `dff_jax`, and may import each other as `configs.x`
-        sys.path.insert(0, repo)
-    spec = importlib.util.spec_from_file_location(f"_study_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise StudyError(f"--config {file}: the file defines no get_config()")
-    return module.get_config(arg or None)
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the `--config`/`--config.x=v` arguments, the rest): the first go to ml-collections, the rest to argparse."""
+    config_args, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            config_args += [a, argv[i + 1]]
+            i += 2
+            continue
+        (config_args if a.startswith(("--config=", "--config.")) else rest).append(a)
+        i += 1
+    return config_args, rest
 
 
-def _cast(text: str, current, key: str):
-    """Parses `text` as the type of the field's current value (bool/int/float/str/tuple)."""
-    try:
-        if isinstance(current, bool):
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError("expected true/false")
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, (tuple, list)):
-            parts = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
-            kind = type(current[0]) if current else int
-            return tuple(kind(s.strip()) for s in parts)
-        if current is None:
-            try:
-                return ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                return text
-        return text
-    except ValueError as e:
-        raise StudyError(f"--set {key}={text}: cannot read {text!r} as {type(current).__name__} ({e})") from None
+def config_file(config_args: list[str]) -> str:
+    """The FILE[:variant] of `--config FILE[:variant]` or `--config=FILE[:variant]`."""
+    for i, a in enumerate(config_args):
+        if a == "--config":
+            return config_args[i + 1]
+        if a.startswith("--config="):
+            return a.removeprefix("--config=")
+    raise StudyError("--config FILE[:variant] is required, e.g. --config configs/synthetic.py")
 
 
-def apply_overrides(config: ml_collections.ConfigDict, sets: list[str]) -> None:
-    """Applies `key.path=value` overrides, cast to the existing field's type; unknown keys fail with the valid ones."""
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StudyError(f"--set {item!r}: expected key=value, e.g. train.num_epochs=30")
-        node, parts = config, key.split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(parts[:depth]) or "the config"
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise StudyError(f"--set {key}: unknown key {part!r} in {where}; known: {', '.join(known)}")
-            if depth < len(parts) - 1:
-                node = node[part]
-        node[parts[-1]] = _cast(value, node[parts[-1]], key)
+def load_config(config_args: list[str]) -> ml_collections.ConfigDict:
+    """The config of `--config FILE[:variant] [--config.x.y=v ...]`, parsed as `python -m dff_jax.train` does."""
+    from absl import flags
+
+    from dff_jax import train
+
+    config_file(config_args)  # a clear error when it is missing
+    argv = ["dff_jax.study", *config_args]
+    flag_values = flags.FlagValues()
+    train.define_config_flags(flag_values, argv)
+    train.parse_flags(argv, flag_values)
+    return flag_values.config
 
 
 def parse_features(pairs: list[str]) -> dict[str, Path]:
@@ -152,13 +131,7 @@ def layer_list(num_layers: int, layers: str | None, step: int | None) -> list[in
             picked = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
             raise StudyError(f"--layers {layers!r}: expected comma-separated integers") from None
-        out = []
-        for k in picked:
-            j = k + num_layers if k < 0 else k
-            if not 0 <= j < num_layers:
-                raise StudyError(f"--layers: layer {k} is out of range for a feature set with {num_layers} rows")
-            out.append(j)
-        return sorted(set(out))
+        return sorted(set(features.resolve_layers(picked, num_layers, "--layers")))
     if step:
         return sorted(set(range(0, num_layers, step)) | {num_layers - 1})
     return list(range(num_layers))
@@ -235,16 +208,12 @@ def run_jobs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def train_errors() -> tuple[type[Exception], ...]:
-    """The trainer's one-line errors (bad data, features, records): shown as one line, not a traceback."""
-    from dff_jax import data, features, train
-
-    return (train.TrainError, data.DataError, features.FeatureError, records.RecordError)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dff_jax.study", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py")
+    p = argparse.ArgumentParser(
+        prog="python -m dff_jax.study",
+        description=__doc__.split("\n")[0],
+        epilog="--config FILE[:variant] and --config.x.y=value overrides as in python -m dff_jax.train",
+    )
     p.add_argument("--features", nargs="*", default=[], help="NAME=DIR feature sets: hidden=DIR [caption=DIR]")
     p.add_argument("--out", required=True, help="study folder: runs/, results.csv, report.md, plots/")
     p.add_argument("--seeds", type=int, default=5, help="seeds per run: config.seed + 0..seeds-1 (paper: 5)")
@@ -254,66 +223,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="I/N: this process trains every N-th (run, seed) job from the I-th")
     p.add_argument("--report-only", action="store_true", help="write the report from finished runs, train nothing")
     p.add_argument("--no-report", action="store_true", help="train only (e.g. in shards; report later)")
-    p.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value (repeatable)")
     return p
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    config_args, rest = split_config_args(argv)
+    args = build_parser().parse_args(rest)
     from dff_jax import report  # matplotlib/scipy only when the study really runs
 
-    try:
-        if args.seeds < 1:
-            raise StudyError(f"--seeds {args.seeds}: need at least 1")
-        out = Path(args.out)
-        config = load_config(args.config)
-        apply_overrides(config, args.sets)
-        feats = parse_features(args.features)
-        if not args.report_only:  # the sweep needs the layer count of the features, so the data must exist first
-            from dff_jax import parallel, train
+    if args.seeds < 1:
+        raise StudyError(f"--seeds {args.seeds}: need at least 1")
+    out = Path(args.out)
+    config = load_config(config_args)
+    feats = parse_features(args.features)
+    if not args.report_only:  # the sweep needs the layer count of the features, so the data must exist first
+        from dff_jax import parallel, synthetic
 
-            parallel.initialize(config.parallel)
-            train.ensure_synthetic_data(config)
-        hidden_dir = feats.get("hidden", Path(config.features.dir) if config.features.dir else None)
-        if hidden_dir is None or not (hidden_dir / records.SCHEMA_FILE).is_file():
-            raise StudyError(
-                f"no hidden-state feature set ({hidden_dir}/{records.SCHEMA_FILE} missing): pass --features hidden=DIR"
-            )
-        feats["hidden"] = hidden_dir
-        num_layers = records.read_schema(hidden_dir).layers
-        sweep = layer_list(num_layers, args.layers, args.layer_step)
-        runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs)
-        jobs = [Job(r, s) for s in range(args.seeds) for r in runs]  # seed-major: early seeds complete first
-        shard_i, shard_n = parse_shard(args.shard)
-        stats = {"skipped": 0, "trained": 0, "seconds": {}}
-        if not args.report_only:
-            mine = jobs[shard_i::shard_n]
-            configs = {j: run_config(config, j.run, config.seed + j.seed_index, feats) for j in mine}
-            t0 = time.time()
-            stats = run_jobs(mine, configs, out)
-            print(
-                f"[study] trained {stats['trained']} runs, skipped {stats['skipped']} finished ones "
-                f"in {time.time() - t0:.0f}s",
-                flush=True,
-            )
-        if not args.no_report:
-            meta = {
-                "config": args.config,
-                "features": {k: str(v) for k, v in feats.items()},
-                "num_layers": num_layers,
-                "seeds": args.seeds,
-                "base_seed": config.seed,
-                "sets": args.sets,
-                "command": "python -m dff_jax.study " + " ".join(sys.argv[1:] if argv is None else argv),
-            }
-            paths = report.write_report(
-                out, runs, meta, last_layer=num_layers - 1 if sweep[-1] == num_layers - 1 else None
-            )
-            print(f"[study] report: {', '.join(str(p) for p in paths)}", flush=True)
-        return 0
-    except (StudyError, report.ReportError, *train_errors()) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        parallel.initialize(config.parallel)
+        synthetic.ensure_synthetic_data(config)
+    hidden_dir = feats.get("hidden", Path(config.features.dir) if config.features.dir else None)
+    if hidden_dir is None or not (hidden_dir / records.SCHEMA_FILE).is_file():
+        raise StudyError(
+            f"no hidden-state feature set ({hidden_dir}/{records.SCHEMA_FILE} missing): pass --features hidden=DIR"
+        )
+    feats["hidden"] = hidden_dir
+    num_layers = records.read_schema(hidden_dir).layers
+    sweep = layer_list(num_layers, args.layers, args.layer_step)
+    runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs)
+    jobs = [Job(r, s) for s in range(args.seeds) for r in runs]  # seed-major: early seeds complete first
+    shard_i, shard_n = parse_shard(args.shard)
+    stats = {"skipped": 0, "trained": 0, "seconds": {}}
+    if not args.report_only:
+        mine = jobs[shard_i::shard_n]
+        configs = {j: run_config(config, j.run, config.seed + j.seed_index, feats) for j in mine}
+        t0 = time.time()
+        stats = run_jobs(mine, configs, out)
+        print(
+            f"[study] trained {stats['trained']} runs, skipped {stats['skipped']} finished ones "
+            f"in {time.time() - t0:.0f}s",
+            flush=True,
+        )
+    if not args.no_report:
+        meta = {
+            "config": config_file(config_args),
+            "features": {k: str(v) for k, v in feats.items()},
+            "num_layers": num_layers,
+            "seeds": args.seeds,
+            "base_seed": config.seed,
+            "sets": [a.removeprefix("--") for a in config_args if a.startswith("--config.")],
+            "command": "python -m dff_jax.study " + " ".join(argv),
+        }
+        paths = report.write_report(out, runs, meta, last_layer=num_layers - 1 if sweep[-1] == num_layers - 1 else None)
+        print(f"[study] report: {', '.join(str(p) for p in paths)}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

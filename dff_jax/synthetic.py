@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from dff_jax import records
+from dff_jax.errors import TrainError
 
 PAIRS_FILE = "synthetic_pairs.tsv"
 FEATURES_DIR = "features"
@@ -429,6 +430,49 @@ def _read_generation(out: Path) -> dict | None:
         return json.loads((out / GENERATION_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def ensure_synthetic_data(config) -> None:
+    """For `config.data.generate == "synthetic"`: generates `config.data.dir` when absent (process 0; the others
+    wait), and stops when the folder holds data made by another generator version or other arguments.
+
+    Only training calls this (after `parallel.initialize`); evaluating a checkpoint never creates data.
+    """
+    if config.data.generate != "synthetic":
+        return
+    data_dir = Path(config.data.dir)
+    if not (data_dir / config.data.interactions).is_file():
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"generating the synthetic dataset in {data_dir} ...", flush=True)
+            generate(data_dir, **config.data.synthetic.to_dict())
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dff_jax synthetic data")
+    check_generation(data_dir, config.data.synthetic.to_dict())
+
+
+def check_generation(data_dir: Path, requested: dict) -> None:
+    """A synthetic folder made by another generator version or other arguments would silently train on different
+    data than the config describes; stop instead and say how to regenerate."""
+    path = data_dir / GENERATION_FILE
+    if not path.is_file():
+        return  # files provided by hand: nothing to compare
+    recorded = json.loads(path.read_text())
+    wanted = {**DEFAULTS, **requested}
+    differ = sorted(k for k in wanted if recorded.get("args", {}).get(k) != wanted[k])
+    why = []
+    if recorded.get("version") != GENERATOR_VERSION:
+        why.append(f"by generator version {recorded.get('version')} (this code writes {GENERATOR_VERSION})")
+    if differ:
+        why.append(f"with other arguments than the config asks for (differing: {', '.join(differ)})")
+    if why:
+        raise TrainError(
+            f"{path}: this synthetic data was made {' and '.join(why)}; delete {data_dir} to regenerate it, "
+            "or set --config.data.dir to a new folder"
+        )
 
 
 def main(argv=None) -> None:

@@ -195,7 +195,11 @@ def mechanism() -> dict:
     ):
         cfg = ml_collections.ConfigDict({"model_axis": model_axis})
         if num_items not in refs:
-            refs[num_items] = run(parallel.make_mesh(None, devices=jax.devices()[:1]), False, num_items)
+            refs[num_items] = run(
+                parallel.make_mesh(ml_collections.ConfigDict({"model_axis": 1}), devices=jax.devices()[:1]),
+                False,
+                num_items,
+            )
         ref = refs[num_items]
         got = run(parallel.make_mesh(cfg), shard, num_items)
         out[name] = {

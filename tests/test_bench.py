@@ -27,3 +27,12 @@ def test_bench_reports_train_eval_memory_and_the_torch_ratio(compute_dtype):
         assert r["jax_over_torch_throughput"] == t["jax_over_torch_throughput"] > 0
     else:
         assert "torch_eager" not in r
+
+
+def test_feature_load_bench_small_shape(tmp_path):
+    """`--what features` runs end to end at a tiny shape (the full MicroLens shape is run by hand)."""
+    result = bench.bench_feature_load(num_items=50, layers=3, hidden=16, dtype="float16", tmpdir=str(tmp_path))
+    assert result["table_bytes"] == 51 * 3 * 16 * 2
+    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
+    assert result["seconds"] > 0 and result["ratio"] > 1
+    assert list(tmp_path.iterdir()) == [], "the benchmark deletes what it wrote"

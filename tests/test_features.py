@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dff_jax import features, records
+from dff_jax import records
 from dff_jax.features import FeatureError, load_features
 
 LAYERS, HIDDEN = 4, 6
@@ -194,12 +194,3 @@ def test_item_ids_must_start_with_padding(tmp_path):
     _make_folder(tmp_path, [["i1"]])
     with pytest.raises(ValueError, match="padding"):
         load_features(tmp_path, ["i1"])
-
-
-def test_bench_small_shape(tmp_path):
-    """The benchmark runs end to end at a tiny shape (the full MicroLens shape is run by hand)."""
-    result = features.bench_feature_load(num_items=50, layers=3, hidden=16, dtype="float16", tmpdir=str(tmp_path))
-    assert result["table_bytes"] == 51 * 3 * 16 * 2
-    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
-    assert result["seconds"] > 0 and result["ratio"] > 1
-    assert list(tmp_path.iterdir()) == [], "the benchmark deletes what it wrote"

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from dff_jax import losses
-from dff_jax.models import build_model
+from dff_jax import defaults
+from dff_jax.models import Recommender
 
 RTOL = 1e-5
 
@@ -216,13 +217,11 @@ def test_bf16_inputs_give_float32_logits():
 
 
 def _tiny_model(encoder="fusion"):
-    cfg = ml_collections.ConfigDict(
-        {"embed_dim": 8, "num_blocks": 1, "num_heads": 2, "dropout": 0.1, "pre_ln": False, "max_seq_len": 4, "item_encoder": encoder,
-             "content": "learned", "layer": -1, "layers": (), "alpha_softmax": True, "gate_hidden": 8, "proj_hidden": 0}
-    )  # fmt: skip
+    cfg = defaults.base_config().model.to_dict()
+    cfg.update(embed_dim=8, num_blocks=1, max_seq_len=4, item_encoder=encoder, content="learned", gate_hidden=8)
     feats = np.random.default_rng(0).normal(size=(10, 3, 6)).astype(np.float32)
     feats[0] = 0
-    return build_model(cfg, 9, feats, rngs=nnx.Rngs(0))
+    return Recommender(9, None if encoder == "id" else feats, **cfg, rngs=nnx.Rngs(0))
 
 
 def test_compute_loss_runs_jitted_with_gradients():
@@ -241,7 +240,7 @@ def test_compute_loss_runs_jitted_with_gradients():
     @jax.jit
     def step(params, rest, key):
         def f(p, cfg):
-            return losses.compute_loss(nnx.merge(graphdef, p, rest), batch, key, cfg, log_pop)
+            return losses.compute_loss(nnx.merge(graphdef, p, rest), batch, key, log_pop, **cfg)
 
         return {name: jax.value_and_grad(f, has_aux=True)(params, cfg) for name, cfg in cfgs.items()}
 
@@ -250,12 +249,18 @@ def test_compute_loss_runs_jitted_with_gradients():
         assert np.isfinite(float(loss)) and float(loss) > 0, name
         assert int(aux["positions"]) == int(((inputs != 0) & (targets != 0)).sum()), name
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads)), name
-        assert float(np.abs(np.asarray(grads["item_id"][...])[0]).max()) == 0.0, name  # padding row: no gradient
-        assert float(np.abs(np.asarray(grads["content"]["layer_logits"][...])).sum()) > 0, name  # alpha is trained
+        assert float(np.abs(np.asarray(grads["items"]["item_id"][...])[0]).max()) == 0.0, (
+            name
+        )  # padding row: no gradient
+        assert float(np.abs(np.asarray(grads["items"]["content"]["layer_logits"][...])).sum()) > 0, (
+            name
+        )  # alpha is trained
 
 
 def test_compute_loss_rejects_unknown_name():
     model = _tiny_model("id")
     batch = {"inputs": jnp.ones((1, 4), jnp.int32), "targets": jnp.ones((1, 4), jnp.int32)}
     with pytest.raises(ValueError, match="name must be one of"):
-        losses.compute_loss(model, batch, jax.random.key(0), {"name": "bpr"}, None)
+        losses.compute_loss(
+            model, batch, jax.random.key(0), None, name="bpr", num_negatives=1, proposal="uniform", logq=False
+        )

@@ -8,18 +8,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dff_jax.models import FrozenFeatures, build_model, select_layers, standardize_stats, standardized_table
+from dff_jax import defaults, features
+from dff_jax.models import FrozenFeatures, Recommender, standardize_stats, standardized_table
 
 N, D, LAYERS, H, L = 11, 8, 3, 6, 4
 
 
 def _cfg(**kw):
-    base = {
-        "embed_dim": D, "num_blocks": 2, "num_heads": 2, "dropout": 0.1, "pre_ln": False, "max_seq_len": L, "item_encoder": "fusion",
-        "content": "learned", "layer": -1, "layers": (), "alpha_softmax": True, "gate_hidden": 5, "proj_hidden": 0,
-    }  # fmt: skip
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
+    c = defaults.base_config().model.to_dict()
+    c.update({"embed_dim": D, "max_seq_len": L, "item_encoder": "fusion", "content": "learned", "gate_hidden": 5, **kw})
+    return ml_collections.ConfigDict(c)
+
+
+def _build(cfg, num_items, feats, *, rngs):
+    """The model of `cfg` over the stored rows it reads (features.model_rows), as the trainer builds it."""
+    table = feats
+    if feats is not None and cfg.item_encoder != "id":
+        table = feats[:, features.model_rows(cfg.content, cfg.layer, cfg.layers, feats.shape[1], "test")]
+    return Recommender(num_items, table, **cfg, rngs=rngs)
 
 
 def _features(dtype=np.float32, seed=0):
@@ -37,7 +43,7 @@ COMBOS = [("id", "layer")] + [(e, c) for e in ("replace", "fusion") for c in ("l
 
 @pytest.mark.parametrize("encoder,content", COMBOS)
 def test_shapes_for_each_encoder_and_content(encoder, content):
-    model = build_model(_cfg(item_encoder=encoder, content=content), N, _features(), rngs=nnx.Rngs(0))
+    model = _build(_cfg(item_encoder=encoder, content=content), N, _features(), rngs=nnx.Rngs(0))
     assert model.item_embeddings(INPUTS).shape == (2, L, D)
     assert model.item_embeddings(jnp.array(5)).shape == (D,)
     assert model.all_item_embeddings().shape == (N + 1, D)
@@ -63,21 +69,21 @@ def test_shapes_for_each_encoder_and_content(encoder, content):
 
 def test_fusion_arithmetic_matches_hand_computation():
     feats = _features()
-    model = build_model(_cfg(content="learned", feature_norm="none", gate_hidden=5), N, feats, rngs=nnx.Rngs(1))
+    model = _build(_cfg(content="learned", feature_norm="none", gate_hidden=5), N, feats, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(7)
     w_logits = rng.normal(size=LAYERS).astype(np.float32)
     proj_w, proj_b = rng.normal(size=(H, D)).astype(np.float32) * 0.1, rng.normal(size=D).astype(np.float32)
     g1_w, g1_b = rng.normal(size=(2 * D, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
     g2_w, g2_b = rng.normal(size=(5, D)).astype(np.float32), rng.normal(size=D).astype(np.float32)
-    model.content.layer_logits[...] = jnp.asarray(w_logits)
-    model.content.proj.kernel[...], model.content.proj.bias[...] = jnp.asarray(proj_w), jnp.asarray(proj_b)
-    model.gate_in.kernel[...], model.gate_in.bias[...] = jnp.asarray(g1_w), jnp.asarray(g1_b)
-    model.gate_out.kernel[...], model.gate_out.bias[...] = jnp.asarray(g2_w), jnp.asarray(g2_b)
+    model.items.content.layer_logits[...] = jnp.asarray(w_logits)
+    model.items.content.proj.kernel[...], model.items.content.proj.bias[...] = jnp.asarray(proj_w), jnp.asarray(proj_b)
+    model.items.gate_in.kernel[...], model.items.gate_in.bias[...] = jnp.asarray(g1_w), jnp.asarray(g1_b)
+    model.items.gate_out.kernel[...], model.items.gate_out.bias[...] = jnp.asarray(g2_w), jnp.asarray(g2_b)
 
     items = np.array([[1, 5, 0], [11, 5, 2]])
     alpha = np.exp(w_logits) / np.exp(w_logits).sum()  # Eq. 5 with softmax-normalised alpha
     e_v = np.einsum("...lh,l->...h", feats[items].astype(np.float64), alpha) @ proj_w + proj_b
-    e_id = np.asarray(model.item_id[...])[items]
+    e_id = np.asarray(model.items.item_id[...])[items]
     hidden = np.maximum(np.concatenate([e_id, e_v], -1) @ g1_w + g1_b, 0.0)  # Eq. 3 MLP
     g = 1.0 / (1.0 + np.exp(-(hidden @ g2_w + g2_b)))
     expected = (g * e_id + (1.0 - g) * e_v) * (items != 0)[..., None]  # Eq. 4; padding -> 0
@@ -91,14 +97,14 @@ def test_fusion_arithmetic_matches_hand_computation():
 
 def test_scalar_gate_and_standardized_aggregation():
     feats = _features(seed=3)
-    model = build_model(
+    model = _build(
         _cfg(content="mean", feature_norm="standardize", gate_dim="scalar", gate_hidden=0), N, feats, rngs=nnx.Rngs(2)
     )
     items = jnp.array([1, 4, 9])
     # Standardisation: z-score each (layer, dim) over real items, then a uniform mean over layers.
     body = feats[1:].astype(np.float64)
     z = (feats[np.asarray(items)] - body.mean(0)) / body.std(0)
-    np.testing.assert_allclose(np.asarray(model.content.aggregate(items)), z.mean(1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.items.content.aggregate(items)), z.mean(1), rtol=1e-4, atol=1e-5)
     g = model.gate_values(items, reduce=False)
     assert g.shape == (3, 1) and bool(jnp.all((g > 0) & (g < 1)))
 
@@ -131,8 +137,8 @@ def test_standardized_table_is_the_z_scores_in_the_stored_dtype_filled_in_chunks
 
 
 def test_padding_row_is_zero_and_gets_no_gradient():
-    model = build_model(_cfg(), N, _features(), rngs=nnx.Rngs(0))
-    assert float(jnp.abs(model.item_id[...][0]).max()) == 0.0
+    model = _build(_cfg(), N, _features(), rngs=nnx.Rngs(0))
+    assert float(jnp.abs(model.items.item_id[...][0]).max()) == 0.0
     assert float(jnp.abs(model.item_embeddings(jnp.array([0, 0]))).max()) == 0.0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -141,13 +147,13 @@ def test_padding_row_is_zero_and_gets_no_gradient():
         return jnp.sum(m.encode(INPUTS, deterministic=True) ** 2)
 
     grads = jax.jit(jax.grad(f))(params)  # one compilation instead of op-by-op eager autodiff
-    assert float(jnp.abs(grads["item_id"][...][0]).max()) == 0.0
-    assert float(jnp.abs(grads["item_id"][...][3]).max()) > 0.0
+    assert float(jnp.abs(grads["items"]["item_id"][...][0]).max()) == 0.0
+    assert float(jnp.abs(grads["items"]["item_id"][...][3]).max()) > 0.0
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
 def test_causal_mask_future_inputs_do_not_change_past_outputs(pre_ln):
-    model = build_model(_cfg(item_encoder="id", pre_ln=pre_ln), N, None, rngs=nnx.Rngs(0))
+    model = _build(_cfg(item_encoder="id", pre_ln=pre_ln), N, None, rngs=nnx.Rngs(0))
     a = jnp.array([[0, 2, 3, 4], [5, 6, 7, 8]])
     b = jnp.array([[0, 2, 9, 10], [5, 6, 1, 1]])  # differ only from position 2 on
     out_a, out_b = model.encode(a, deterministic=True), model.encode(b, deterministic=True)
@@ -159,7 +165,7 @@ def test_causal_mask_future_inputs_do_not_change_past_outputs(pre_ln):
 
 
 def test_dropout_uses_the_explicit_key():
-    model = build_model(_cfg(item_encoder="id"), N, None, rngs=nnx.Rngs(0))
+    model = _build(_cfg(item_encoder="id"), N, None, rngs=nnx.Rngs(0))
     k1, k2 = jax.random.key(1), jax.random.key(2)
     o1 = model.encode(INPUTS, deterministic=False, rng=k1)
     assert np.array_equal(np.asarray(o1), np.asarray(model.encode(INPUTS, deterministic=False, rng=k1)))
@@ -172,33 +178,33 @@ def test_dropout_uses_the_explicit_key():
 
 @pytest.mark.parametrize("softmax", [True, False])
 def test_dff_alpha_initialised_uniform(softmax):
-    model = build_model(_cfg(content="learned", alpha_softmax=softmax), N, _features(), rngs=nnx.Rngs(0))
+    model = _build(_cfg(content="learned", alpha_softmax=softmax), N, _features(), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(np.asarray(model.layer_weights()), np.full(LAYERS, 1 / LAYERS), rtol=1e-6)
-    raw = np.asarray(model.content.layer_logits[...])
+    raw = np.asarray(model.items.content.layer_logits[...])
     np.testing.assert_allclose(raw, np.zeros(LAYERS) if softmax else np.full(LAYERS, 1 / LAYERS))
 
 
 def test_replace_mode_has_no_id_table():
     feats = _features()
-    model = build_model(_cfg(item_encoder="replace", content="layer", layer=1), N, feats, rngs=nnx.Rngs(0))
+    model = _build(_cfg(item_encoder="replace", content="layer", layer=1), N, feats, rngs=nnx.Rngs(0))
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    assert "item_id" not in params
+    assert "item_id" not in params["items"]
     # e = Proj(h_1) exactly (default standardisation is an affine map folded in): check with feature_norm="none".
-    plain = build_model(_cfg(item_encoder="replace", content="layer", layer=1, feature_norm="none"), N, feats,
+    plain = _build(_cfg(item_encoder="replace", content="layer", layer=1, feature_norm="none"), N, feats,
                         rngs=nnx.Rngs(0))  # fmt: skip
-    proj = plain.content.proj
+    proj = plain.items.content.proj
     expected = feats[[2, 3], 1] @ np.asarray(proj.kernel[...]) + np.asarray(proj.bias[...])
     np.testing.assert_allclose(np.asarray(plain.item_embeddings(jnp.array([2, 3]))), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_split_merge_in_jit_and_frozen_features_not_params():
     feats = _features(dtype=ml_dtypes.bfloat16)
-    model = build_model(_cfg(), N, feats, rngs=nnx.Rngs(0))
+    model = _build(_cfg(), N, feats, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shapes = [x.shape for x in jax.tree.leaves(params)]
     assert (N + 1, LAYERS, H) not in param_shapes  # the feature table is not trainable
     frozen = nnx.state(model, FrozenFeatures)
-    table = frozen["content"]["table"][...]
+    table = frozen["items"]["content"]["table"][...]
     assert table.shape == (N + 1, LAYERS, H) and table.dtype == jnp.bfloat16  # stored dtype kept on device
     assert {type(v) for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))} == {FrozenFeatures}
 
@@ -214,8 +220,8 @@ def test_split_merge_in_jit_and_frozen_features_not_params():
 
 def test_unique_dedup_matches_direct_encoding():
     feats = _features()
-    direct = build_model(_cfg(dedup="none"), N, feats, rngs=nnx.Rngs(0))
-    unique = build_model(_cfg(dedup="unique"), N, feats, rngs=nnx.Rngs(0))
+    direct = _build(_cfg(dedup="none"), N, feats, rngs=nnx.Rngs(0))
+    unique = _build(_cfg(dedup="unique"), N, feats, rngs=nnx.Rngs(0))
     items = jnp.array([[3, 3, 0, 7], [7, 1, 3, 11], [2, 2, 2, 2]])
     np.testing.assert_allclose(
         np.asarray(unique.item_embeddings(items)), np.asarray(direct.item_embeddings(items)), rtol=1e-5, atol=1e-6
@@ -223,19 +229,21 @@ def test_unique_dedup_matches_direct_encoding():
 
 
 def test_layer_selection_and_bad_input_errors():
-    assert select_layers(5, "layer", -1, ()) == [4]
-    assert select_layers(5, "mean", 0, ()) == [0, 1, 2, 3, 4]
-    assert select_layers(5, "learned", 0, (1, -2)) == [1, 3]
-    with pytest.raises(ValueError, match="outside the 5 stored"):
-        select_layers(5, "layer", 5, ())
+    assert features.model_rows("layer", -1, (), 5, "t") == [4]
+    assert features.model_rows("mean", 0, (), 5, "t") == [0, 1, 2, 3, 4]
+    assert features.model_rows("learned", 0, (1, -2), 5, "t") == [1, 3]
+    with pytest.raises(features.FeatureError, match="stores rows 0..4"):
+        features.model_rows("layer", 5, (), 5, "t")
     feats = _features()
-    model = build_model(_cfg(content="mean", layers=(0, 2)), N, feats, rngs=nnx.Rngs(0))
-    assert model.content.table.shape == (N + 1, 2, H)  # only the selected rows are kept
+    model = _build(_cfg(content="mean", layers=(0, 2)), N, feats, rngs=nnx.Rngs(0))
+    assert model.items.content.table.shape == (N + 1, 2, H)  # only the selected rows are kept
+    with pytest.raises(ValueError, match="reads 1 stored row"):  # a table not cut to the model's rows
+        Recommender(N, feats, **_cfg(content="layer"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs a feature table"):
-        build_model(_cfg(), N, None, rngs=nnx.Rngs(0))
+        _build(_cfg(), N, None, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="expected num_items"):
-        build_model(_cfg(), N + 1, feats, rngs=nnx.Rngs(0))
+        _build(_cfg(), N + 1, feats, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="item_encoder must be"):
-        build_model(_cfg(item_encoder="concat"), N, feats, rngs=nnx.Rngs(0))
+        _build(_cfg(item_encoder="concat"), N, feats, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="feature_norm must be"):
-        build_model(_cfg(feature_norm="l2"), N, feats, rngs=nnx.Rngs(0))
+        _build(_cfg(feature_norm="l2"), N, feats, rngs=nnx.Rngs(0))

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from dff_jax import parallel
+from dff_jax import defaults, parallel
+
+PARALLEL = defaults.base_config().parallel
 
 WORKER = REPO / "tests" / "parallel_worker.py"
 LOCAL = REPO / "launch" / "local.sh"
@@ -69,26 +71,23 @@ def test_check_global_batch_names_the_data_axis():
 
 
 def test_make_mesh_on_one_device_and_bad_model_axis():
-    mesh = parallel.make_mesh(ml_collections.ConfigDict({"model_axis": 1}))
+    mesh = parallel.make_mesh(PARALLEL)
     assert dict(mesh.shape) == {"data": 1, "model": 1}
     with pytest.raises(ValueError, match="model_axis=2 must be >= 1 and divide the device count 1"):
         parallel.make_mesh(ml_collections.ConfigDict({"model_axis": 2}))
 
 
-def test_state_shardings_single_device_and_inference_of_num_items():
+def test_state_shardings_single_device():
     import jax
 
-    mesh = parallel.make_mesh(None)
+    mesh = parallel.make_mesh(PARALLEL)
     state = {"params": {"item_id": np.zeros((11, 4)), "w": np.zeros((4, 4))}, "step": np.int32(0)}
-    sh = parallel.state_shardings(state, mesh, True)  # model axis 1: everything replicated
+    sh = parallel.state_shardings(state, mesh, True, num_items=10)  # model axis 1: everything replicated
     assert all(s.is_fully_replicated for s in jax.tree.leaves(sh))
-    assert parallel._infer_num_items(state) == 10
-    with pytest.raises(ValueError, match="pass num_items="):
-        parallel._infer_num_items({"w": np.zeros((4, 4))})
 
 
 def test_global_batch_and_to_host_round_trip():
-    mesh = parallel.make_mesh(None)
+    mesh = parallel.make_mesh(PARALLEL)
     batch = {"inputs": np.arange(12, dtype=np.int32).reshape(4, 3), "mask": np.array([1, 0, 1, 1], bool)}
     assert parallel.process_rows(4, mesh) == (0, 4) == parallel.process_rows(4)
     out = parallel.global_batch(batch, mesh)
@@ -120,7 +119,7 @@ def test_when_to_join_a_distributed_job(monkeypatch, cfg, env, expected):
             monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    c = parallel.default_config()
+    c = defaults.base_config().parallel
     c.update(cfg)
     assert parallel._distributed_args(c) == expected
 
@@ -130,17 +129,17 @@ def test_incomplete_multiprocess_settings_fail_clearly(monkeypatch):
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match=r"missing: num_processes / \$JAX_NUM_PROCESSES, process_id / \$JAX_PROC"):
-        parallel._distributed_args(parallel.default_config())
+        parallel._distributed_args(defaults.base_config().parallel)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=r"Open MPI job detected .* set \$JAX_COORDINATOR_ADDRESS=host:port"):
-        parallel._distributed_args(parallel.default_config())
+        parallel._distributed_args(defaults.base_config().parallel)
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"environment variable JAX_NUM_PROCESSES='two' must be an integer"):
-        parallel._distributed_args(parallel.default_config())
-    c = parallel.default_config()
+        parallel._distributed_args(defaults.base_config().parallel)
+    c = defaults.base_config().parallel
     c.update({"num_processes": 2, "process_id": 2})
     with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
         parallel._distributed_args(c)
@@ -365,8 +364,8 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run)
 def test_missing_peer_fails_within_the_timeout():
     """One process of a 2-process job, alone: it must exit non-zero with a readable message, not hang or abort."""
     code = (
-        "import ml_collections; from dff_jax import parallel; "
-        "parallel.initialize(ml_collections.ConfigDict({'initialization_timeout': 5}))"
+        "from dff_jax import defaults, parallel; c = defaults.base_config().parallel; "
+        "c.initialization_timeout = 5; parallel.initialize(c)"
     )
     procs = []
     t0 = time.time()

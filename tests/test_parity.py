@@ -1,11 +1,8 @@
-"""Same weights in, same outputs out: dff_jax.models/losses against the PyTorch eager port (tests/torch_sasrec.py).
+"""Same weights in, same outputs out: dff_jax.models/losses against the PyTorch eager port (dff_jax/bench_torch.py).
 
 float32, dropout off on both sides. Compared: every item embedding, the sequence outputs, the full-ranking scores
 (user x all items), the in-batch logQ and full-softmax losses, and the gradients of the in-batch loss.
 """
-
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +12,14 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch_sasrec
 
-from dff_jax import losses
-from dff_jax.models import build_model, select_layers
+from dff_jax import bench_torch  # noqa: E402
+from dff_jax import defaults, features, losses  # noqa: E402
+from dff_jax.models import Recommender  # noqa: E402
 
 N, D, L, B, LAYERS, H = 30, 16, 6, 5, 4, 12
 TOL = 1e-5
+LOSS = {"name": "inbatch_logq", "num_negatives": 0, "proposal": "uniform", "logq": True}
 
 CASES = {
     "id": {"item_encoder": "id"},
@@ -35,11 +32,8 @@ CASES = {
 
 
 def _cfg(extra):
-    base = {
-        "embed_dim": D, "num_blocks": 2, "num_heads": 2, "dropout": 0.1, "pre_ln": False, "max_seq_len": L,
-        "item_encoder": "id", "content": "learned", "layer": -1, "layers": (), "alpha_softmax": True,
-        "gate_hidden": 8, "proj_hidden": 0,
-    }  # fmt: skip
+    base = defaults.base_config().model.to_dict()
+    base.update({"embed_dim": D, "max_seq_len": L, "item_encoder": "id", "content": "learned", "gate_hidden": 8})
     base.update(extra)
     return ml_collections.ConfigDict(base)
 
@@ -59,16 +53,16 @@ def _data(seed=0):
 def _pair(extra, seed=0):
     cfg = _cfg(extra)
     feats, inputs, targets, log_pop = _data(seed)
-    model = build_model(cfg, N, feats, rngs=nnx.Rngs(seed))
+    table = None
+    if cfg.item_encoder != "id":
+        table = feats[:, features.model_rows(cfg.content, cfg.layer, cfg.layers, LAYERS, "test")]
+    model = Recommender(N, table, **cfg, rngs=nnx.Rngs(seed))
     # Randomise the zero-initialised parameters (biases, LayerNorm, alpha) so the comparison covers them too.
     rng = np.random.default_rng(seed + 100)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[-1] in ("bias", "scale", "layer_logits"):
             var[...] = jnp.asarray(np.asarray(var[...]) + rng.normal(size=var.shape).astype(np.float32) * 0.1)
-    table = feats
-    if cfg.item_encoder != "id":
-        table = feats[:, select_layers(LAYERS, cfg.content, cfg.layer, cfg.layers)]
-    port = torch_sasrec.load_nnx_weights(torch_sasrec.TorchRecommender(cfg, N, table), model).eval()
+    port = bench_torch.load_nnx_weights(bench_torch.TorchRecommender(N, table, **cfg), model).eval()
     return model, port, inputs, targets, log_pop
 
 
@@ -83,15 +77,14 @@ def test_same_weights_same_outputs(case):
     with torch.no_grad():
         t_items = port.all_item_embeddings().numpy()
         t_seq = port.encode(tin).numpy()
-        t_loss = float(torch_sasrec.compute_loss(port, tin, ttg, "inbatch_logq", torch.as_tensor(log_pop)))
-        t_full = float(torch_sasrec.compute_loss(port, tin, ttg, "full_softmax", None))
+        t_loss = float(bench_torch.compute_loss(port, tin, ttg, "inbatch_logq", torch.as_tensor(log_pop)))
+        t_full = float(bench_torch.compute_loss(port, tin, ttg, "full_softmax", None))
     j_items = np.asarray(model.all_item_embeddings())
     j_seq = np.asarray(model.encode(jnp.asarray(inputs), deterministic=True))
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
     key = jax.random.key(0)
-    j_loss, _ = losses.compute_loss(model, batch, key, {"name": "inbatch_logq", "logq": True}, jnp.asarray(log_pop),
-                                    deterministic=True)  # fmt: skip
-    j_full, _ = losses.compute_loss(model, batch, key, {"name": "full_softmax"}, None, deterministic=True)
+    j_loss, _ = losses.compute_loss(model, batch, key, jnp.asarray(log_pop), **LOSS, deterministic=True)
+    j_full, _ = losses.compute_loss(model, batch, key, None, **dict(LOSS, name="full_softmax"), deterministic=True)
 
     assert _max_diff(j_items, t_items) < TOL
     assert _max_diff(j_seq, t_seq) < TOL
@@ -104,15 +97,14 @@ def test_same_weights_same_outputs(case):
 def test_same_gradients_for_dff():
     model, port, inputs, targets, log_pop = _pair(CASES["dff_standardize"], seed=1)
     tin, ttg = torch.as_tensor(inputs, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
-    loss = torch_sasrec.compute_loss(port, tin, ttg, "inbatch_logq", torch.as_tensor(log_pop))
+    loss = bench_torch.compute_loss(port, tin, ttg, "inbatch_logq", torch.as_tensor(log_pop))
     loss.backward()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
 
     def f(p):
         m = nnx.merge(graphdef, p, rest)
-        cfg = {"name": "inbatch_logq", "logq": True}
-        return losses.compute_loss(m, batch, jax.random.key(0), cfg, jnp.asarray(log_pop), deterministic=True)[0]
+        return losses.compute_loss(m, batch, jax.random.key(0), jnp.asarray(log_pop), **LOSS, deterministic=True)[0]
 
     grads = jax.jit(jax.grad(f))(params)
     named = dict(port.named_parameters())
@@ -132,20 +124,20 @@ def test_same_gradients_for_dff():
 def test_torch_train_step_runs_and_learns():
     cfg = _cfg({"item_encoder": "id", "dropout": 0.0})
     _, inputs, targets, log_pop = _data()
-    step = torch_sasrec.torch_train_step_factory(cfg, N, None, log_pop, lr=1e-2, weight_decay=0.1, clip_norm=5.0)
+    model = bench_torch.TorchRecommender(N, None, **cfg)
+    step = bench_torch.torch_train_step(
+        model, log_pop, loss_name="inbatch_logq", lr=1e-2, weight_decay=0.1, clip_norm=5.0
+    )
     first = step(inputs, targets)
     for _ in range(20):
         last = step({"inputs": inputs, "targets": targets})
     assert np.isfinite(first) and last < first
-    assert float(step.model.item_id.detach()[0].abs().max()) == 0.0  # padding row: no gradient, decay of 0 is 0
+    assert float(step.model.items.item_id.detach()[0].abs().max()) == 0.0  # padding row: no gradient, decay of 0 is 0
 
 
 def test_config_from_nnx_rebuilds_the_architecture():
     for case in ("dff_raw_mlp_head", "fusion_layer_scalar_gate", "id_pre_ln"):
         model, port, *_ = _pair(CASES[case])
-        rebuilt = torch_sasrec.TorchRecommender(
-            ml_collections.ConfigDict(torch_sasrec.config_from_nnx(model)),
-            N,
-            port.content.table if port.content else None,
-        )
+        table = port.items.content.table.numpy() if port.items.content else None
+        rebuilt = bench_torch.TorchRecommender(N, table, **bench_torch.config_from_nnx(model))
         assert set(rebuilt.state_dict()) == set(port.state_dict()), case

@@ -9,7 +9,6 @@ import json
 import math
 
 import matplotlib.image
-import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
@@ -31,10 +30,8 @@ def study_args(data_dir, out, *extra):
         "2",
         "--layers",
         "0,-1",
-        "--set",
-        f"data.dir={data_dir}",
-        "--set",
-        "train.num_epochs=1",
+        f"--config.data.dir={data_dir}",
+        "--config.train.num_epochs=1",
         *extra,
     ]
 
@@ -160,23 +157,25 @@ def test_shards_split_the_jobs(finished, monkeypatch, tmp_path):
     assert {s[1] for s in layer0} == {42, 43} and {s[2] for s in layer0} == {0}
 
 
-def test_overrides_cast_and_reject_unknown_keys():
-    c = ml_collections.ConfigDict({"train": {"num_epochs": 3, "lr": 0.1, "flag": False}, "eval": {"ks": (10, 20)}})
-    study.apply_overrides(c, ["train.num_epochs=7", "train.lr=1e-3", "train.flag=true", "eval.ks=5,50"])
-    assert (c.train.num_epochs, c.train.lr, c.train.flag, c.eval.ks) == (7, 1e-3, True, (5, 50))
-    with pytest.raises(study.StudyError, match="unknown key 'epochs' in train"):
-        study.apply_overrides(c, ["train.epochs=3"])
-    with pytest.raises(study.StudyError, match="cannot read 'x'"):
-        study.apply_overrides(c, ["train.num_epochs=x"])
-    with pytest.raises(study.StudyError, match="expected key=value"):
-        study.apply_overrides(c, ["train.num_epochs"])
+def test_config_overrides_parse_as_in_train_and_unknown_fields_are_refused(capsys):
+    smoke = str(REPO / "configs" / "smoke.py")
+    overrides = ["--config.train.num_epochs=7", "--config.optim.lr=1e-3", "--config.train.progress_bar=true"]
+    config_args, rest = study.split_config_args(["--config", f"{smoke}:id", "--out", "x", *overrides, "--seeds", "2"])
+    assert rest == ["--out", "x", "--seeds", "2"] and study.config_file(config_args) == f"{smoke}:id"
+    c = study.load_config(config_args)
+    assert (c.train.num_epochs, c.optim.lr, c.train.progress_bar, c.model.item_encoder) == (7, 1e-3, True, "id")
+    with pytest.raises(SystemExit) as e:
+        study.load_config(["--config", smoke, "--config.train.epochs=3"])
+    assert e.value.code == 2 and "epochs" in capsys.readouterr().err
+    with pytest.raises(study.StudyError, match="--config FILE"):
+        study.load_config(["--config.train.num_epochs=3"])
 
 
 def test_layer_selection_and_errors(tmp_path, capsys):
     assert study.layer_list(31, None, 3) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
     assert study.layer_list(31, "0,-1,15", None) == [0, 15, 30]
     assert study.layer_list(4, None, None) == [0, 1, 2, 3]
-    with pytest.raises(study.StudyError, match="out of range"):
+    with pytest.raises(study.UserError, match="stores rows 0..3"):
         study.layer_list(4, "4", None)
     with pytest.raises(study.StudyError, match="unknown runs"):
         study.plan_runs(4, [0], False, "id,caption")
@@ -185,7 +184,9 @@ def test_layer_selection_and_errors(tmp_path, capsys):
         stats.ttest_rel([0.1, 0.3, 0.2], [0.0, 0.1, 0.15]).pvalue
     )
     # a feature folder without schema.json is one clear error, not a traceback
-    rc = study.main(
-        ["--config", str(REPO / "configs" / "smoke.py"), "--out", str(tmp_path), "--features", f"hidden={tmp_path}"]
-    )
-    assert rc == 2 and "no schema.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        study.main(
+            ["--config", str(REPO / "configs" / "smoke.py"), "--out", str(tmp_path), "--features", f"hidden={tmp_path}"]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no schema.json" in err and err.startswith("error: ")

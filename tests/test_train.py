@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import pytest
 from configs import smoke
 from conftest import REPO
 from dff_jax import data as data_lib
-from dff_jax import evaluate, parallel, recommend, train
+from dff_jax import evaluate, parallel, recommend, synthetic, train, train_state
 
 
 def smoke_config(tmp_path, variant="dff", **overrides):
@@ -74,14 +73,14 @@ def test_evaluate_reproduces_the_test_metrics(smoke_run):
 
 def test_recommend_excludes_history_and_orders_by_score(smoke_run):
     _, workdir, _ = smoke_run
-    trainer, params, _ = evaluate.load_run(workdir)
-    history = trainer.dataset.item_ids[1:4]
-    recs = recommend.recommend(trainer, params, history, 5)
+    run = evaluate.load_run(workdir)
+    history = run["dataset"].item_ids[1:4]
+    recs = recommend.recommend(run, history, 5)
     assert len(recs) == 5 and not set(history) & {r for r, _ in recs}
     scores = [s for _, s in recs]
     assert scores == sorted(scores, reverse=True)
     with pytest.raises(train.TrainError, match="unknown item ids"):
-        recommend.recommend(trainer, params, ["no-such-item"], 5)
+        recommend.recommend(run, ["no-such-item"], 5)
 
 
 def test_every_variant_trains_one_epoch(tmp_path):
@@ -96,31 +95,32 @@ def test_bf16_compute_trains_with_float32_params_and_bf16_projection(tmp_path):
     c = smoke_config(tmp_path, "dff", train__num_epochs=1, train__compute_dtype="bfloat16")
     r = train.train_and_evaluate(c, tmp_path / "run")  # also generates the smoke data
     assert np.isfinite(r["valid_history"][0]["valid"]["NDCG@10"]) and 0.0 <= r["test"]["NDCG@10"] <= 1.0
-    trainer = train.setup(c)
-    params = trainer.init_state()["params"]
+    _, state, static, frozen = train_state.build_run(c)
+    params = state["params"]
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # master weights stay float32
     # The content projection (the largest matmul of a DFF step at MicroLens shapes) must run in bf16, not be
     # promoted back to float32 by the float32 aggregated features.
-    model = trainer.model(train.cast_floating(params, jnp.bfloat16), trainer.consts)
-    assert model.content(jnp.asarray([1, 2, 3])).dtype == jnp.bfloat16
+    model = train_state.model_of(static, train_state.cast_floating(params, jnp.bfloat16), frozen)
+    assert model.items.content(jnp.asarray([1, 2, 3])).dtype == jnp.bfloat16
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch):
     c = smoke_config(tmp_path, "id", train__num_epochs=1, train__log_every_steps=100)
-    ds = train.prepare_dataset(c)
+    synthetic.ensure_synthetic_data(c)
+    ds = data_lib.build_dataset(c.data)
     # the first train step (1-based) whose batch contains item 7: the patched loss turns NaN there
     batches = data_lib.train_batches(ds, c.train.batch_size, c.data.max_seq_len, c.seed, 1)
     first = next(i for i, b in enumerate(batches, 1) if (b["inputs"] == 7).any() or (b["targets"] == 7).any())
-    real = train.losses.compute_loss
+    real = train_state.losses.compute_loss
 
-    def poisoned(model, batch, rng, loss_cfg, log_pop):
+    def poisoned(model, batch, rng, log_pop, **loss_fields):
         import jax.numpy as jnp
 
-        loss, aux = real(model, batch, rng, loss_cfg, log_pop)
+        loss, aux = real(model, batch, rng, log_pop, **loss_fields)
         bad = jnp.any(batch["inputs"] == 7) | jnp.any(batch["targets"] == 7)
         return jnp.where(bad, jnp.nan, loss), aux
 
-    monkeypatch.setattr(train.losses, "compute_loss", poisoned)
+    monkeypatch.setattr(train_state.losses, "compute_loss", poisoned)
     with pytest.raises(train.TrainError, match=f"at train step {first} "):
         train.train_and_evaluate(c, tmp_path / "nan")
 
@@ -205,38 +205,56 @@ def test_sampled_metrics_are_labelled_and_never_below_full_ranking(tmp_path):
 def test_synthetic_data_from_other_generator_arguments_is_refused(tmp_path):
     """A data/synthetic folder made with other generator arguments (or an older generator) stops the run naming
     generation.json and the differing fields, instead of training on data the config does not describe."""
-    from dff_jax import synthetic
-
     args = dict(synthetic.DEFAULTS)
     (tmp_path / synthetic.GENERATION_FILE).write_text(
         json.dumps({"version": synthetic.GENERATOR_VERSION, "args": args})
     )
-    train._check_synthetic_is_current(tmp_path, {})  # the same arguments: accepted
+    synthetic.check_generation(tmp_path, {})  # the same arguments: accepted
     with pytest.raises(train.TrainError, match=r"generation.json.*differing: similarity"):
-        train._check_synthetic_is_current(tmp_path, {"similarity": 1.0})
+        synthetic.check_generation(tmp_path, {"similarity": 1.0})
     (tmp_path / synthetic.GENERATION_FILE).write_text(json.dumps({"version": "0", "args": args}))
     with pytest.raises(train.TrainError, match=r"generator version 0"):
-        train._check_synthetic_is_current(tmp_path, {})
+        synthetic.check_generation(tmp_path, {})
 
 
 def test_cold_id_zero_makes_unseen_items_content_only(tmp_path):
     """model.cold_id="zero": items with no training interaction start with a zero ID row, which no step moves (they
     are never in a batch; AdamW's decay of 0 is 0), so a fused cold item is its content path alone."""
     config = smoke_config(tmp_path, model__cold_id="zero")
-    dataset = train.prepare_dataset(config)
+    synthetic.ensure_synthetic_data(config)
+    dataset = data_lib.build_dataset(config.data)
     dataset.item_counts = dataset.item_counts.copy()
     dataset.item_counts[[3, 7]] = 0  # pretend two items were never trained on (smoke data has no cold item)
-    table, model_cfg = train.load_content(config, dataset)
-    trainer = train.Trainer(config, dataset, table, model_cfg, parallel.make_mesh(config.parallel))
-    state = trainer.init_state()
-    ids = np.asarray(state["params"]["item_id"][...])
+    table = train_state.load_table(config, dataset)
+    mesh = parallel.make_mesh(config.parallel)
+    state, static, frozen = train_state.create_train_state(config, dataset, table, mesh)
+    ids = np.asarray(state["params"]["items"]["item_id"][...])
     assert not ids[[3, 7]].any() and np.abs(ids[[1, 2, 4]]).min() > 0
     batch = next(data_lib.train_batches(dataset, 64, config.data.max_seq_len, 0, 1))
     batch = {k: np.where(np.isin(v, [3, 7]), 1, v) if k != "users" else v for k, v in batch.items()}
-    state, _ = trainer.train_step(state, parallel.global_batch(batch, trainer.mesh), jax.random.key(0))
-    ids = np.asarray(state["params"]["item_id"][...])
+    step = train_state.jit_train_step(static)
+    state, _ = step(state, frozen, parallel.global_batch(batch, mesh), jax.random.key(0))
+    ids = np.asarray(state["params"]["items"]["item_id"][...])
     assert not ids[[3, 7]].any()
-    model = trainer.model(state["params"], trainer.consts)
-    content = np.asarray(model.content(jnp.asarray([3, 7])))
-    gate = np.asarray(model._gate(jnp.zeros((2, content.shape[-1])), jnp.asarray(content)))
+    model = train_state.model_of(static, state["params"], frozen)
+    content = np.asarray(model.items.content(jnp.asarray([3, 7])))
+    gate = np.asarray(model.items.gate(jnp.zeros((2, content.shape[-1])), jnp.asarray(content)))
     np.testing.assert_allclose(np.asarray(model.item_embeddings(jnp.asarray([3, 7]))), (1 - gate) * content, rtol=1e-5)
+
+
+def test_every_declared_config_field_is_accepted_by_the_locked_config():
+    """`--config.model.dedup=...` (once read by the model but never declared) and its siblings parse under the
+    locked config, and an undeclared field is refused."""
+    from absl import flags
+
+    def parse(*overrides):
+        argv = ["t", "--config", str(REPO / "configs" / "smoke.py"), *overrides]
+        fv = flags.FlagValues()
+        train.define_config_flags(fv, argv)
+        train.parse_flags(argv, fv)
+        return fv.config
+
+    c = parse("--config.model.dedup=none", "--config.model.cold_id=zero")
+    assert c.model.dedup == "none" and c.model.cold_id == "zero"
+    with pytest.raises(SystemExit):
+        parse("--config.model.dedupe=none")

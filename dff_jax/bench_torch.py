@@ -1,11 +1,11 @@
-"""PyTorch eager port of dff_jax.models.Recommender and the in-batch logQ / full softmax losses.
+"""PyTorch eager port of dff_jax.models.Recommender and the in-batch logQ / full softmax losses (needs torch).
 
-Used as (a) a parity reference: the same weights (``load_nnx_weights``) give the same item embeddings, sequence
-outputs and loss as the JAX model to 1e-5 in float32 (tests/test_parity.py); (b) the baseline that the benchmark
-times against the jitted JAX train step (``torch_train_step_factory``).
+Used as (a) the baseline that `python -m dff_jax.bench` times against the jitted JAX train step
+(``torch_step_for_run``); (b) a parity reference: the same weights (``load_nnx_weights``) give the same item
+embeddings, sequence outputs and loss as the JAX model to 1e-5 in float32 (tests/test_parity.py).
 
-The math mirrors dff_jax/models.py line for line (MicroLens SASRec, ../shared/reference/microlens-protocol.md
-section 4): LayerNorm(item + position) -> dropout -> post-LN blocks (bias-free Q/K/V/O, attention-probability
+The math mirrors dff_jax/models.py line for line (MicroLens SASRec, docs/protocol.md section 4), module for module
+(``items`` = the item encoder, ``sasrec`` = the sequence encoder, so parameter names match the NNX paths): LayerNorm(item + position) -> dropout -> post-LN blocks (bias-free Q/K/V/O, attention-probability
 dropout, FFN 4d ReLU), causal + key-padding mask with the diagonal always allowed; item encoders id / replace / fusion
 with the content aggregation of paper Eq. 5 (layer / mean / learned alpha, optional standardisation) and the gate of
 Eq. 3-4. Dropout uses torch's own RNG, so only deterministic outputs are comparable.
@@ -17,9 +17,7 @@ which is also what XLA's CPU backend uses, so neither side is handicapped.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +29,6 @@ MASK_VALUE = -1e9
 INBATCH_MASK = -1e4
 
 
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    try:
-        return cfg.get(name, default)
-    except AttributeError:
-        return getattr(cfg, name, default)
-
-
 def _xavier_normal_(t: torch.Tensor) -> torch.Tensor:
     return nn.init.xavier_normal_(t)
 
@@ -45,12 +36,12 @@ def _xavier_normal_(t: torch.Tensor) -> torch.Tensor:
 class TorchContent(nn.Module):
     """e_v = Proj(Norm(sum_l alpha_l h_l)); the feature table and statistics are buffers (frozen)."""
 
-    def __init__(self, table: np.ndarray, model_cfg: Any):
+    def __init__(
+        self, table: np.ndarray, *, embed_dim: int, content: str, feature_norm: str, alpha_softmax: bool, proj_hidden
+    ):
         super().__init__()
-        d = int(model_cfg.embed_dim)
-        self.content = str(_cfg(model_cfg, "content", "learned"))
-        self.feature_norm = str(_cfg(model_cfg, "feature_norm", "standardize"))
-        self.alpha_softmax = bool(_cfg(model_cfg, "alpha_softmax", True))
+        d = int(embed_dim)
+        self.content, self.feature_norm, self.alpha_softmax = content, feature_norm, bool(alpha_softmax)
         self.num_layers, hidden = int(table.shape[1]), int(table.shape[2])
         if self.feature_norm == "standardize":
             from dff_jax.models import standardized_table  # numpy only; the same stored table as the JAX model
@@ -62,7 +53,6 @@ class TorchContent(nn.Module):
             self.layer_logits = nn.Parameter(torch.full((self.num_layers,), init))
         if self.feature_norm == "layernorm":
             self.feature_ln = nn.LayerNorm(hidden, eps=LN_EPS)
-        proj_hidden = int(_cfg(model_cfg, "proj_hidden", 0))
         self.proj = nn.Linear(hidden, proj_hidden if proj_hidden > 0 else d)
         self.proj_out = nn.Linear(proj_hidden, d) if proj_hidden > 0 else None
 
@@ -120,38 +110,41 @@ class TorchBlock(nn.Module):
         return self.ffn_ln(x + self.feed_forward(x))
 
 
-class TorchRecommender(nn.Module):
-    """The port of ``dff_jax.models.Recommender`` (same parameter names, kernels transposed to torch layout)."""
+class TorchItemEncoder(nn.Module):
+    """The port of ``dff_jax.models.ItemEncoder`` (id / replace / fusion)."""
 
-    def __init__(self, model_cfg: Any, num_items: int, features: np.ndarray | None = None):
+    def __init__(self, num_items: int, table, *, item_encoder, embed_dim, content, feature_norm, alpha_softmax,
+                 proj_hidden, gate_hidden, gate_dim):  # fmt: skip
         super().__init__()
-        d = int(model_cfg.embed_dim)
-        self.num_items, self.embed_dim = int(num_items), d
-        self.item_encoder = str(_cfg(model_cfg, "item_encoder", "id"))
-        self.rate = float(_cfg(model_cfg, "dropout", 0.1))
-        self.pre_ln = bool(_cfg(model_cfg, "pre_ln", False))
-        gate_dim = str(_cfg(model_cfg, "gate_dim", "vector"))
-        if self.item_encoder != "replace":
+        d = int(embed_dim)
+        self.kind, self.num_items = item_encoder, int(num_items)
+        if item_encoder != "replace":
             self.item_id = nn.Parameter(_xavier_normal_(torch.empty(num_items + 1, d)))
             with torch.no_grad():
                 self.item_id[0].zero_()
-        self.content = TorchContent(features, model_cfg) if self.item_encoder != "id" else None
-        if self.item_encoder == "fusion":
-            gate_hidden = int(_cfg(model_cfg, "gate_hidden", d))
+        self.content = (
+            None
+            if item_encoder == "id"
+            else TorchContent(
+                table,
+                embed_dim=d,
+                content=content,
+                feature_norm=feature_norm,
+                alpha_softmax=alpha_softmax,
+                proj_hidden=proj_hidden,
+            )
+        )
+        if item_encoder == "fusion":
             gate_out = d if gate_dim == "vector" else 1
             self.gate_in = nn.Linear(2 * d, gate_hidden) if gate_hidden > 0 else None
             self.gate_out = nn.Linear(gate_hidden if gate_hidden > 0 else 2 * d, gate_out)
-        self.position = nn.Parameter(_xavier_normal_(torch.empty(int(model_cfg.max_seq_len), d)))
-        self.seq_ln = nn.LayerNorm(d, eps=LN_EPS)
-        num_blocks, num_heads = int(_cfg(model_cfg, "num_blocks", 2)), int(_cfg(model_cfg, "num_heads", 2))
-        self.blocks = nn.ModuleList([TorchBlock(d, num_heads, self.rate, self.pre_ln) for _ in range(num_blocks)])
 
-    def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
-        if self.item_encoder == "id":
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        if self.kind == "id":
             emb = self.item_id[items]
         else:
             e_v = self.content(items)
-            if self.item_encoder == "replace":
+            if self.kind == "replace":
                 emb = e_v
             else:
                 e_id = self.item_id[items]
@@ -162,13 +155,20 @@ class TorchRecommender(nn.Module):
                 emb = g * e_id + (1.0 - g) * e_v
         return emb * (items != 0).unsqueeze(-1).to(emb.dtype)
 
-    def all_item_embeddings(self) -> torch.Tensor:
-        return self.item_embeddings(torch.arange(self.num_items + 1, device=self.position.device))
 
-    def encode(self, inputs: torch.Tensor, input_embs: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] -> [B, L, d]; dropout follows ``self.training``."""
+class TorchSASRec(nn.Module):
+    """The port of ``dff_jax.models.SASRec``."""
+
+    def __init__(self, *, embed_dim, max_seq_len, num_blocks, num_heads, dropout, pre_ln):
+        super().__init__()
+        d = int(embed_dim)
+        self.rate, self.pre_ln = float(dropout), bool(pre_ln)
+        self.position = nn.Parameter(_xavier_normal_(torch.empty(int(max_seq_len), d)))
+        self.seq_ln = nn.LayerNorm(d, eps=LN_EPS)
+        self.blocks = nn.ModuleList([TorchBlock(d, num_heads, self.rate, self.pre_ln) for _ in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         length = inputs.shape[1]
-        x = self.item_embeddings(inputs) if input_embs is None else input_embs
         x = x + self.position[:length]
         if not self.pre_ln:
             x = self.seq_ln(x)
@@ -182,6 +182,53 @@ class TorchRecommender(nn.Module):
         if self.pre_ln:
             x = self.seq_ln(x)
         return x
+
+
+class TorchRecommender(nn.Module):
+    """The port of ``dff_jax.models.Recommender``: ``TorchRecommender(num_items, table, **config.model)`` with the
+    table already cut to the model's rows (same parameter names as the NNX paths, kernels in torch layout).
+
+    ``layer``/``layers`` (the table is already cut), ``cold_id`` and ``dedup`` change nothing here: the port's weights
+    are copied from a JAX model (``load_nnx_weights``), and deduplication does not change the values.
+    """
+
+    def __init__(self, num_items: int, table: np.ndarray | None = None, *, embed_dim, num_blocks, num_heads, dropout,
+                 pre_ln, max_seq_len, item_encoder, content, feature_norm, alpha_softmax, proj_hidden, gate_hidden,
+                 gate_dim, layer=-1, layers=(), cold_id="random", dedup="auto"):  # fmt: skip
+        super().__init__()
+        del layer, layers, cold_id, dedup
+        self.num_items, self.embed_dim = int(num_items), int(embed_dim)
+        self.items = TorchItemEncoder(
+            num_items,
+            table,
+            item_encoder=item_encoder,
+            embed_dim=embed_dim,
+            content=content,
+            feature_norm=feature_norm,
+            alpha_softmax=alpha_softmax,
+            proj_hidden=proj_hidden,
+            gate_hidden=gate_hidden,
+            gate_dim=gate_dim,
+        )
+        self.sasrec = TorchSASRec(
+            embed_dim=embed_dim,
+            max_seq_len=max_seq_len,
+            num_blocks=num_blocks,
+            num_heads=num_heads,
+            dropout=dropout,
+            pre_ln=pre_ln,
+        )
+
+    def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        return self.items(items)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        return self.items(torch.arange(self.num_items + 1, device=self.sasrec.position.device))
+
+    def encode(self, inputs: torch.Tensor, input_embs: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] -> [B, L, d]; dropout follows ``self.training``."""
+        x = self.items(inputs) if input_embs is None else input_embs
+        return self.sasrec(x, inputs)
 
 
 def inbatch_logq_loss(seq_out, window_emb, window, valid, log_pop):
@@ -254,19 +301,25 @@ def load_nnx_weights(torch_model: TorchRecommender, nnx_model) -> TorchRecommend
 
 
 def config_from_nnx(nnx_model) -> dict:
-    """The model config that rebuilds ``nnx_model``'s architecture (read off its attributes and shapes)."""
-    block = nnx_model.blocks[0]
+    """The ``TorchRecommender`` keywords that rebuild ``nnx_model``'s architecture (read off its attributes and
+    shapes)."""
+    items, sasrec = nnx_model.items, nnx_model.sasrec
     cfg = {
         "embed_dim": nnx_model.embed_dim,
-        "max_seq_len": int(nnx_model.position.shape[0]),
-        "num_blocks": len(nnx_model.blocks),
-        "num_heads": block.num_heads,
-        "dropout": nnx_model.rate,
-        "pre_ln": nnx_model.pre_ln,
-        "item_encoder": nnx_model.item_encoder,
-        "gate_dim": nnx_model.gate_dim,
+        "max_seq_len": int(sasrec.position.shape[0]),
+        "num_blocks": len(sasrec.blocks),
+        "num_heads": sasrec.num_heads,
+        "dropout": sasrec.rate,
+        "pre_ln": sasrec.pre_ln,
+        "item_encoder": items.kind,
+        "content": "layer",
+        "feature_norm": "none",
+        "alpha_softmax": True,
+        "proj_hidden": 0,
+        "gate_hidden": 0,
+        "gate_dim": "vector",
     }
-    content = nnx_model.content
+    content = items.content
     if content is not None:
         cfg.update(
             content=content.content,
@@ -274,67 +327,32 @@ def config_from_nnx(nnx_model) -> dict:
             alpha_softmax=content.alpha_softmax,
             proj_hidden=int(content.proj.kernel.shape[1]) if content.proj_out is not None else 0,
         )
-    if nnx_model.item_encoder == "fusion":
-        cfg["gate_hidden"] = int(nnx_model.gate_in.kernel.shape[1]) if nnx_model.gate_in is not None else 0
+    if items.kind == "fusion":
+        cfg["gate_hidden"] = int(items.gate_in.kernel.shape[1]) if items.gate_in is not None else 0
+        cfg["gate_dim"] = "vector" if int(items.gate_out.kernel.shape[1]) == nnx_model.embed_dim else "scalar"
     return cfg
 
 
-def torch_train_step_factory(
-    model_cfg: Any,
-    num_items: Any = None,
-    features: np.ndarray | None = None,
-    log_pop: np.ndarray | None = None,
+def torch_train_step(
+    model: TorchRecommender,
+    log_pop: np.ndarray | None,
     *,
-    loss_name: str = "inbatch_logq",
-    lr: float = 1e-4,
-    weight_decay: float = 0.1,
-    clip_norm: float | None = None,
-    nnx_model=None,
-    seed: int = 0,
-) -> Callable:
+    loss_name: str,
+    lr: float,
+    weight_decay: float,
+    clip_norm: float,
+):
     """An eager PyTorch AdamW train step on the ported model, for the benchmark.
 
-    Two ways to call it:
-
-    * ``torch_train_step_factory(trainer, config)``: everything from a ``dff_jax.train.Trainer`` (its initial
-      weights, feature table, log popularity) and the run config (``loss.name``/``loss.logq``, ``optim.lr``,
-      ``optim.weight_decay``, ``optim.clip_norm``), as ``dff_jax.bench`` does;
-    * ``torch_train_step_factory(model_cfg, num_items, features, log_pop, ...)`` with explicit pieces.
-
-    Like the JAX step: AdamW with weight decay on tensors of rank >= 2 only (``dff_jax.train.decay_mask``), global
+    Like the JAX step: AdamW with weight decay on tensors of rank >= 2 only (``train_state.decay_mask``), global
     norm clipping when ``clip_norm`` > 0, dropout on.
-
-    Args:
-        model_cfg: ``config.model`` (or a Trainer, see above).
-        num_items: N (or the run config when ``model_cfg`` is a Trainer).
-        features: the selected feature rows [N+1, L_sel, H] (None for the id encoder).
-        log_pop: [N+1] log popularity for the logQ correction (None = off).
-        loss_name: "inbatch_logq" or "full_softmax".
-        lr, weight_decay, clip_norm: optimizer settings.
-        nnx_model: when given, its weights are copied in.
-        seed: torch seed for the initialisation and dropout.
 
     Returns:
         ``step(batch)`` with batch = {"inputs", "targets"} ([B, L] int arrays) or ``step(inputs, targets)``,
         returning the loss as a float; ``step.model`` is the torch model.
     """
-    if hasattr(model_cfg, "graphdef"):  # a dff_jax.train.Trainer
-        trainer, config = model_cfg, num_items
-        nnx_model = trainer.model(trainer.init_state()["params"], trainer.consts)
-        model_cfg = types.SimpleNamespace(**config_from_nnx(nnx_model))
-        num_items = nnx_model.num_items
-        features = None if nnx_model.content is None else np.asarray(nnx_model.content.table[...])
-        loss_name = str(config.loss.name)
-        log_pop = np.asarray(trainer.consts["log_pop"]) if bool(_cfg(config.loss, "logq", True)) else None
-        lr, weight_decay = float(config.optim.lr), float(config.optim.weight_decay)
-        clip_norm = float(config.optim.clip_norm) if float(config.optim.clip_norm) > 0 else None
-        seed = int(_cfg(config, "seed", 0))
-    torch.manual_seed(seed)
-    model = TorchRecommender(model_cfg, num_items, features)
-    if nnx_model is not None:
-        load_nnx_weights(model, nnx_model)
     model.train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -350,10 +368,33 @@ def torch_train_step_factory(
         opt.zero_grad(set_to_none=True)
         loss = compute_loss(model, inputs_t, targets_t, loss_name, log_pop_t)
         loss.backward()
-        if clip_norm is not None:
+        if clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         return float(loss.detach())
 
     step.model = model
     return step
+
+
+def torch_step_for_run(static: dict, state: dict, frozen: dict, config) -> Callable:
+    """``torch_train_step`` for a JAX run (``train_state.create_train_state``): the same initial weights, feature
+    table, log popularity, loss and optimizer settings, seeded with ``config.seed`` for dropout."""
+    from dff_jax import train_state
+
+    nnx_model = train_state.model_of(static, state["params"], frozen)
+    content = nnx_model.items.content
+    table = None if content is None else np.asarray(content.table[...])
+    torch.manual_seed(int(config.seed))
+    # load_nnx_weights copies the frozen table too, so the port ends up with the JAX model's stored table.
+    model = load_nnx_weights(TorchRecommender(nnx_model.num_items, table, **config_from_nnx(nnx_model)), nnx_model)
+    log_pop = np.asarray(frozen["log_pop"]) if config.loss.logq else None
+    o = config.optim
+    return torch_train_step(
+        model,
+        log_pop,
+        loss_name=str(config.loss.name),
+        lr=float(o.lr),
+        weight_decay=float(o.weight_decay),
+        clip_norm=float(o.clip_norm),
+    )

@@ -1,0 +1,233 @@
+"""What a run is made of and how one step changes it: `build_run`, `create_train_state`, `train_step`, checkpoints.
+
+A run is three things, built once by `create_train_state`:
+
+* `state` = {"params", "opt_state", "step"}: the pytree a step updates and a checkpoint saves;
+* `frozen` = {"features", "log_pop"}: device arrays every step reads and none changes (the frozen LVLM table as the
+  model's non-trainable NNX state, the log-popularity of the logQ corrections). They are arguments of the jitted
+  functions, so XLA never embeds a multi-GB table as a constant;
+* `static`: a read-only dict of what the step closes over (the NNX graph definition, the optax optimizer, the loss
+  fields, the compute dtype) and how arrays are placed (mesh and shardings).
+
+`train_step(static, state, frozen, batch, rng)` is pure; `jit_train_step(static)` binds `static` with
+`functools.partial` and jits it once, with the state donated. Training (`train.py`), checkpoint evaluation
+(`evaluate.py`), `recommend.py` and the benchmarks all build runs with `build_run` / `create_train_state`.
+
+This lives apart from train.py so that evaluate.py can rebuild a run from its workdir while train.py uses evaluate.py
+for validation, with no import circle.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dff_jax import data as data_lib
+from dff_jax import features as features_lib
+from dff_jax import losses, models, parallel, records
+from dff_jax.errors import TrainError
+
+# ----------------------------------------------------------------------------------------------------------- build
+
+
+def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> np.ndarray | None:
+    """The frozen feature table for the model, [N+1, rows it reads, H] in the stored dtype; None for `id`.
+
+    Only the stored rows the model reads are loaded (`features.model_rows`), so a one-layer run of a 33 x 4096
+    feature set holds 1/33 of it in memory.
+    """
+    if config.model.item_encoder == "id":
+        return None
+    fdir = Path(config.features.dir)
+    if not (fdir / records.SCHEMA_FILE).is_file():
+        raise TrainError(
+            f"no feature set at {fdir}: expected {fdir / records.SCHEMA_FILE} and {fdir}/*{records.SHARD_SUFFIX} "
+            f"(item encoder {config.model.item_encoder!r} needs content features). Produce them with "
+            f"`python -m extract --model MODEL --items ITEMS.csv --media MEDIA_DIR --out {fdir}` (see extract/README.md) "
+            f"or `python -m dff_jax.synthetic --out DIR`, then pass --config.features.dir=DIR; or train the ID-only "
+            f"baseline with the `:id` variant."
+        )
+    schema = records.read_schema(fdir)
+    m = config.model
+    rows = features_lib.model_rows(m.content, m.layer, m.layers, schema.layers, f"config.model (features {fdir})")
+    loaded = features_lib.load_features(
+        fdir, dataset.item_ids, layers=rows, allow_missing=config.features.allow_missing
+    )
+    if loaded.missing and parallel.is_main_process():
+        print(f"features: {loaded.missing} of {dataset.num_items} items have no features and were zero-filled")
+    return loaded.table
+
+
+def decay_mask(params) -> object:
+    """AdamW weight decay (0.1, paper 6.2) on kernels and embedding tables only (ndim >= 2).
+
+    Biases, LayerNorm scales and DFF's layer weights alpha are not decayed: decaying alpha's logits would pull the
+    learned layer weighting back towards uniform, and decaying norms/biases is a known harm with no benefit here.
+    """
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def layer_weight_mask(params) -> object:
+    """True for DFF's layer-weight logits (models.ContentEncoder.layer_logits), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "layer_logits" in jax.tree_util.keystr(path), params)
+
+
+def make_optimizer(
+    *, lr: float, weight_decay: float, b1: float, b2: float, clip_norm: float, alpha_lr_mult: float
+) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW with a constant learning rate (MicroLens: constant lr, clip 5): `**config.optim`.
+
+    DFF's layer weights alpha (Eq. 5) get their Adam step scaled by `alpha_lr_mult`. Adam moves every parameter by
+    about lr per step whatever its gradient, so with lr 1e-3 and a few hundred steps alpha's logits could move by
+    less than 0.5 in total and the learned weighting would stay close to the uniform mean it starts from. The paper
+    does not say how alpha is optimised beyond "end-to-end"; a larger step for these L scalars shared by all items is
+    our choice (default 10; docs/benchmarks.md has what it changed on the synthetic data).
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+        optax.masked(optax.scale(alpha_lr_mult), layer_weight_mask),
+    )
+
+
+def cast_floating(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, dataset: data_lib.Dataset, table: np.ndarray | None, mesh
+) -> tuple[dict, dict, dict]:
+    """(state, static, frozen) of a new run on `mesh` (module docstring), initialised from `config.seed`.
+
+    `table` is `load_table`'s output (or any array of that shape); cold-ID zeroing happens in the model's
+    construction from the dataset's train counts, the log-popularity comes from the data (`data.log_popularity`).
+    """
+    model = models.Recommender(
+        dataset.num_items, table, train_counts=dataset.item_counts, rngs=nnx.Rngs(config.seed), **config.model
+    )
+    graphdef, params, features = nnx.split(model, nnx.Param, ...)
+    del model  # the frozen table lives on only in `frozen`: no unsharded copy is kept for the run
+    tx = make_optimizer(**config.optim)
+    abstract = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": jnp.zeros((), jnp.int32)}
+    shard_items, rep = config.parallel.shard_items, parallel.replicated(mesh)
+    state_sharding = parallel.state_shardings(abstract, mesh, shard_items, num_items=dataset.num_items)
+    # The frozen feature table [N+1, L, H] is item-indexed like the ID table: the same rule shards it on "model"
+    # (rows, or H when N+1 does not divide).
+    frozen_sharding = {
+        "features": parallel.state_shardings(features, mesh, shard_items, num_items=dataset.num_items),
+        "log_pop": rep,
+    }
+    frozen = jax.device_put({"features": features, "log_pop": data_lib.log_popularity(dataset)}, frozen_sharding)
+    params = jax.device_put(params, state_sharding["params"])
+    state = jax.jit(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+        out_shardings=state_sharding,
+    )(params)
+    static = {
+        "graphdef": graphdef,
+        "tx": tx,
+        "loss": config.loss.to_dict(),
+        "compute_dtype": str(config.train.compute_dtype),
+        "mesh": mesh,
+        "state_sharding": state_sharding,
+        "frozen_sharding": frozen_sharding,
+        "batch_sharding": parallel.batch_sharding(mesh),
+        "param_count": int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
+    }
+    return state, static, frozen
+
+
+def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict, dict, dict]:
+    """(dataset, state, static, frozen) for `config`: what training, evaluation and `recommend` share.
+
+    Reads the data and features that exist; it never generates data (training calls
+    `synthetic.ensure_synthetic_data` first). Call `parallel.initialize` before it.
+    """
+    dataset = data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+    table = load_table(config, dataset)
+    mesh = parallel.make_mesh(config.parallel)
+    parallel.check_global_batch(config.train.batch_size, mesh)
+    parallel.check_global_batch(config.eval.batch_size, mesh)
+    state, static, frozen = create_train_state(config, dataset, table, mesh)
+    return dataset, state, static, frozen
+
+
+def model_of(static: dict, params, frozen: dict) -> models.Recommender:
+    """The `Recommender` of a run's parameters (inside a jitted function, or eagerly for inspection)."""
+    return nnx.merge(static["graphdef"], params, frozen["features"])
+
+
+# ------------------------------------------------------------------------------------------------------------ step
+
+
+def train_step(static: dict, state: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+    """One AdamW step on one global batch (pure; the randomness is fold_in(rng, step)) -> (state, metrics)."""
+    key = jax.random.fold_in(rng, state["step"])
+    compute_dtype = jnp.dtype(static["compute_dtype"])
+
+    def loss_fn(params):
+        model = model_of(static, cast_floating(params, compute_dtype), frozen)
+        loss, aux = losses.compute_loss(model, batch, key, frozen["log_pop"], **static["loss"])
+        return loss.astype(jnp.float32), aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = static["tx"].update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    out.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
+
+
+def jit_train_step(static: dict):
+    """`step(state, frozen, batch, rng) -> (state, metrics)`: `train_step` with `static` bound, jitted once with
+    explicit shardings; `state` is donated (updated in place on the device)."""
+    rep = parallel.replicated(static["mesh"])
+    return jax.jit(
+        functools.partial(train_step, static),
+        in_shardings=(static["state_sharding"], static["frozen_sharding"], static["batch_sharding"], rep),
+        out_shardings=(static["state_sharding"], rep),
+        donate_argnums=(0,),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_managers(workdir: Path, keep: int):
+    """Two async managers, checkpoints/latest and checkpoints/best. Each gets its own barrier prefix: without one,
+    both save epoch 1 at once and their background threads wait at the same coordination-service barrier name
+    ('async_write_complete.1'), which deadlocks a multi-process run until the barrier times out."""
+
+    def manager(name: str, max_to_keep: int):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=True,
+            create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"dff_{name}"),
+        )
+        return ocp.CheckpointManager((workdir / "checkpoints" / name).absolute(), options=options)
+
+    return manager("latest", keep), manager("best", 1)
+
+
+def abstract_of(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def save(manager, epoch: int, state, meta: dict) -> None:
+    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def restore(manager, epoch: int, abstract_state):
+    r = manager.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
+    return r.state, r.meta
