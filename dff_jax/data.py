@@ -32,6 +32,12 @@ from dff_jax import records
 from dff_jax.errors import UserError
 
 FORMATS = ("auto", "microlens_tsv", "microlens_csv", "ninerec", "csv", "movielens")
+# What to do with rows that repeat another row exactly (same user, item and timestamp; config.data.duplicates).
+# Such a row cannot be a second consumption, so it is an export artefact; kept, it puts a user's last item into its
+# own history, where evaluation masks it, and every such user becomes a miss (a CSV written twice scored test
+# HR@10 0.0). Hence "drop" (with the count in the statistics) by default; "error" stops, "keep" reads them as data.
+DUPLICATE_POLICIES = ("drop", "error", "keep")
+_INT64 = (-(2**63), 2**63 - 1)
 # Header names accepted for each column of a CSV (lower-cased). NineRec's get_behaviour.py calls them
 # video_id / user_id / timestamp (protocol section 7), MicroLens's csv user / item / timestamp.
 _COLUMN_NAMES = {
@@ -55,6 +61,7 @@ class Interactions:
       timestamps: [n] int64 (for a MicroLens tsv: the position in the user's row).
       path: the file they were read from.
       file_order: [n] int64 position of each record in the file (0 = first), used for first-seen orders.
+      duplicates: rows of the file that repeated another (user, item, timestamp) exactly (`DUPLICATE_POLICIES`).
     """
 
     users: np.ndarray
@@ -62,6 +69,7 @@ class Interactions:
     timestamps: np.ndarray
     path: str
     file_order: np.ndarray | None = None
+    duplicates: int = 0
 
     def __post_init__(self):
         if self.file_order is None:
@@ -79,14 +87,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: line {number}: expected UTF-8 text ({e.reason})") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not part of the data
             yield number, line.rstrip("\r\n")
 
 
 def _int_timestamp(path, number, text) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise DataError(f"{path}: line {number}: expected an integer timestamp, got {text!r}") from None
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise DataError(f"{path}: line {number}: timestamp {text} is outside the 64-bit integer range")
+    return value
 
 
 def _read_microlens_tsv(path: Path):
@@ -101,6 +114,11 @@ def _read_microlens_tsv(path: Path):
         if len(parts) != 2 or not parts[0].strip() or not row:
             raise DataError(f"{path}: line {number}: expected 'user<TAB>item item ...', got {line[:80]!r}")
         user = parts[0].strip()
+        if number == 1 and user.lower() in _COLUMN_NAMES["user"]:
+            raise DataError(
+                f"{path}: line 1: {line[:80]!r} looks like a header; a MicroLens *_pairs.tsv has none "
+                "(remove the line, or give a CSV with a user,item,timestamp header)"
+            )
         if user in seen:
             raise DataError(
                 f"{path}: line {number}: user {user!r} already had a row on line {seen[user]}; "
@@ -147,7 +165,7 @@ def _read_csv(path: Path, columns: str = ""):
     the order is (user, item, timestamp) unless `columns` says otherwise (NineRec's pair files disagree with
     their README about the order: protocol section 7)."""
     with open(path, "rb") as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n").removeprefix("\ufeff")
     header = _header_columns(path, next(csv.reader([first]), []))
     roles = _parse_columns(columns) if columns else header or ["user", "item", "timestamp"]
     iu, ii, it = (roles.index(r) for r in ("user", "item", "timestamp"))
@@ -223,7 +241,9 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def read_interactions(path, fmt: str = "auto", *, columns: str = "", min_rating: float = 0) -> Interactions:
+def read_interactions(
+    path, fmt: str = "auto", *, columns: str = "", min_rating: float = 0, duplicates: str = "drop"
+) -> Interactions:
     """Reads an interaction file and sorts it by time.
 
     Args:
@@ -231,9 +251,11 @@ def read_interactions(path, fmt: str = "auto", *, columns: str = "", min_rating:
       fmt: one of FORMATS; "auto" picks by file name (`detect_format`).
       columns: column order for CSVs without a header, e.g. "item,user,timestamp" (overrides a header too).
       min_rating: MovieLens only; drop ratings below it (0 keeps all).
+      duplicates: rows repeating another (user, item, timestamp) exactly: one of DUPLICATE_POLICIES.
 
     Returns:
-      Interactions sorted by timestamp with a stable sort (ties keep file order).
+      Interactions sorted by timestamp with a stable sort (ties keep file order); `duplicates` holds how many exact
+      duplicate rows the file had.
 
     Raises:
       DataError: missing file, unknown format, malformed line (naming the line), or no interactions.
@@ -258,6 +280,7 @@ def read_interactions(path, fmt: str = "auto", *, columns: str = "", min_rating:
     if not users:
         why = f" with rating >= {min_rating}" if fmt == "movielens" and min_rating else ""
         raise DataError(f"{path}: no interactions{why} found (format {fmt})")
+    users, items, times, repeated = _handle_duplicates(path, users, items, times, duplicates)
     timestamps = np.asarray(times, dtype=np.int64)
     order = np.argsort(timestamps, kind="stable")
     return Interactions(
@@ -266,7 +289,35 @@ def read_interactions(path, fmt: str = "auto", *, columns: str = "", min_rating:
         timestamps=timestamps[order],
         path=str(path),
         file_order=order.astype(np.int64),
+        duplicates=repeated,
     )
+
+
+def _handle_duplicates(path, users, items, times, policy: str):
+    """Applies the duplicate-row policy (DUPLICATE_POLICIES); returns the rows and how many were exact repeats."""
+    if policy not in DUPLICATE_POLICIES:
+        raise DataError(f"config.data.duplicates={policy!r}: expected one of {DUPLICATE_POLICIES}")
+    seen, first_dup = set(), None
+    keep = []
+    for i, key in enumerate(zip(users, items, times)):
+        if key in seen:
+            keep.append(False)
+            first_dup = key if first_dup is None else first_dup
+        else:
+            seen.add(key)
+            keep.append(True)
+    repeated = len(keep) - len(seen)
+    if repeated and policy == "error":
+        user, item, ts = first_dup
+        raise DataError(
+            f"{path}: {repeated} rows repeat another row exactly (e.g. user {user!r}, item {item!r}, time {ts}); "
+            "set config.data.duplicates='drop' to read each once"
+        )
+    if repeated and policy == "drop":
+        users = [u for u, k in zip(users, keep) if k]
+        items = [x for x, k in zip(items, keep) if k]
+        times = [t for t, k in zip(times, keep) if k]
+    return users, items, times, repeated
 
 
 @dataclasses.dataclass
@@ -363,6 +414,7 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
         data_cfg.format,
         columns=data_cfg.columns,
         min_rating=data_cfg.min_rating,
+        duplicates=data_cfg.duplicates,
     )
 
     # (1) Users in first-seen file order; each user's interactions in time order (stable: the records are sorted).
@@ -438,7 +490,9 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
         "eval_users": len(eval_rows),
         "items_in_file": len(set(inter.items.tolist())),
         "items": len(item_vocab),
-        "interactions_in_file": len(inter),
+        "interactions_in_file": len(inter) + (inter.duplicates if data_cfg.duplicates == "drop" else 0),
+        "duplicate_rows": inter.duplicates,
+        "duplicates_policy": data_cfg.duplicates,
         "interactions_kept": len(flat),
         "interactions": len(flat),
         "avg_seq_len": float(lengths_k.mean()),
@@ -475,7 +529,11 @@ def format_stats(stats: dict) -> str:
         f"  protocol: min_seq_len={s['min_seq_len']} window={s['window'] or 'all'} max_seq_len={s['max_seq_len']}"
     )
     items = f"  items: {s['items']:,} ranked (of {s['items_in_file']:,} in file)"
-    return "\n".join([f"interactions: {s['file']}", protocol, users, items, interactions])
+    lines = [f"interactions: {s['file']}", protocol, users, items, interactions]
+    if s.get("duplicate_rows"):
+        done = {"drop": "dropped (each read once)", "keep": "kept as data"}[s["duplicates_policy"]]
+        lines.append(f"  warning: {s['duplicate_rows']:,} rows repeat another (user, item, timestamp) exactly: {done}")
+    return "\n".join(lines)
 
 
 def save_item_map(dataset: Dataset, path) -> None:

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_seq_len = 10  # SASRec input length (MicroLens max_seq_len_list = [10])
     c.data.window = 13  # keep each user's last max_seq_len + 3 items (0 = all history)
     c.data.min_rating = 0  # MovieLens only: drop ratings below this (0 = implicit feedback, keep all)
+    c.data.duplicates = "drop"  # drop | error | keep rows repeating (user, item, timestamp) exactly (data.py)
     c.data.generate = ""  # "synthetic": generate data.dir with dff_jax.synthetic when it is absent
     c.data.synthetic = ml_collections.ConfigDict()  # generator arguments when generate == "synthetic"
 
@@ -116,3 +117,116 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     if layer is not None:
         c.model.layer = layer
     return c
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+# What every field accepts, checked by `validate` before any work (data, features, compilation). Enumerations are
+# read from the modules that implement them, so a new option is accepted where it is implemented, and only there.
+
+
+def _choices() -> dict[str, tuple]:
+    from dff_jax import data, losses, metrics, models
+
+    return {
+        "data.format": data.FORMATS,
+        "data.generate": ("", "synthetic"),
+        "data.duplicates": data.DUPLICATE_POLICIES,
+        "model.item_encoder": models.ITEM_ENCODERS,
+        "model.content": models.CONTENT_MODES,
+        "model.gate_dim": models.GATE_DIMS,
+        "model.feature_norm": models.FEATURE_NORMS,
+        "model.cold_id": models.COLD_IDS,
+        "model.dedup": models.DEDUP_MODES,
+        "loss.name": losses.LOSSES,
+        "loss.proposal": ("uniform", "pop"),
+        "train.compute_dtype": ("float32", "bfloat16"),
+        "eval.ties": metrics.TIES,
+    }
+
+
+# field -> (lowest, highest, what the bound means): None = unbounded; the bounds are inclusive unless named "<".
+RANGES = {
+    "seed": (0, None, "a non-negative integer"),
+    "data.min_seq_len": (0, None, ">= 0 (0 keeps every user)"),
+    "data.max_seq_len": (1, None, ">= 1"),
+    "data.window": (0, None, ">= 0 (0 keeps the whole history)"),
+    "data.min_rating": (0, None, ">= 0"),
+    "model.embed_dim": (1, None, ">= 1"),
+    "model.num_blocks": (0, None, ">= 0"),
+    "model.num_heads": (1, None, ">= 1"),
+    "model.dropout": (0.0, "<1", "in [0, 1)"),
+    "model.gate_hidden": (0, None, ">= 0 (0: one Linear)"),
+    "model.proj_hidden": (0, None, ">= 0 (0: one Linear)"),
+    "loss.num_negatives": (1, None, ">= 1"),
+    "optim.lr": ("<0", None, "> 0"),
+    "optim.weight_decay": (0.0, None, ">= 0"),
+    "optim.b1": (0.0, "<1", "in [0, 1)"),
+    "optim.b2": (0.0, "<1", "in [0, 1)"),
+    "optim.clip_norm": (0.0, None, ">= 0 (0 = no clipping)"),
+    "optim.alpha_lr_mult": (0.0, None, ">= 0"),
+    "train.batch_size": (1, None, ">= 1"),
+    "train.num_epochs": (1, None, ">= 1"),
+    "train.patience": (0, None, ">= 0 (0 = no early stopping)"),
+    "train.keep_checkpoints": (1, None, ">= 1 (a run resumes from its latest checkpoint)"),
+    "train.log_every_steps": (1, None, ">= 1"),
+    "eval.batch_size": (1, None, ">= 1"),
+    "eval.chunk_size": (1, None, ">= 1"),
+    "eval.sampled_negatives": (0, None, ">= 0 (0 = off)"),
+    "parallel.model_axis": (1, None, ">= 1"),
+    "parallel.num_processes": (0, None, ">= 0 (0 = from the environment)"),
+    "parallel.process_id": (-1, None, ">= -1 (-1 = from the environment)"),
+    "parallel.initialization_timeout": (1, None, ">= 1 second"),
+    "parallel.cpu_devices": (0, None, ">= 0 (0 = leave alone)"),
+}
+
+
+def computed_metrics(eval_cfg) -> list[str]:
+    """The metric names evaluation reports (what `train.select_metric` may name)."""
+    names = [f"{m}@{k}" for k in eval_cfg.ks for m in ("HR", "NDCG")]
+    if eval_cfg.sampled_negatives > 0:
+        names += [f"sampled{eval_cfg.sampled_negatives}/{n}" for n in names]
+    return names
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every enumerated field, every range and the rules across fields; raises `errors.ConfigError` naming
+    the field, the value and what is allowed. Called before a run does any work (train, study, evaluate)."""
+    from dff_jax.errors import ConfigError
+
+    def get(path):
+        node = config
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+    def fail(path, value, allowed):
+        raise ConfigError(f"config.{path}={value!r}: expected {allowed}")
+
+    for path, allowed in _choices().items():
+        value = get(path)
+        if value not in allowed:
+            fail(path, value, "one of " + ", ".join(repr(a) for a in allowed))
+    for path, (lo, hi, text) in RANGES.items():
+        value = get(path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(path, value, f"a number {text}")
+        if isinstance(lo, str) and value <= float(lo[1:]) or not isinstance(lo, str) and value < lo:
+            fail(path, value, text)
+        if hi is not None and (value >= float(hi[1:]) if isinstance(hi, str) else value > hi):
+            fail(path, value, text)
+        if isinstance(lo, int) and not isinstance(lo, bool) and isinstance(value, float) and not value.is_integer():
+            fail(path, value, f"an integer {text}")
+    m, e, t = config.model, config.eval, config.train
+    if m.embed_dim % m.num_heads:
+        fail("model.embed_dim", m.embed_dim, f"a multiple of model.num_heads={m.num_heads}")
+    if not e.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks):
+        fail("eval.ks", e.ks, "a non-empty tuple of positive integers, e.g. (10, 20)")
+    bins = list(e.cold_bins)
+    if not bins or bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:])):
+        fail("eval.cold_bins", e.cold_bins, "increasing integers starting at 0, e.g. (0, 1, 5, 20)")
+    if t.select_metric not in computed_metrics(e):
+        fail("train.select_metric", t.select_metric, "one of the computed metrics " + ", ".join(computed_metrics(e)))
+    if config.data.generate == "synthetic" and not config.data.dir:
+        fail("data.dir", config.data.dir, "a folder for the generated synthetic data")
+    if m.item_encoder != "id" and not config.features.dir:
+        fail("features.dir", config.features.dir, f"a feature folder (model.item_encoder={m.item_encoder!r})")

@@ -17,6 +17,10 @@ class UserError(Exception):
     """A problem in what the user gave (data, features, config, run directory); the message says what and where."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value outside what the code accepts; the message names the field, the value and what is allowed."""
+
+
 class TrainError(UserError):
     """A run that cannot start or go on (non-finite loss, missing features, a checkpoint that is not there)."""
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dff_jax import data as data_lib
-from dff_jax import metrics, parallel, records, train_state
+from dff_jax import defaults, metrics, parallel, records, train_state
 from dff_jax.errors import TrainError, exit_on_user_error
 
 # ------------------------------------------------------------------------------------------------- device functions
@@ -177,6 +177,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> dict:
     """
     workdir = Path(workdir)
     config = load_config(workdir)
+    defaults.validate(config)
     parallel.initialize(config.parallel)
     dataset, state, static, frozen = train_state.build_run(config)
     saved = data_lib.load_item_map(workdir / "item_map.json")

@@ -20,6 +20,7 @@ This module deliberately does not import jax: the table is plain numpy, loading 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -37,12 +38,18 @@ HOW_TO_PRODUCE = (
     "dataset, `python -m dff_jax.synthetic --out DIR`"
 )
 
-# Bits of the exponent field per dtype: a value is NaN or +-Inf exactly when all of them are set (IEEE 754);
-# testing the raw bits is one integer pass and works the same for bfloat16, which numpy has no native loop for.
-_EXPONENT_MASK = {
-    "bfloat16": (np.uint16, 0x7F80),
-    "float16": (np.uint16, 0x7C00),
-    "float32": (np.uint32, 0x7F800000),
+# Plausibility: a value is rejected when |x| >= 2**20 (about 1.05e6), or NaN/Inf. LVLM hidden states are large in a
+# few "massive activation" dimensions (Sun et al., 2024, report a few thousand, up to ~1e4, in LLaMA-class models);
+# 2**20 is two orders of magnitude above that, so a value beyond it is a corrupted record (a flipped exponent bit,
+# uninitialised memory), and one such value would dominate its dimension's standardisation statistics. The test is
+# on the raw bits: |x| >= 2**20 exactly when the sign-cleared bit pattern is >= that of 2**20 (IEEE 754 orders
+# non-negative floats like their bit patterns), which also catches NaN and Inf; one integer pass per record, the
+# same for bfloat16, which numpy has no native loop for. float16 cannot exceed 65504, so only its Inf/NaN count.
+MAX_ABS = 2.0**20
+_ABS_BITS = {  # dtype -> (unsigned view, mask clearing the sign bit, bit pattern of the smallest implausible |x|)
+    "bfloat16": (np.uint16, 0x7FFF, 0x4980),
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "float32": (np.uint32, 0x7FFFFFFF, 0x49800000),
 }
 
 
@@ -62,6 +69,8 @@ class FeatureTable:
       unused: records for items that are not in the dataset (e.g. dropped by the protocol); ignored.
       records: records read in all shards.
       files: shards read.
+      identical: (item, earlier item) pairs whose loaded rows are exactly equal (duplicate videos, zero-filled
+        extraction failures): such items tie in every score, so `replace` cannot tell them apart.
     """
 
     table: np.ndarray
@@ -71,6 +80,7 @@ class FeatureTable:
     unused: int = 0
     records: int = 0
     files: int = 0
+    identical: list = dataclasses.field(default_factory=list)
 
     def report(self) -> str:
         """One line saying what was loaded, for logs."""
@@ -79,6 +89,55 @@ class FeatureTable:
             f"{self.table.dtype} ({self.table.nbytes / 1e6:.1f} MB) from {self.records} records in {self.files} "
             f"shards; {self.unused} records for items not in the dataset ignored; {self.missing} items zero-filled"
         )
+
+
+def standardize_stats(table: np.ndarray, chunk: int = 4096, sample: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer, per-dimension mean and 1/std of a feature table over real items (rows 1..N), robust to outliers.
+
+    The mean and standard deviation are taken over values clipped to [q1 - 3 s, q99 + 3 s] with s = q99 - q1, the
+    1st and 99th percentiles of an evenly spaced sample of at most `sample` items (docs/protocol.md section 8): a
+    value that far out (about 16 standard deviations for a Gaussian dimension) is an outlier no healthy item has, so
+    one bad item adds at most ~(16 sigma)^2 / N to its dimension's variance instead of squashing every other item to ~0. For well-behaved features nothing is clipped and the result is the plain mean and
+    standard deviation. Computed once at build time in float64, in chunks of items, so a large float16 table is never
+    copied whole.
+
+    Returns:
+        (mean [L, H] float32, inv_std [L, H] float32). The std is floored at 1e-3 of the layer's median std so
+        near-constant dimensions are not blown up (the median: one dimension gone wrong cannot raise the floor of
+        its whole layer).
+    """
+    rows = table.shape[0] - 1
+    if rows < 1:
+        raise ValueError("feature table: needs at least one real item row besides padding row 0")
+    picked = np.unique(np.linspace(1, rows, min(rows, sample)).round().astype(np.int64))
+    lo = np.empty(table.shape[1:], np.float64)
+    hi = np.empty(table.shape[1:], np.float64)
+    for layer in range(table.shape[1]):  # one layer at a time: [sample, H] floats in memory
+        q1, q99 = np.quantile(np.asarray(table[picked, layer], np.float64), [0.01, 0.99], axis=0)
+        lo[layer], hi[layer] = q1 - 3 * (q99 - q1), q99 + 3 * (q99 - q1)
+    total = np.zeros(table.shape[1:], np.float64)
+    total_sq = np.zeros(table.shape[1:], np.float64)
+    for start in range(1, table.shape[0], chunk):
+        block = np.clip(np.asarray(table[start : start + chunk], dtype=np.float64), lo, hi)
+        total += block.sum(0)
+        total_sq += np.square(block).sum(0)
+    mean = total / rows
+    std = np.sqrt(np.maximum(total_sq / rows - np.square(mean), 0.0))
+    floor = 1e-3 * np.median(std, axis=1, keepdims=True) + 1e-12
+    return mean.astype(np.float32), (1.0 / np.maximum(std, floor)).astype(np.float32)
+
+
+def _describe_implausible(array: np.ndarray) -> str:
+    """Which stored rows hold NaN/Inf or |x| >= MAX_ABS, and the worst value, for the error message."""
+    values = array.astype(np.float32)
+    bad = ~np.isfinite(values) | (np.abs(values) >= MAX_ABS)
+    rows = sorted(set(np.nonzero(bad)[0].tolist()))
+    finite = values[bad & np.isfinite(values)]
+    worst = f"; largest |value| {float(np.abs(finite).max()):.4g}" if finite.size else ""
+    return (
+        f"{int(bad.sum())} values that are NaN, Inf or of magnitude >= 2**20 (implausible for a hidden state: "
+        f"docs/protocol.md section 8) in stored layer rows {rows[:10]}{worst}"
+    )
 
 
 def resolve_layers(layers: Sequence[int] | None, stored: int, where: str) -> list[int]:
@@ -173,7 +232,7 @@ def load_features(
     if len(index) != len(item_ids) - 1:
         raise ValueError("item_ids holds the same raw id twice")
     dtype = records.numpy_dtype(schema.dtype)
-    bits_dtype, exponent = _EXPONENT_MASK[schema.dtype]
+    bits_dtype, abs_mask, implausible = _ABS_BITS[schema.dtype]
     expected_shape = (schema.layers, schema.hidden_size)
     all_layers = kept == list(range(schema.layers))
     # One allocation for the whole table; np.zeros maps untouched pages lazily, so rows never
@@ -181,6 +240,8 @@ def load_features(
     table = np.zeros((len(item_ids), len(kept), schema.hidden_size), dtype)
     scratch = np.empty(expected_shape, bits_dtype)
     seen: dict[str, tuple[str, int]] = {}  # raw id -> (file, record) of its first record
+    by_content: dict[bytes, int] = {}  # digest of a strided sample of a loaded row -> the first table row with it
+    identical: list[tuple[str, str]] = []  # (item, an earlier item whose stored row is exactly the same)
     filled = np.zeros(len(item_ids), bool)
     num_records = unused = 0
     for shard in shards:
@@ -201,13 +262,9 @@ def load_features(
                         f"{where}: item {item_id} stored twice: also {first_file}: record {first_number}"
                     )
                 seen[item_id] = (str(shard), number)
-                np.bitwise_and(array.view(bits_dtype), exponent, out=scratch)
-                if scratch.max() == exponent:
-                    bad = ~np.isfinite(array.astype(np.float32))
-                    layer_rows = sorted(set(np.nonzero(bad)[0].tolist()))
-                    raise FeatureError(
-                        f"{where}: item {item_id}: {int(bad.sum())} NaN/Inf values (in stored rows {layer_rows[:10]})"
-                    )
+                np.bitwise_and(array.view(bits_dtype), abs_mask, out=scratch)
+                if scratch.max() >= implausible:
+                    raise FeatureError(f"{where}: item {item_id}: {_describe_implausible(array)}")
                 num_records += 1
                 row = index.get(item_id)
                 if row is None:
@@ -218,6 +275,11 @@ def load_features(
                 else:
                     np.take(array, kept, axis=0, out=table[row])
                 filled[row] = True
+                # Exact duplicates: hash every 16th value (cheap next to the copy above), confirm on the full row.
+                digest = hashlib.blake2b(table[row].reshape(-1)[::16].tobytes(), digest_size=16).digest()
+                first = by_content.setdefault(digest, row)
+                if first != row and np.array_equal(table[row].view(bits_dtype), table[first].view(bits_dtype)):
+                    identical.append((item_id, item_ids[first]))
         except records.RecordError as e:
             raise FeatureError(str(e)) from None
 
@@ -241,8 +303,11 @@ def load_features(
         unused=unused,
         records=num_records,
         files=len(shards),
+        identical=identical,
     )
     log.info(result.report())
+    if identical:
+        log.warning("%s: %d items have exactly the same features as an earlier item", directory, len(identical))
     if result.missing:
         log.warning("%s: %d items have no features and were zero-filled", directory, result.missing)
     return result

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dff_jax.features import standardize_stats
+
 ITEM_ENCODERS = ("id", "replace", "fusion")
 CONTENT_MODES = ("layer", "mean", "learned")
 FEATURE_NORMS = ("none", "layernorm", "standardize")
@@ -87,30 +89,6 @@ def dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
     if keep is None:
         return x
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def standardize_stats(table: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer, per-dimension mean and 1/std of a feature table over real items (rows 1..N).
-
-    Computed once at build time in float64, in chunks of items, so a large float16 table is never copied whole.
-
-    Returns:
-        (mean [L, H] float32, inv_std [L, H] float32). The std is floored at 1e-3 of the layer's mean std so
-        near-constant dimensions are not blown up.
-    """
-    rows = table.shape[0] - 1
-    if rows < 1:
-        raise ValueError("feature table: needs at least one real item row besides padding row 0")
-    total = np.zeros(table.shape[1:], np.float64)
-    total_sq = np.zeros(table.shape[1:], np.float64)
-    for start in range(1, table.shape[0], chunk):
-        block = np.asarray(table[start : start + chunk], dtype=np.float64)
-        total += block.sum(0)
-        total_sq += np.square(block).sum(0)
-    mean = total / rows
-    std = np.sqrt(np.maximum(total_sq / rows - np.square(mean), 0.0))
-    floor = 1e-3 * std.mean(axis=1, keepdims=True) + 1e-12
-    return mean.astype(np.float32), (1.0 / np.maximum(std, floor)).astype(np.float32)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

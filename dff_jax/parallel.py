@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dff_jax.errors import ConfigError
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -171,12 +173,12 @@ def make_mesh(parallel_cfg: ml_collections.ConfigDict, devices: list | None = No
       devices: devices to use (default `jax.devices()`), e.g. one device for a reference run.
 
     Raises:
-      ValueError: the device count is not a multiple of model_axis.
+      ConfigError: the device count is not a multiple of model_axis.
     """
     model = int(parallel_cfg.model_axis)
     devs = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
     if model < 1 or len(devs) % model:
-        raise ValueError(
+        raise ConfigError(
             f"config.parallel.model_axis={model} must be >= 1 and divide the device count {len(devs)} "
             f"({jax.process_count()} process(es) x {len(devs) // max(jax.process_count(), 1)} device(s))"
         )
@@ -184,7 +186,7 @@ def make_mesh(parallel_cfg: ml_collections.ConfigDict, devices: list | None = No
     if jax.process_count() > 1 and local % model:
         # Each process feeds an even, disjoint slice of every batch (data.train_batches' process slices); a model
         # axis spanning processes would need identical rows on several processes.
-        raise ValueError(
+        raise ConfigError(
             f"config.parallel.model_axis={model} must divide the {local} devices of each process so the model axis "
             "stays inside one host"
         )
@@ -196,7 +198,7 @@ def check_global_batch(batch_size: int, mesh: Mesh) -> None:
     """Raises a clear ValueError unless the global batch splits evenly over the "data" axis."""
     data = mesh.shape[DATA_AXIS]
     if batch_size <= 0 or batch_size % data:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {batch_size} (global, over all processes) must be a positive multiple of the data-parallel "
             f"size {data} (= {mesh.size} devices / model_axis {mesh.shape[MODEL_AXIS]}); "
             f"e.g. use {max(data, (batch_size // data) * data)} or {(batch_size // data + 1) * data}"
@@ -228,7 +230,7 @@ def item_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
         return P(MODEL_AXIS)
     if len(shape) >= 2 and shape[-1] % m == 0:
         return P(*([None] * (len(shape) - 1)), MODEL_AXIS)
-    raise ValueError(
+    raise ConfigError(
         f"shard_items: an item-indexed array of shape {shape} can be split over model_axis={m} neither by rows "
         f"({shape[0]} % {m} != 0) nor by its last dim ({shape[-1]} % {m} != 0); choose a model_axis dividing one of them"
     )

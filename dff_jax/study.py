@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         mine = jobs[shard_i::shard_n]
         configs = {j: run_config(config, j.run, config.seed + j.seed_index, feats) for j in mine}
+        for c in configs.values():  # every row's config before the first run trains
+            defaults.validate(c)
         t0 = time.time()
         stats = run_jobs(mine, configs, out)
         print(

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from dff_jax import data as data_lib
-from dff_jax import evaluate, parallel, records, synthetic, train_state
+from dff_jax import defaults, evaluate, parallel, records, synthetic, train_state
 from dff_jax.errors import TrainError, exit_on_user_error
 
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
@@ -34,6 +34,7 @@ __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains with early stopping on validation, tests the best checkpoint, writes and returns results.json."""
     workdir = Path(workdir)
+    defaults.validate(config)  # every field before any work: a bad value never costs an epoch
     parallel.initialize(config.parallel)  # before any jax use: joins a multi-process job, sets simulated devices
     main = parallel.is_main_process()
     if (workdir / "results.json").is_file():

@@ -63,6 +63,12 @@ def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> 
     )
     if loaded.missing and parallel.is_main_process():
         print(f"features: {loaded.missing} of {dataset.num_items} items have no features and were zero-filled")
+    if loaded.identical and parallel.is_main_process():
+        item, same = loaded.identical[0]
+        print(
+            f"features: warning: {len(loaded.identical)} items have exactly the features of an earlier item (e.g. "
+            f"{item} = {same}); they tie in every content score (duplicate videos or zero-filled failures?)"
+        )
     return loaded.table
 
 

@@ -3,11 +3,10 @@
 import json
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 
-from dff_jax import data
+from dff_jax import data, defaults
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -16,19 +15,8 @@ HAND_TSV = "u1\ta b c d e\nu2\tb w\nu3\tf g h i j k l m n o p q r s t\nu4\ta f x
 
 
 def config(directory, name, **overrides):
-    c = ml_collections.ConfigDict(
-        {
-            "dir": str(directory),
-            "interactions": name,
-            "format": "auto",
-            "columns": "",
-            "min_seq_len": 5,
-            "max_seq_len": 10,
-            "window": 13,
-            "min_rating": 0,
-        }
-    )
-    c.update(overrides)
+    c = defaults.base_config().data
+    c.update({"dir": str(directory), "interactions": name, **overrides})
     return c
 
 

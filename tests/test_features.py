@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dff_jax import records
+from dff_jax import features, records
 from dff_jax.features import FeatureError, load_features
 
 LAYERS, HIDDEN = 4, 6
@@ -131,21 +131,52 @@ def test_nan_or_inf_names_item_and_file(tmp_path, dtype, bad):
     array[2, 3] = bad
     _make_folder(tmp_path, [["i1"], ["i2"]], dtype=dtype, arrays={"i2": array})
     with pytest.raises(
-        FeatureError, match=r"part-1.tfrecord: record 0: item i2: 1 NaN/Inf values \(in stored rows \[2\]"
-    ):
+        FeatureError, match=r"part-1.tfrecord: record 0: item i2: 1 values that are NaN, Inf or of magnitude >= 2\*\*20"
+    ) as e:
         load_features(tmp_path, ["", "i1", "i2"])
+    assert "layer rows [2]" in str(e.value)
 
 
-def test_largest_finite_values_pass(tmp_path):
-    """The exponent-bit test must not flag the largest finite numbers of each dtype."""
-    for dtype in records.DTYPES:
+def test_implausible_magnitudes_are_refused_and_plausible_ones_pass(tmp_path):
+    """|x| >= 2**20 is no LVLM hidden state (docs/protocol.md section 8): the -2.99e38 of a corrupted record stops the
+    load naming item, layer and value; just below the bound, and float16's largest finite value, load unchanged."""
+    for dtype in ("bfloat16", "float32"):
         np_dtype = records.numpy_dtype(dtype)
-        info = ml_dtypes.finfo(np_dtype)  # numpy's finfo does not know bfloat16
-        array = np.full((LAYERS, HIDDEN), info.max, np_dtype)
-        array[0, 0] = info.min
-        folder = tmp_path / dtype
-        _make_folder(folder, [["i1"]], dtype=dtype, arrays={"i1": array})
-        assert load_features(folder, ["", "i1"]).table[1, 0, 0] == info.min
+        below = np.asarray(2.0**20 - 2.0**12, np_dtype)  # the largest bfloat16 below 2**20 (exact in float32 too)
+        array = np.full((LAYERS, HIDDEN), below, np_dtype)
+        array[0, 0] = -below
+        _make_folder(tmp_path / f"ok-{dtype}", [["i1"]], dtype=dtype, arrays={"i1": array})
+        assert load_features(tmp_path / f"ok-{dtype}", ["", "i1"]).table[1, 0, 0] == -below
+        array = _item_array(1, dtype)
+        array[1, 2] = np.asarray(-2.99e38, np_dtype)
+        _make_folder(tmp_path / f"bad-{dtype}", [["i1"]], dtype=dtype, arrays={"i1": array})
+        with pytest.raises(
+            FeatureError, match=r"item i1: 1 values .* layer rows \[1\]; largest \|value\| 2.99\d*e\+38"
+        ):
+            load_features(tmp_path / f"bad-{dtype}", ["", "i1"])
+    array = np.full((LAYERS, HIDDEN), ml_dtypes.finfo(np.float16).max, np.float16)
+    _make_folder(tmp_path / "f16", [["i1"]], dtype="float16", arrays={"i1": array})
+    assert load_features(tmp_path / "f16", ["", "i1"]).table[1, 0, 0] == 65504
+
+
+def test_identical_feature_rows_are_reported(tmp_path):
+    same = _item_array(1, "float32")
+    _make_folder(tmp_path, [["i1", "i2", "i3"]], dtype="float32", arrays={"i1": same, "i3": same.copy()})
+    loaded = load_features(tmp_path, ["", "i1", "i2", "i3"])
+    assert loaded.identical == [("i3", "i1")]
+
+
+def test_one_outlying_item_does_not_erase_its_dimension_or_layer():
+    """The issue's case: one large value in one item made its layer's scale ~1e33 and every other item ~0."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(2001, 3, 8)).astype(np.float32)
+    clean_mean, clean_inv = features.standardize_stats(table)
+    table[17, 0, 5] = 5e5  # plausible by magnitude, absurd for its dimension
+    mean, inv = features.standardize_stats(table)
+    # Unclipped, dimension 5's std would be ~5e5 / sqrt(2000) ~ 1e4 times too large; clipped, it moves by <= 10%.
+    np.testing.assert_allclose(inv, clean_inv, rtol=0.1)
+    np.testing.assert_allclose(mean, clean_mean, atol=0.05)
+    np.testing.assert_array_equal(inv[1:], clean_inv[1:])  # the other layers see exactly the same statistics
 
 
 def test_num_items_mismatch_names_schema(tmp_path):

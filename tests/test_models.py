@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from dff_jax import defaults, features
-from dff_jax.models import FrozenFeatures, Recommender, standardize_stats, standardized_table
+from dff_jax.features import standardize_stats
+from dff_jax.models import FrozenFeatures, Recommender, standardized_table
 
 N, D, LAYERS, H, L = 11, 8, 3, 6, 4
 
