@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.feature_norm = "standardize"  # none | layernorm | standardize (per stored layer, from the table)
     c.model.cold_id = "random"  # random (MicroLens init) | zero: ID rows of items unseen in training start (and stay) 0
     c.model.dedup = "auto"  # auto | none | unique: embed each distinct item of a batch once (models.ItemEncoder)
+    c.model.arch = "microlens"  # microlens (the paper's SASRec baseline) | sasrec (Kang & McAuley, as the torch port)
+    c.model.rng_impl = "threefry2x32"  # PRNG of dropout and negatives: threefry2x32 (jax default) | rbg | unsafe_rbg
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "inbatch_logq"  # inbatch_logq (MicroLens) | full_softmax | sampled_softmax | bce (NineRec)
@@ -137,6 +139,8 @@ def _choices() -> dict[str, tuple]:
         "model.feature_norm": models.FEATURE_NORMS,
         "model.cold_id": models.COLD_IDS,
         "model.dedup": models.DEDUP_MODES,
+        "model.arch": models.ARCHS,
+        "model.rng_impl": models.RNG_IMPLS,
         "loss.name": losses.LOSSES,
         "loss.proposal": ("uniform", "pop"),
         "train.compute_dtype": ("float32", "bfloat16"),
