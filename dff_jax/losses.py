@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dff_jax.models import as_impl
+
 LOSSES = ("inbatch_logq", "full_softmax", "sampled_softmax", "bce")
 INBATCH_MASK = -1e4  # the value MicroLens writes into masked in-batch logits
 NEG_INF = -1e9  # for candidates that must never win (padding column, negatives equal to the positive)
@@ -229,6 +231,8 @@ def compute_loss(
     """
     inputs, targets = batch["inputs"], batch["targets"]
     valid = (inputs != 0) & (targets != 0)
+    # The model's PRNG implementation (models.as_impl; the default threefry2x32 leaves rng as it is).
+    rng = as_impl(rng, model.rng_impl)
     drop_key, sample_key = jax.random.split(rng)
     if name == "inbatch_logq":
         # The window is the user's L+1 items; embed it once for the encoder inputs and the candidates.

@@ -18,6 +18,14 @@ Item encoders (``item_encoder``):
 Pre-LN option (``pre_ln=True``): x = item + position -> dropout -> blocks x + f(LN(x)) -> final LayerNorm, the usual
 pre-LN arrangement; the default post-LN is MicroLens's.
 
+Sequence architectures (``arch``): "microlens" (default, above; the paper's tables) or "sasrec", the original SASRec
+of Kang & McAuley (2018) as the widely used PyTorch port implements it (docs/benchmarks.md, "The original SASRec"):
+x = sqrt(d) * e + p (learned positions 1..L; padding slots get a zero position vector) -> dropout -> blocks
+(``OriginalBlock``: Q/K/V/output projections with biases, causal mask only, dropout on the attention weights, FFN
+d -> d -> d with ReLU and dropout after each Linear; post-LN x = LN(x + MHA(x)), x = LN(x + FFN(x)), or pre-LN with
+``pre_ln``) -> a final LayerNorm, LayerNorm eps 1e-8, xavier-normal weight matrices (the port runs
+``xavier_normal_`` over every parameter it can). Candidates are scored against the unscaled e.
+
 The content vector e_v = Proj(Agg(h)) is computed from the frozen feature table [N+1, L_sel, H] that the caller has
 already cut to the rows the model reads (``features.model_rows``; ``content``): ``layer`` is one row, ``mean``
 averages the rows uniformly (paper section 4.3), ``learned`` weighs them with DFF's global learnable alpha (paper
@@ -44,6 +52,10 @@ from flax import nnx
 
 from dff_jax.features import standardize_stats
 
+ARCHS = ("microlens", "sasrec")
+# jax.random implementations the step's dropout and negatives may draw from (``model.rng_impl``): "threefry2x32"
+# is jax's default (the stream every run had before the option); the RBG ones are several times cheaper on CPU.
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 ITEM_ENCODERS = ("id", "replace", "fusion")
 CONTENT_MODES = ("layer", "mean", "learned")
 FEATURE_NORMS = ("none", "layernorm", "standardize")
@@ -51,6 +63,7 @@ GATE_DIMS = ("vector", "scalar")
 DEDUP_MODES = ("auto", "none", "unique")
 COLD_IDS = ("random", "zero")
 LN_EPS = 1e-6  # MicroLens SASRec LayerNorm eps (protocol section 4)
+ORIGINAL_LN_EPS = 1e-8  # the SASRec PyTorch port's LayerNorm eps (arch="sasrec")
 MASK_VALUE = -1e9  # finite, like MicroLens's additive -1e9 mask
 KEYS_PER_BLOCK = 3  # dropout sites per block: attention probabilities, attention output, FFN output
 # torch.nn.init.xavier_normal_ (untruncated normal, fan_avg), used by MicroLens for every Linear and Embedding.
@@ -64,6 +77,19 @@ class FrozenFeatures(nnx.Variable):
 def _xavier_normal(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
     # torch.nn.init.xavier_normal_ on an [rows, cols] embedding: std = sqrt(2 / (rows + cols)).
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / (shape[0] + shape[1]))
+
+
+def as_impl(key: jax.Array, impl: str) -> jax.Array:
+    """``key`` as a key of the jax.random implementation ``impl`` (one of RNG_IMPLS).
+
+    "threefry2x32" returns ``key`` itself, so the default keeps the random stream it always had. The others are
+    seeded with 4 threefry words of ``key``: a deterministic function of it, so a resumed run draws the same masks.
+    """
+    if impl not in RNG_IMPLS:
+        raise ValueError(f"model config: rng_impl must be one of {RNG_IMPLS}, got {impl!r}")
+    if impl == "threefry2x32":
+        return key
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
 
 
 def dropout_keeps(key: jax.Array | None, rate: float, shapes: list[tuple[int, ...]]) -> list[jax.Array | None]:
@@ -232,6 +258,66 @@ class Block(nnx.Module):
         return self.ffn_ln(x + self.feed_forward(x, keys))
 
 
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def _torch_bias(fan_in: int):
+    """torch's default Linear/Conv1d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the port's xavier pass skips
+    1-D tensors, so its FFN biases keep it."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class OriginalBlock(nnx.Module):
+    """One block of the original SASRec (Kang & McAuley 2018) as the PyTorch port builds it (arch="sasrec").
+
+    Attention is ``torch.nn.MultiheadAttention``: Q/K/V and output projections with biases (zero-initialised),
+    dropout on the attention weights only, no dropout on its output. Its Q/K/V weights are one packed [3d, d]
+    matrix, so xavier-normal gives them std sqrt(2 / (d + 3d)); the output projection's is sqrt(2 / (d + d)).
+    The FFN is two kernel-1 Conv1d d -> d (a Linear each) with dropout after each and ReLU between. Post-LN:
+    x = LN(x + MHA(x)); x = LN(x + FFN(x)); pre-LN: x = x + MHA(LN(x)); x = x + FFN(LN(x)). LayerNorm eps 1e-8.
+    """
+
+    def __init__(self, d: int, num_heads: int, rate: float, pre_ln: bool, *, rngs: nnx.Rngs):
+        if d % num_heads:
+            raise ValueError(f"model config: embed_dim {d} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.rate, self.pre_ln = num_heads, rate, pre_ln
+        packed, square = _normal(math.sqrt(2.0 / (4 * d))), _normal(math.sqrt(1.0 / d))
+        zeros = nnx.initializers.zeros_init()
+        self.query = nnx.Linear(d, d, kernel_init=packed, bias_init=zeros, rngs=rngs)
+        self.key = nnx.Linear(d, d, kernel_init=packed, bias_init=zeros, rngs=rngs)
+        self.value = nnx.Linear(d, d, kernel_init=packed, bias_init=zeros, rngs=rngs)
+        self.out = nnx.Linear(d, d, kernel_init=square, bias_init=zeros, rngs=rngs)
+        self.attn_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
+        self.ffn_in = nnx.Linear(d, d, kernel_init=square, bias_init=_torch_bias(d), rngs=rngs)
+        self.ffn_out = nnx.Linear(d, d, kernel_init=square, bias_init=_torch_bias(d), rngs=rngs)
+        self.ffn_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
+
+    def attention(self, x: jax.Array, allowed: jax.Array, keep: jax.Array | None) -> jax.Array:
+        b, length, d = x.shape
+        h = self.num_heads
+        q = self.query(x).reshape(b, length, h, d // h)
+        k = self.key(x).reshape(b, length, h, d // h)
+        v = self.value(x).reshape(b, length, h, d // h)
+        scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
+        scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        probs = dropout(probs, self.rate, keep)
+        return self.out(jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(b, length, d))
+
+    def feed_forward(self, x: jax.Array, keys: list) -> jax.Array:
+        # relu(dropout(a)) == dropout(relu(a)): the port's order (dropout1 before the ReLU) changes nothing.
+        return dropout(self.ffn_out(jax.nn.relu(dropout(self.ffn_in(x), self.rate, keys[1]))), self.rate, keys[2])
+
+    def __call__(self, x: jax.Array, allowed: jax.Array, keys: list) -> jax.Array:
+        if self.pre_ln:
+            x = x + self.attention(self.attn_ln(x), allowed, keys[0])
+            return x + self.feed_forward(self.ffn_ln(x), keys)
+        x = self.attn_ln(x + self.attention(x, allowed, keys[0]))
+        return self.ffn_ln(x + self.feed_forward(x, keys))
+
+
 class ItemEncoder(nnx.Module):
     """Item index -> e (``item_encoder`` "id", "replace" or "fusion"; module docstring), padding 0 -> zeros."""
 
@@ -366,6 +452,7 @@ class SASRec(nnx.Module):
     def __init__(
         self,
         *,
+        arch: str,
         embed_dim: int,
         max_seq_len: int,
         num_blocks: int,
@@ -374,12 +461,24 @@ class SASRec(nnx.Module):
         pre_ln: bool,
         rngs: nnx.Rngs,
     ):
+        if arch not in ARCHS:
+            raise ValueError(f"model config: arch must be one of {ARCHS}, got {arch!r}")
         d = int(embed_dim)
+        self.arch = arch
         self.rate, self.pre_ln, self.num_heads = float(dropout), bool(pre_ln), int(num_heads)
-        self.position = nnx.Param(_xavier_normal(rngs.params(), (int(max_seq_len), d)))
-        # Post-LN (MicroLens): LayerNorm(item + position) before the blocks. Pre-LN: a final LayerNorm after them.
-        self.seq_ln = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.blocks = nnx.List([Block(d, self.num_heads, self.rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
+        if arch == "microlens":
+            self.position = nnx.Param(_xavier_normal(rngs.params(), (int(max_seq_len), d)))
+            # Post-LN (MicroLens): LayerNorm(item + position) before the blocks. Pre-LN: a final LayerNorm after them.
+            self.seq_ln = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
+            block = Block
+        else:
+            # The port's position table is [L+1, d] with row 0 (padding) zeroed; we keep rows 1..L, drawn with the
+            # xavier std of the whole [L+1, d] table. seq_ln is its final LayerNorm (after the blocks, both LN modes).
+            std = math.sqrt(2.0 / (int(max_seq_len) + 1 + d))
+            self.position = nnx.Param(jax.random.normal(rngs.params(), (int(max_seq_len), d), jnp.float32) * std)
+            self.seq_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
+            block = OriginalBlock
+        self.blocks = nnx.List([block(d, self.num_heads, self.rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
 
     def __call__(self, x: jax.Array, inputs: jax.Array, *, deterministic: bool, rng: jax.Array | None) -> jax.Array:
         """Outputs per position for item embeddings ``x`` [B, L, d] of the left-padded ``inputs`` [B, L]."""
@@ -390,6 +489,8 @@ class SASRec(nnx.Module):
         # Dropout sites: embeddings, then per block attention probabilities, attention output, FFN output.
         shapes = [(b, length, d)] + [(b, h, length, length), (b, length, d), (b, length, d)] * len(self.blocks)
         keys = dropout_keeps(None if deterministic else rng, self.rate, shapes)
+        if self.arch == "sasrec":
+            return self._original(x, inputs, keys)
         x = x + self.position[...][:length]
         if not self.pre_ln:
             x = self.seq_ln(x)
@@ -406,6 +507,20 @@ class SASRec(nnx.Module):
             x = self.seq_ln(x)
         return x
 
+    def _original(self, x: jax.Array, inputs: jax.Array, keys: list) -> jax.Array:
+        """arch="sasrec" (module docstring): the port's ``log2feats``."""
+        length, d = x.shape[1], x.shape[2]
+        valid = (inputs != 0)[..., None]
+        # Column j holds position j + 1 (positions count from the left edge of the padded row, as in the port);
+        # padding slots get the zero position row.
+        x = x * math.sqrt(d) + jnp.where(valid, self.position[...][:length].astype(x.dtype), 0)
+        x = dropout(x, self.rate, keys[0])
+        # Causal mask only: as in the port, real positions also attend to the (padding) slots before them.
+        allowed = jnp.tril(jnp.ones((length, length), bool))[None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)])
+        return self.seq_ln(x)
+
 
 class Recommender(nnx.Module):
     """SASRec over fused item embeddings: ``Recommender(num_items, table, **config.model, train_counts=, rngs=)``.
@@ -416,6 +531,8 @@ class Recommender(nnx.Module):
             (``features.model_rows`` of ``content``/``layer``/``layers``); None for the ``id`` encoder.
         layer, layers: which stored rows ``table`` holds (config.model); checked against its width here, so a table
             that was not cut to them cannot slip through.
+        arch: the sequence architecture, "microlens" or "sasrec" (module docstring).
+        rng_impl: the jax.random implementation of the training randomness (``as_impl``; RNG_IMPLS).
         train_counts: [N+1] train interactions per item (``data.Dataset.item_counts``); needed by cold_id="zero".
         other keywords: the ``config.model`` fields (dff_jax/defaults.py), used as the module docstring says.
         rngs: parameter init keys.
@@ -443,9 +560,13 @@ class Recommender(nnx.Module):
         feature_norm: str,
         cold_id: str,
         dedup: str,
+        arch: str,
+        rng_impl: str,
         train_counts: np.ndarray | None = None,
         rngs: nnx.Rngs,
     ):
+        if rng_impl not in RNG_IMPLS:
+            raise ValueError(f"model config: rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
         if item_encoder != "id":
             _check_table(table, num_items, content, layer, layers)
         self.items = ItemEncoder(
@@ -465,6 +586,7 @@ class Recommender(nnx.Module):
             rngs=rngs,
         )
         self.sasrec = SASRec(
+            arch=arch,
             embed_dim=embed_dim,
             max_seq_len=max_seq_len,
             num_blocks=num_blocks,
@@ -474,6 +596,7 @@ class Recommender(nnx.Module):
             rngs=rngs,
         )
         self.num_items, self.embed_dim = int(num_items), int(embed_dim)
+        self.rng_impl = rng_impl
 
     def item_embeddings(self, items: jax.Array) -> jax.Array:
         """[...] item indices -> [..., d] (``ItemEncoder.__call__``)."""
