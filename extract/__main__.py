@@ -34,14 +34,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--adapter", default=None, help="minicpmv or package.module:Class (see extract/adapters.py)")
     p.add_argument("--flush-every", type=int, default=256, help="items per shard file (a kill loses at most these)")
-    p.add_argument("--max-pixels", type=int, default=None, help="cap per-frame pixels of Qwen-style video processors")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="pixels per frame for Qwen-VL video processors (default: the family's budget, extract/README.md)",
+    )
+    p.add_argument(
+        "--attn-implementation", default=None, help="sdpa|eager|flash_attention_2|... (default: the model's)"
+    )
     p.add_argument(
         "--captions", action="store_true", help="caption-centric features (paper 4.2) instead of hidden states"
     )
     p.add_argument("--caption-source", default="generate", help="generate (the model writes one paragraph) | title")
     p.add_argument("--caption-tokens", type=int, default=128, help="max new tokens per caption")
     p.add_argument("--text-encoder", default=None, help="sentence encoder for --captions (mean pooling)")
-    p.add_argument("--decode-workers", type=int, default=2, help="threads decoding media ahead of the model")
+    p.add_argument(
+        "--decode-workers", type=int, default=2, help="threads decoding + preprocessing media ahead of the model"
+    )
+    p.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead (default 2 x decode workers)")
+    p.add_argument(
+        "--decode-scale",
+        type=float,
+        default=2.0,
+        help="shrink frames while decoding to at most this x (per side) the processor's frame size (0: full size)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -78,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             caption_tokens=args.caption_tokens,
             text_encoder=args.text_encoder,
             decode_workers=args.decode_workers,
+            prefetch=args.prefetch,
+            attn_implementation=args.attn_implementation,
+            decode_scale=args.decode_scale,
             progress=not args.no_progress,
         )
         manifest = run(opts)

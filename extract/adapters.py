@@ -7,7 +7,8 @@ An adapter is any object with
 
 and a constructor `Adapter(model: str, *, modality, num_frames, prompt, device, compute_dtype,
 trust_remote_code)`. `--adapter minicpmv` picks the built-in MiniCPM-V 2.6 / 4.5 adapter (also chosen
-automatically for a folder whose config says `model_type: minicpmv`); `--adapter package.module:Class`
+automatically for a folder or hub id whose config says `model_type: minicpmv` or whose `auto_map` names MiniCPMV
+classes); `--adapter package.module:Class`
 loads a user's adapter, e.g. for Video-LaVIT (contract below). Everything else in a run (decoding,
 batching, pooling names, record shards, resume, manifest) is shared.
 
@@ -37,24 +38,59 @@ import numpy as np
 import torch
 
 from extract import ExtractError
-from extract.models import Sample, _torch_dtype, pool_hidden_states
+from extract.models import MINICPMV_NATIVE, Sample, _torch_dtype, pool_hidden_states
 
 
-def detect(model: str | None) -> str | None:
-    """The built-in adapter a local model folder needs, from its config.json (None: generic path)."""
+def config_file(model: str) -> Path | None:
+    """The config.json of a local folder, or of a hub id from the local hub cache (downloaded there when not
+    cached and the hub is reachable; offline-safe otherwise: None)."""
+    folder = Path(model)
+    if folder.is_dir():
+        path = folder / "config.json"
+        return path if path.is_file() else None
+    if folder.suffix == ".gguf" or model.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return Path(cached)
+        return Path(hf_hub_download(model, "config.json"))
+    except Exception:  # offline, gated, unknown repo: the loaders below give the real error message
+        return None
+
+
+def detect(model: str | None, trust_remote_code: bool = False) -> str | None:
+    """The built-in adapter a model needs, from its config.json's model_type / auto_map (None: generic path).
+
+    MiniCPM-V 2.6 and 4.5 ship their own code (`model_type: minicpmv`, `auto_map` naming MiniCPMV classes);
+    4.6 and 4.7 are native in transformers (model_type minicpmv4_6 / minicpmv4_7) and take the generic path.
+    """
     if not model:
         return None
-    config = Path(model) / "config.json"
-    if not config.is_file():
+    config = config_file(model)
+    if config is None:
         return None
     try:
         cfg = json.loads(config.read_text())
     except json.JSONDecodeError as e:
         raise ExtractError(f"{config}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    # MiniCPM-V 4.6+ is native in transformers (model_type minicpmv4_6) and takes the generic path.
-    if cfg.get("model_type") == "minicpmv":
+    kind = cfg.get("model_type")
+    auto_map = " ".join(str(v) for v in (cfg.get("auto_map") or {}).values())
+    if kind == "minicpmv" or (kind not in MINICPMV_NATIVE and "MiniCPMV" in auto_map):
         return "minicpmv"
     return None
+
+
+def remote_load_kwargs(compute_dtype: str, device: str) -> dict:
+    """`from_pretrained` arguments the installed transformers accepts for remote-code models: `dtype` from
+    4.56 on (and in 5.x), `torch_dtype` before (MiniCPM-V 2.6's code pins 4.40)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: _torch_dtype(compute_dtype, device), "attn_implementation": "sdpa"}
 
 
 def load_adapter(name: str, model: str, **kwargs):
@@ -84,8 +120,9 @@ class MiniCPMVAdapter:
     come from the remote model's own embedding merge (`get_vllm_embedding`) followed by its language
     model with `output_hidden_states=True`; "video_mean" pools over the union of `image_bound` ranges.
 
-    The remote code pins transformers 4.x (2.6: 4.40.2): run this adapter in a venv with that version.
-    Written against the published remote code; not run here (no weights or GPU on the build machine).
+    The remote code was written for transformers 4.x (2.6: 4.40.2); `remote_load_kwargs` passes the dtype
+    argument the installed version accepts. Written against the published remote code; not run here (no
+    weights on the build machine): what is tested is its selection and its refusal without the flag.
     """
 
     TIME_SCALE = 0.1
@@ -114,7 +151,7 @@ class MiniCPMVAdapter:
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)
         self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
         self.model = AutoModel.from_pretrained(
-            model, trust_remote_code=True, attn_implementation="sdpa", dtype=_torch_dtype(compute_dtype, device)
+            model, trust_remote_code=True, **remote_load_kwargs(compute_dtype, device)
         )
         self.model.to(device).eval()
         # MiniCPM-V 4.5's processor takes temporal_ids (3D resampler); 2.6's does not.

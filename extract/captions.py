@@ -17,15 +17,92 @@ import torch
 
 from extract import ExtractError
 
+# sentence-transformers Pooling modes this encoder reproduces (1_Pooling/config.json keys).
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+}
+KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def st_file(name: str, relpath: str) -> Path | None:
+    """A sentence-transformers file of a local folder, or of a hub id through the hub cache (fetched into it
+    when missing and the hub is reachable); None when the model has no such file or it cannot be had."""
+    folder = Path(name)
+    if folder.is_dir():
+        path = folder / relpath
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, relpath)
+        if isinstance(cached, str):
+            return Path(cached)
+        return Path(hf_hub_download(name, relpath))
+    except Exception:  # not in the repo, or offline: the caller decides what that means
+        return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def sentence_transformers_settings(name: str) -> dict:
+    """(pooling, normalize, max_length) from a sentence-transformers model's modules.json, 1_Pooling/config.json
+    and sentence_bert_config.json; a model without modules.json is a plain encoder (mean pooling, no
+    normalisation). Raises ExtractError for modules or poolings this encoder cannot reproduce."""
+    modules_path = st_file(name, "modules.json")
+    settings = {"pooling": "mean", "normalize": False, "max_length": None, "source": "plain transformers (mean)"}
+    if modules_path is None:
+        return settings
+    settings["source"] = "sentence-transformers modules.json"
+    modules = _read_json(modules_path)
+    for m in modules:
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in KNOWN_MODULES:
+            raise ExtractError(
+                f"--text-encoder {name}: {modules_path}: module {m.get('name')!r} is a {kind}, which this encoder "
+                f"does not reproduce (supported: {', '.join(KNOWN_MODULES)}); use sentence-transformers itself"
+            )
+        if kind == "Normalize":
+            settings["normalize"] = True
+        if kind == "Pooling":
+            rel = f"{m.get('path') or '1_Pooling'}/config.json"
+            pooling_path = st_file(name, rel)
+            if pooling_path is None:
+                raise ExtractError(f"--text-encoder {name}: modules.json lists a Pooling module but {rel} is missing")
+            cfg = _read_json(pooling_path)
+            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+            if len(modes) != 1 or modes[0] not in POOLING_MODES:
+                raise ExtractError(
+                    f"--text-encoder {name}: {pooling_path}: pooling {modes} is not one of the modes this encoder "
+                    f"reproduces ({', '.join(POOLING_MODES)}, one at a time)"
+                )
+            if cfg.get("include_prompt", True) is False:
+                raise ExtractError(f"--text-encoder {name}: {pooling_path}: include_prompt=false is not supported")
+            settings["pooling"] = POOLING_MODES[modes[0]]
+    bert_cfg = st_file(name, "sentence_bert_config.json")
+    if bert_cfg is not None:
+        settings["max_length"] = _read_json(bert_cfg).get("max_seq_length")
+    return settings
+
 
 class TextEncoder:
-    """sentence-transformers-style embedding with plain transformers: mean over real tokens, then L2
-    normalisation when the folder's `modules.json` lists a Normalize module (as all-MiniLM-L6-v2 does)."""
+    """sentence-transformers embeddings with plain transformers: the model's own pooling (mean, CLS, max,
+    last token), max sequence length and L2 normalisation, read from its sentence-transformers files whether
+    `name` is a folder or a hub id (`sentence_transformers_settings`)."""
 
     def __init__(self, name: str, device: str = "cpu", max_length: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         self.name, self.device = name, device
+        st = sentence_transformers_settings(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModel.from_pretrained(name, dtype=torch.float32).to(device).eval()
@@ -33,19 +110,14 @@ class TextEncoder:
             raise ExtractError(
                 f"--text-encoder {name}: cannot load a tokenizer + encoder ({type(e).__name__}: {e})"
             ) from None
-        folder = Path(name)
-        self.normalize = False
-        self.max_length = max_length or 512
-        if (folder / "modules.json").is_file():
-            modules = json.loads((folder / "modules.json").read_text())
-            self.normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-        if max_length is None and (folder / "sentence_bert_config.json").is_file():
-            self.max_length = int(
-                json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length", 512)
-            )
+        self.pooling, self.normalize = st["pooling"], st["normalize"]
+        self.max_length = int(max_length or st["max_length"] or 512)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit:
             self.max_length = min(self.max_length, int(limit))
+        if st["source"].startswith("plain"):
+            print(f"note: --text-encoder {name}: no sentence-transformers modules.json; mean pooling, not normalised")
+        self.settings = {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length}
 
     @property
     def hidden_size(self) -> int:
@@ -57,8 +129,20 @@ class TextEncoder:
         x = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         x = x.to(self.device)
         h = self.model(**x).last_hidden_state.float()
-        w = x["attention_mask"].unsqueeze(-1).float()
-        v = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+        mask = x["attention_mask"]
+        w = mask.unsqueeze(-1).float()
+        if self.pooling == "cls":
+            v = h[:, 0]
+        elif self.pooling == "max":
+            v = h.masked_fill(w == 0, float("-inf")).max(dim=1).values
+        elif self.pooling == "lasttoken":
+            # The last real token of each row, with either padding side.
+            last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)
+            v = h[torch.arange(h.shape[0], device=h.device), last]
+        else:
+            v = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+            if self.pooling == "mean_sqrt_len":
+                v = v * w.sum(1).clamp(min=1.0) / w.sum(1).clamp(min=1.0).sqrt()
         if self.normalize:
             v = torch.nn.functional.normalize(v, dim=-1)
         return v[:, None, :].cpu()

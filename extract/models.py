@@ -8,8 +8,9 @@ Two built-in backends, both plain transformers:
 * `TextBackend`: `AutoModelForCausalLM` for the title modality with a text-only decoder (a folder,
   a hub name, or a `.gguf` file).
 
-Hidden states: `output_hidden_states=True` gives layers + 1 tensors (index 0 = embedding output; the
-last one is the final-norm output in HF decoders); every one is pooled per item (paper section 4.3
+Hidden states: the layers + 1 states `output_hidden_states=True` would give (index 0 = embedding output; the
+last one is the final-norm output in HF decoders), each pooled per item by forward hooks as its layer
+produces it (`LayerPooler`: no stack of all layers is kept) (paper section 4.3
 studies all decoder layers, so all are kept). Pooling: "video_mean" = mean over the visual tokens
 (video tokens, or image tokens for families that expand frames into images, or the cover image's
 tokens); "last" = the last prompt token; "all_mean" = mean over all real (non-padding) tokens.
@@ -18,8 +19,10 @@ Batches are left-padded so "last" is position -1 for every row and batched vecto
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,28 +98,94 @@ def pool_hidden_states(
       visual_mask: [B, S] bool, True at visual-token positions (needed for "video_mean").
       pool: one of POOLINGS.
     """
+    weights, counts = pool_weights(attention_mask, visual_mask, pool)
+    # Layer by layer (not one stacked [layers, B, S, H] tensor).
+    return torch.stack([_pool_one(h, weights, counts) for h in hidden_states], dim=1)
+
+
+def _pool_one(h: torch.Tensor, weights: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
+    """[B, S, H] -> [B, H] float32: the last position, or the weighted mean over positions (left padding)."""
+    if weights is None:
+        return h[:, -1].float()
+    return (h.float() * weights).sum(dim=1) / counts[:, None]
+
+
+def pool_weights(attention_mask: torch.Tensor, visual_mask: torch.Tensor | None, pool: str):
+    """(weights [B, S, 1] float32, counts [B]) for a mean pooling; (None, None) for "last"."""
     if pool == "last":
-        return torch.stack([h[:, -1].float() for h in hidden_states], dim=1)
+        return None, None
     if pool == "video_mean":
         if visual_mask is None:
             raise ExtractError("--pool video_mean needs visual tokens; use --pool all_mean or last for titles")
-        weights = visual_mask
+        mask = visual_mask
     elif pool == "all_mean":
-        weights = attention_mask.bool()
+        mask = attention_mask.bool()
     else:
         raise ExtractError(f"unknown --pool {pool!r}; expected one of {POOLINGS}")
-    counts = weights.sum(dim=1)
+    counts = mask.sum(dim=1)
     if bool((counts == 0).any()):
         raise RuntimeError(f"{int((counts == 0).sum())} item(s) have no token to pool for {pool}")
-    w = weights.to(torch.float32).unsqueeze(-1)
-    # Layer by layer (not one stacked [layers, B, S, H] tensor): a 7B model's full stack is ~0.2 GB per item.
-    return torch.stack([(h.float() * w).sum(dim=1) / counts[:, None] for h in hidden_states], dim=1)
+    return mask.to(torch.float32).unsqueeze(-1), counts
+
+
+class LayerPooler:
+    """Pools every decoder layer's output as the layer produces it, so no [layers + 1, B, S, H] stack is kept.
+
+    Reproduces `output_hidden_states=True` exactly (transformers 5.x records them with hooks the same way):
+    row 0 is the first decoder layer's input, row i the output of layer i - 1, and the last row the decoder's
+    `last_hidden_state` (the final norm's output) unless the config sets `tie_last_hidden_states=False`.
+    Deepstack additions (Qwen3-VL) happen between layers and are not part of a layer's output, as there.
+    """
+
+    def __init__(self, model):
+        decoder = model.get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if layers is None or len(layers) == 0:
+            raise ExtractError(f"{type(model).__name__}: no decoder layers found (decoder.layers) to pool")
+        self.decoder, self.layers = decoder, list(layers)
+        self.tie_last = getattr(decoder.config, "tie_last_hidden_states", None) is not False
+        self.rows: list[torch.Tensor] = []
+        self.weights = self.counts = None
+
+    def _layer_hook(self, index):
+        def hook(module, args, kwargs, output):
+            if index == 0 and not self.rows:
+                self.rows.append(_pool_one(args[0] if args else kwargs["hidden_states"], self.weights, self.counts))
+            if index == len(self.layers) - 1 and self.tie_last:
+                return  # replaced by the decoder's last_hidden_state below
+            h = output[0] if isinstance(output, tuple) else output
+            self.rows.append(_pool_one(h, self.weights, self.counts))
+
+        return hook
+
+    def _decoder_hook(self, module, args, output):
+        if self.tie_last:
+            self.rows.append(_pool_one(output.last_hidden_state, self.weights, self.counts))
+
+    def run(self, forward, attention_mask, visual_mask, pool) -> torch.Tensor:
+        """Calls `forward()` with the hooks in place; returns [B, layers + 1, H] float32 on the model's device."""
+        self.weights, self.counts = pool_weights(attention_mask, visual_mask, pool)
+        self.rows = []
+        handles = [
+            layer.register_forward_hook(self._layer_hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)
+        ]
+        handles.append(self.decoder.register_forward_hook(self._decoder_hook))
+        try:
+            forward()
+        finally:
+            for h in handles:
+                h.remove()
+        if len(self.rows) != len(self.layers) + 1:
+            raise RuntimeError(f"pooled {len(self.rows)} hidden states, expected {len(self.layers) + 1}")
+        rows, self.rows = self.rows, []
+        return torch.stack(rows, dim=1)
 
 
 def _forward_kwargs(model) -> dict:
     """Avoids materialising full-sequence logits: only the last position's (or none at all)."""
     params = inspect.signature(model.forward).parameters
-    kwargs = {"output_hidden_states": True, "use_cache": False, "return_dict": True}
+    # Hidden states are pooled by LayerPooler's hooks as they are produced, not returned.
+    kwargs = {"output_hidden_states": False, "use_cache": False, "return_dict": True}
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     elif "num_logits_to_keep" in params:
@@ -146,15 +215,77 @@ def _gguf_location(model: str) -> tuple[str, dict]:
     return model, {}
 
 
-def _cap_video_pixels(processor, max_pixels: int, model: str) -> None:
-    """`--max-pixels`: the video processor's `size["longest_edge"]` (Qwen2/2.5-VL: pixels per frame;
-    Qwen3-VL: pixels per clip), the knob that sets how many visual tokens a video costs."""
-    size = getattr(getattr(processor, "video_processor", None), "size", None)
-    if size is None or getattr(size, "longest_edge", None) is None:
-        raise ExtractError(f"{model}: --max-pixels needs a video processor with size['longest_edge'] (Qwen-VL style)")
-    size.longest_edge = int(max_pixels)
-    if size.shortest_edge and size.shortest_edge > max_pixels:
-        size.shortest_edge = int(max_pixels)
+# Default visual-token budgets (paper section 3: up to 16 frames per video). Families whose processors have a
+# pixel budget get one that bounds a 16-frame clip to ~2k visual tokens (Qwen2/2.5-VL: 256 tokens per 2-frame
+# temporal patch, the per-frame budget qwen-vl-utils uses for dense sampling; Qwen3-VL the same per frame) and
+# covers to ~1k; MiniCPM-V 4.6/4.7 frames go in unsliced (one 448 px view, 64 tokens per frame, as the paper's
+# MiniCPM-V 2.6 with max_slice_nums=1). Families with fixed-size frames (LLaVA-OneVision 196, LLaVA-NeXT-Video
+# 144, InternVL 256, Video-LLaVA 257 tokens per frame, SmolVLM2) keep their processors' sizes; every family's
+# count is measured per item and checked against the context before a run.
+QWEN_PIXEL_BUDGETS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_TOTAL_PIXEL_BUDGETS = ("qwen3_vl", "qwen3_vl_moe")  # size["longest_edge"] bounds the whole clip
+VIDEO_TOKENS_PER_FRAME = 128
+COVER_TOKENS = 1024
+MINICPMV_NATIVE = ("minicpmv4_6", "minicpmv4_7")
+SIZE_ATTRS = ("size", "crop_size", "slice_mode", "max_slice_nums", "scale_resolution", "patch_size", "merge_size")
+
+
+def _token_pixels(proc) -> int:
+    """Pixels per visual token of a Qwen-style processor: (patch size x merge size) squared."""
+    return (int(getattr(proc, "patch_size", 14)) * int(getattr(proc, "merge_size", 2))) ** 2
+
+
+def apply_token_budget(processor, model_type: str, num_frames: int, max_pixels: int | None, model: str) -> int | None:
+    """Sets the family's default visual-token budget (or `--max-pixels`, pixels per frame) on the processor.
+
+    Returns the pixels per frame the processor resizes a frame to (None when it keeps frames at their size or
+    it is not known); decoding may shrink frames to a few times that before the processor sees them.
+    """
+    vp = getattr(processor, "video_processor", None)
+    ip = getattr(processor, "image_processor", None)
+    if model_type in QWEN_PIXEL_BUDGETS:
+        if ip is not None and getattr(ip, "size", None) is not None and ip.size.longest_edge:
+            ip.size.longest_edge = COVER_TOKENS * _token_pixels(ip)
+            ip.size.shortest_edge = min(ip.size.shortest_edge or 0, ip.size.longest_edge)
+        if vp is None or getattr(vp, "size", None) is None or vp.size.longest_edge is None:
+            return None
+        temporal = int(getattr(vp, "temporal_patch_size", 2) or 1)
+        per_frame = int(max_pixels) if max_pixels else VIDEO_TOKENS_PER_FRAME * temporal * _token_pixels(vp)
+        frames = -(-max(num_frames, temporal) // temporal) * temporal
+        vp.size.longest_edge = per_frame * frames if model_type in QWEN_TOTAL_PIXEL_BUDGETS else per_frame
+        # The floor must not exceed the cap (tiny test processors have small caps).
+        vp.size.shortest_edge = min(vp.size.shortest_edge or 0, vp.size.longest_edge // frames)
+        return per_frame
+    if max_pixels:
+        raise ExtractError(
+            f"{model}: --max-pixels applies to Qwen-VL pixel budgets only ({model_type} has fixed sizes)"
+        )
+    if model_type in MINICPMV_NATIVE and vp is not None:
+        vp.slice_mode = False
+        processor.video_slice_mode = False  # read once by the processor's __init__
+        return int(vp.scale_resolution) ** 2
+    size = getattr(vp, "size", None)
+    if size is not None and getattr(size, "height", None) and getattr(size, "width", None):
+        return int(size.height) * int(size.width)
+    return None
+
+
+def _jsonable(value):
+    if hasattr(value, "items"):
+        return {k: _jsonable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def processor_settings(processor) -> dict:
+    """The processor settings that decide visual tokens (part of a run's identity)."""
+    out = {}
+    for name in ("image_processor", "video_processor"):
+        proc = getattr(processor, name, None)
+        if proc is not None:
+            out[name] = {a: _jsonable(getattr(proc, a)) for a in SIZE_ATTRS if getattr(proc, a, None) is not None}
+    return out
 
 
 def _pad_clip(clip: Clip, min_frames: int) -> Clip:
@@ -174,6 +305,31 @@ def _pad_clip(clip: Clip, min_frames: int) -> Clip:
     )
 
 
+def load_kwargs(compute_dtype: str, device: str, attn_implementation: str | None) -> dict:
+    """`from_pretrained` arguments: weights loaded straight onto the device (no full copy in host RAM first)."""
+    kwargs = {"dtype": _torch_dtype(compute_dtype, device), "device_map": device}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A batch turned into model inputs (on the CPU), one group per frame count; made in the decode workers."""
+
+    samples: list[Sample]
+    groups: list[tuple[list[int], object]]  # (row indices into samples, processor output)
+    visual_tokens: list[int]  # per sample
+
+
+def frame_groups(samples: list[Sample]) -> list[list[int]]:
+    """Row indices grouped by frame count (LLaVA-style processors stack frames: one count per call)."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(len(s.clip.frames) if s.clip is not None else 0, []).append(i)
+    return list(groups.values())
+
+
 class VisionLanguageBackend:
     """The generic `AutoProcessor` + `AutoModelForImageTextToText` path."""
 
@@ -187,57 +343,72 @@ class VisionLanguageBackend:
         compute_dtype: str,
         trust_remote_code: bool = False,
         max_pixels: int | None = None,
+        num_frames: int = 16,
+        attn_implementation: str | None = None,
     ):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         self.modality, self.prompt, self.device = modality, prompt, device
         try:
-            self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, ImportError) as e:
             raise ExtractError(f"{model}: no processor could be loaded ({type(e).__name__}: {e})") from None
-        tokenizer = getattr(self.processor, "tokenizer", None)
-        if tokenizer is None:
+        if getattr(processor, "tokenizer", None) is None:
             raise ExtractError(f"{model}: the processor has no tokenizer (not a vision-language model folder?)")
-        if modality == "video" and getattr(self.processor, "video_processor", None) is None:
+        if modality == "video" and getattr(processor, "video_processor", None) is None:
             raise ExtractError(f"{model}: the processor has no video processor; --modality video needs one")
-        if modality == "cover" and getattr(self.processor, "image_processor", None) is None:
+        if modality == "cover" and getattr(processor, "image_processor", None) is None:
             raise ExtractError(f"{model}: the processor has no image processor; --modality cover needs one")
-        tokenizer.padding_side = "left"
-        if max_pixels:
-            _cap_video_pixels(self.processor, max_pixels, model)
+        self.frame_pixels = apply_token_budget(processor, config.model_type, num_frames, max_pixels, model)
         try:
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                model, dtype=_torch_dtype(compute_dtype, device), trust_remote_code=trust_remote_code
+            net = AutoModelForImageTextToText.from_pretrained(
+                model, trust_remote_code=trust_remote_code, **load_kwargs(compute_dtype, device, attn_implementation)
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:
             raise ExtractError(
                 f"{model}: cannot load as an image-text-to-text model ({type(e).__name__}: {e})"
             ) from None
-        self.model.to(device).eval()
-        self._setup(model)
+        self._setup(net, processor, model)
 
     @classmethod
-    def from_parts(cls, model, processor, *, modality: str, prompt: str, device: str) -> VisionLanguageBackend:
+    def from_parts(cls, model, processor, *, modality: str, prompt: str, device: str, num_frames: int = 16):
         """Wraps an already built model + processor (benchmarks at a real shape with random weights)."""
         self = cls.__new__(cls)
         self.modality, self.prompt, self.device = modality, prompt, device
-        self.processor, self.model = processor, model.eval()
-        processor.tokenizer.padding_side = "left"
-        self._setup(type(model).__name__)
+        self.frame_pixels = apply_token_budget(processor, model.config.model_type, num_frames, None, "model")
+        self._setup(model, processor, type(model).__name__)
         return self
 
-    def _setup(self, model: str) -> None:
+    def _setup(self, model, processor, name: str) -> None:
+        self.model, self.processor = model.eval(), processor
+        processor.tokenizer.padding_side = "left"
         modality = self.modality
         self.visual_ids = torch.tensor(visual_token_ids(self.model.config, modality), dtype=torch.long)
         if modality != "title" and len(self.visual_ids) == 0:
-            raise ExtractError(f"{model}: config has none of {VIDEO_TOKEN_ATTRS + IMAGE_TOKEN_ATTRS}")
+            raise ExtractError(f"{name}: config has none of {VIDEO_TOKEN_ATTRS + IMAGE_TOKEN_ATTRS}")
         # Qwen3-VL's processor rejects clips shorter than its temporal patch (2 frames); a 1-frame clip
         # is repeated instead (Qwen2-VL pads the same way internally).
-        self.min_frames = int(getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", 1) or 1)
+        self.min_frames = int(getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 1) or 1)
         base = getattr(self.model, "model", self.model)
         # Multimodal-RoPE families (Qwen-VL, GLM-4V) derive positions from the mask themselves.
         self._pass_positions = not hasattr(base, "get_rope_index")
         self._kwargs = _forward_kwargs(self.model)
+        self.pooler = LayerPooler(self.model)
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.context = getattr(text_config, "max_position_embeddings", None)
+        self.settings = processor_settings(processor)
+        # Each decode worker thread preprocesses with its own processor copy: a fast tokenizer's padding
+        # settings are mutated on every call, which is not safe to share between threads.
+        self._local = threading.local()
+
+    def _processor(self):
+        if threading.current_thread() is threading.main_thread():
+            return self.processor
+        proc = getattr(self._local, "processor", None)
+        if proc is None:
+            proc = self._local.processor = copy.deepcopy(self.processor)
+        return proc
 
     def _message(self, sample: Sample) -> list[dict]:
         if self.modality == "title":
@@ -247,13 +418,13 @@ class VisionLanguageBackend:
             content = [{"type": kind}, {"type": "text", "text": self.prompt}]
         return [{"role": "user", "content": content}]
 
-    def inputs(self, samples: list[Sample]):
-        """Processor outputs (left-padded, on the device) for a batch."""
+    def inputs(self, samples: list[Sample], device: str | None = None):
+        """Processor outputs (left-padded) for samples of one frame count, on `device` (default: the model's)."""
         from transformers.video_utils import VideoMetadata
 
+        processor = self._processor()
         texts = [
-            self.processor.apply_chat_template(self._message(s), add_generation_prompt=True, tokenize=False)
-            for s in samples
+            processor.apply_chat_template(self._message(s), add_generation_prompt=True, tokenize=False) for s in samples
         ]
         kwargs = {"text": texts, "padding": True, "return_tensors": "pt"}
         if self.modality == "video":
@@ -274,52 +445,87 @@ class VisionLanguageBackend:
             ]
             kwargs["do_sample_frames"] = False
         elif self.modality == "cover":
-            kwargs["images"] = [s.image for s in samples]
-        return self.processor(**kwargs).to(self.device)
+            # One list per sample: a flat list is read by SmolVLM and Gemma3 as one sample with B images.
+            kwargs["images"] = [[s.image] for s in samples]
+        return processor(**kwargs).to(device or self.device)
+
+    def visual_mask(self, x) -> torch.Tensor | None:
+        if self.modality == "title":
+            return None
+        return torch.isin(x["input_ids"], self.visual_ids.to(x["input_ids"].device))
+
+    def prepare(self, samples: list[Sample]) -> Prepared:
+        """Model inputs for a batch, built on the CPU (thread-safe: runs in the decode workers)."""
+        groups, tokens = [], [0] * len(samples)
+        for idx in frame_groups(samples):
+            x = self.inputs([samples[i] for i in idx], device="cpu")
+            vis = self.visual_mask(x)
+            for row, i in enumerate(idx):
+                tokens[i] = int(vis[row].sum()) if vis is not None else 0
+            groups.append((idx, x))
+        return Prepared(samples, groups, tokens)
+
+    def check_context(self, samples: list[Sample], what: str) -> dict:
+        """Raises ExtractError before a run when an item of this shape would not fit the model's context."""
+        prepared = self.prepare(samples)
+        seq = max(int(x["input_ids"].shape[1]) for _, x in prepared.groups)
+        if self.context and seq > self.context:
+            raise ExtractError(
+                f"{what}: {seq} tokens per item ({max(prepared.visual_tokens)} visual) exceed the model's context of "
+                f"{self.context} (max_position_embeddings); use fewer --frames or a smaller --max-pixels"
+            )
+        return {"sequence_tokens": seq, "visual_tokens": max(prepared.visual_tokens), "context": self.context}
 
     def hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
-        """Pooled states [B, layers + 1, H] float32 (CPU) for a batch; see module docstring.
+        """Pooled states [B, layers + 1, H] float32 (CPU) for a batch; see module docstring."""
+        return self.forward(self.prepare(samples), pool)
 
-        Videos with different frame counts go through the model in separate sub-batches: LLaVA-style
-        processors stack `pixel_values_videos` and need equal counts within one call.
-        """
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(samples):
-            groups.setdefault(len(s.clip.frames) if s.clip is not None else 0, []).append(i)
-        if len(groups) == 1:
-            return self._hidden_states(samples, pool)
-        result = [None] * len(samples)
-        for idx in groups.values():
-            for i, v in zip(idx, self._hidden_states([samples[i] for i in idx], pool)):
-                result[i] = v
+    @torch.inference_mode()
+    def forward(self, prepared: Prepared, pool: str) -> torch.Tensor:
+        """Pooled states for a prepared batch; frame-count groups go through the model one after another."""
+        self.last_visual_tokens = prepared.visual_tokens  # read by the run for the manifest
+        result = [None] * len(prepared.samples)
+        for idx, x in prepared.groups:
+            x = x.to(self.device)
+            extra = {}
+            if self._pass_positions:
+                extra["position_ids"] = _left_padded_positions(x["attention_mask"])
+            pooled = self.pooler.run(
+                lambda x=x, extra=extra: self.model(**x, **self._kwargs, **extra),
+                x["attention_mask"],
+                self.visual_mask(x),
+                pool,
+            ).cpu()
+            for row, i in enumerate(idx):
+                result[i] = pooled[row]
         return torch.stack(result)
 
     @torch.inference_mode()
-    def _hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
-        x = self.inputs(samples)
-        extra = {}
-        if self._pass_positions:
-            extra["position_ids"] = _left_padded_positions(x["attention_mask"])
-        out = self.model(**x, **self._kwargs, **extra)
-        visual = None
-        if self.modality != "title":
-            visual = torch.isin(x["input_ids"], self.visual_ids.to(x["input_ids"].device))
-        return pool_hidden_states(out.hidden_states, x["attention_mask"], visual, pool).cpu()
-
-    @torch.inference_mode()
     def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
-        """One greedy caption per item with the same inputs (paper 4.2, caption-centric)."""
-        x = self.inputs(samples)
-        out = self.model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
-        return [
-            t.strip() for t in self.processor.batch_decode(out[:, x["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
+        """One greedy caption per item with the same inputs (paper 4.2), batched per frame count."""
+        captions = [None] * len(samples)
+        for idx in frame_groups(samples):
+            x = self.inputs([samples[i] for i in idx])
+            out = self.model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
+            texts = self.processor.batch_decode(out[:, x["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                captions[i] = t.strip()
+        return captions
 
 
 class TextBackend:
     """`AutoModelForCausalLM` over "Title: <text>\\n<prompt>" (title modality, text-only decoders)."""
 
-    def __init__(self, model: str, *, prompt: str, device: str, compute_dtype: str, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model: str,
+        *,
+        prompt: str,
+        device: str,
+        compute_dtype: str,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.prompt, self.device = prompt, device
@@ -333,12 +539,17 @@ class TextBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=_torch_dtype(compute_dtype, device), trust_remote_code=trust_remote_code, **extra
-            )
-        except (OSError, ValueError) as e:
+                location,
+                trust_remote_code=trust_remote_code,
+                **load_kwargs(compute_dtype, device, attn_implementation),
+                **extra,
+            ).eval()
+        except (OSError, ValueError, ImportError) as e:
             raise ExtractError(f"{model}: cannot load as a causal language model ({type(e).__name__}: {e})") from None
-        self.model.to(device).eval()
         self._kwargs = _forward_kwargs(self.model)
+        self.pooler = LayerPooler(self.model)
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self.settings = {}
 
     def inputs(self, samples: list[Sample]):
         texts = [title_text(s.item, self.prompt) for s in samples]
@@ -356,8 +567,10 @@ class TextBackend:
     @torch.inference_mode()
     def hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
         x = self.inputs(samples)
-        out = self.model(**x, position_ids=_left_padded_positions(x["attention_mask"]), **self._kwargs)
-        return pool_hidden_states(out.hidden_states, x["attention_mask"], None, pool).cpu()
+        positions = _left_padded_positions(x["attention_mask"])
+        return self.pooler.run(
+            lambda: self.model(**x, position_ids=positions, **self._kwargs), x["attention_mask"], None, pool
+        ).cpu()
 
     @torch.inference_mode()
     def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:

@@ -22,6 +22,7 @@ import os
 import platform
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,9 @@ class RunOptions:
     caption_tokens: int = 128
     text_encoder: str | None = None
     decode_workers: int = 2
+    prefetch: int | None = None  # batches decoded + preprocessed ahead of the model (None: 2 x decode_workers)
+    attn_implementation: str | None = None
+    decode_scale: float = 2.0  # frames are shrunk while decoding to at most this x (per side) the processor's size
     progress: bool = True
 
 
@@ -98,8 +102,28 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise ExtractError(f"unknown --dtype {opts.dtype!r}; expected one of {records.DTYPES}")
     if opts.compute_dtype not in ("auto",) + records.DTYPES:
         raise ExtractError(f"unknown --model-dtype {opts.compute_dtype!r}")
-    if opts.batch_size < 1 or opts.frames < 1 or opts.flush_every < 1:
-        raise ExtractError("--batch-size, --frames and --flush-every must be >= 1")
+    if opts.batch_size < 1 or opts.frames < 1 or opts.flush_every < 1 or opts.decode_workers < 1:
+        raise ExtractError("--batch-size, --frames, --flush-every and --decode-workers must be >= 1")
+    if opts.prefetch is None:
+        opts.prefetch = 2 * opts.decode_workers
+    if opts.prefetch < 1:
+        raise ExtractError("--prefetch must be >= 1")
+    if opts.decode_scale and opts.decode_scale < 1:
+        raise ExtractError(
+            "--decode-scale must be 0 (off) or >= 1 (frames are never shrunk below the processor's size)"
+        )
+    if opts.attn_implementation not in (
+        None,
+        "eager",
+        "sdpa",
+        "flash_attention_2",
+        "flash_attention_3",
+        "flex_attention",
+    ):
+        raise ExtractError(
+            f"unknown --attn-implementation {opts.attn_implementation!r}; expected eager, sdpa, flash_attention_2, "
+            "flash_attention_3 or flex_attention"
+        )
     if opts.modality != "title" and not opts.media and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError(f"--modality {opts.modality} needs --media DIR holding <id>.mp4 / <id>.jpg")
     if opts.media and not Path(opts.media).is_dir():
@@ -127,6 +151,11 @@ def run_config(opts: RunOptions) -> dict:
     prompt_name, prompt_text = resolve_prompt(opts.prompt)
     if opts.captions and opts.caption_source == "title":
         prompt_name, prompt_text = "none", ""  # the item text itself is embedded; no model is prompted
+    import torch
+    import transformers
+
+    from extract.models import _torch_dtype
+
     cfg = {
         "model": opts.model,
         "adapter": opts.adapter,
@@ -137,6 +166,12 @@ def run_config(opts: RunOptions) -> dict:
         "dtype": opts.dtype,
         "num_frames": opts.frames if opts.modality == "video" else (1 if opts.modality == "cover" else 0),
         "max_pixels": opts.max_pixels,
+        # Same inputs, different numbers: the compute dtype, the library versions and (after loading) the
+        # processor's size settings decide the features as much as the model does.
+        "compute_dtype": str(_torch_dtype(opts.compute_dtype, opts.device)).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "decode_scale": opts.decode_scale if opts.modality == "video" else None,
         "captions": opts.captions,
         "items": str(Path(opts.items).resolve()),
         "items_format": opts.items_format,
@@ -155,17 +190,27 @@ def run_config(opts: RunOptions) -> dict:
     return cfg
 
 
-def _check_run_config(out: Path, cfg: dict) -> None:
+def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
+    """Refuses a folder holding another extraction; `write`: record `cfg` as the folder's identity if new.
+
+    Called twice: before the model is loaded (what the options decide) and after (the processor settings).
+    """
     path = out / RUN_CONFIG
     if not path.exists():
-        records.write_json_atomic(path, cfg)
+        if write:
+            records.write_json_atomic(path, cfg)
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     keys = [k for k in cfg if k not in ("items", "items_format")]
     diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
     if diff:
         lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
         raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out")
+    if write and any(k not in old for k in cfg):
+        records.write_json_atomic(path, {**old, **cfg})  # the first run after loading adds the processor settings
 
 
 def build_backend(opts: RunOptions):
@@ -177,22 +222,56 @@ def build_backend(opts: RunOptions):
     kw = dict(
         prompt=prompt, device=opts.device, compute_dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code
     )
-    adapter = opts.adapter or adapters.detect(opts.model)
+    adapter = opts.adapter or adapters.detect(opts.model, opts.trust_remote_code)
     if adapter:
         return adapters.load_adapter(adapter, opts.model, modality=opts.modality, num_frames=opts.frames, **kw)
+    kw["attn_implementation"] = opts.attn_implementation
     if opts.modality == "title" and is_causal_lm(opts.model, opts.trust_remote_code):
         return TextBackend(opts.model, **kw)
-    return VisionLanguageBackend(opts.model, modality=opts.modality, max_pixels=opts.max_pixels, **kw)
+    return VisionLanguageBackend(
+        opts.model, modality=opts.modality, max_pixels=opts.max_pixels, num_frames=opts.frames, **kw
+    )
 
 
-def decode_item(item: Item, opts: RunOptions):
+def decode_pixels(backend, opts: RunOptions) -> int | None:
+    """The pixel cap frames are decoded to (None: full size): decode_scale^2 x what the processor resizes to."""
+    pixels = getattr(backend, "frame_pixels", None)
+    if not opts.decode_scale or not pixels:
+        return None
+    return int(pixels * opts.decode_scale**2)
+
+
+def preflight(backend, opts: RunOptions) -> dict | None:
+    """Tokens of a worst-case item (a 1080p clip of --frames frames, or a 1080p cover) against the context."""
+    import numpy as np
+
+    from extract.models import Sample
+    from extract.video import Clip
+
+    if not hasattr(backend, "check_context") or opts.modality == "title" or opts.captions:
+        return None
+    item = Item("preflight", "", "")
+    if opts.modality == "video":
+        n = opts.frames
+        frames = np.zeros((n, 1080, 1920, 3), np.uint8)
+        idx = list(range(n))
+        sample = Sample(item, clip=Clip(frames, [i / 30 for i in idx], 30.0, idx, n, n / 30))
+        what = f"--frames {n} of a 1080p clip"
+    else:
+        sample, what = Sample(item, image=np.zeros((1080, 1920, 3), np.uint8)), "a 1080p cover"
+    return backend.check_context([sample], f"{opts.model}: {what}")
+
+
+def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None):
     """Reads one item's media into a models.Sample; MediaError when unusable."""
     from extract.models import Sample
 
     if opts.modality == "title" or (opts.captions and opts.caption_source == "title"):
         return Sample(item)
     if opts.modality == "video":
-        return Sample(item, clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames))
+        return Sample(
+            item, clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames, max_pixels=max_pixels)
+        )
     return Sample(item, image=read_image(Path(opts.media) / f"{item.item_id}.jpg"))
 
 
@@ -215,7 +294,7 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = run_config(opts)
-    _check_run_config(out, cfg)
+    _check_run_config(out, cfg, write=False)  # before loading a model for a folder that would refuse it
     prefix = _prefix(index, count)
     for stale in out.glob(f"{prefix}-*{records.SHARD_SUFFIX}.tmp"):
         stale.unlink()  # the open part of a killed run of this shard; its items are redone
@@ -263,7 +342,7 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     old_handler = signal.signal(signal.SIGTERM, _raise_stop) if _in_main_thread() else None
     try:
         if todo:
-            _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch)
+            _extract(opts, out, cfg, todo, buffer, flush, fail, manifest, captions_path, on_batch)
         flush()
         manifest["status"] = "complete"
     except (KeyboardInterrupt, _Stop):
@@ -298,7 +377,9 @@ def _raise_stop(signum, frame):
     raise _Stop(f"signal {signum}")
 
 
-def _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch):
+def _extract(opts, out, cfg, todo, buffer, flush, fail, manifest, captions_path, on_batch):
+    from collections import deque
+
     from tqdm import tqdm
 
     from extract.models import to_storage_bytes
@@ -312,27 +393,44 @@ def _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch)
 
         encoder = TextEncoder(opts.text_encoder, device=opts.device)
         captions_done = read_captions(captions_path)
+        cfg["text_encoder_settings"] = encoder.settings
+    pixels = decode_pixels(backend, opts) if opts.modality == "video" else None
+    cfg["processor"] = getattr(backend, "settings", None)
+    cfg["decode_max_pixels"] = pixels
+    _check_run_config(out, cfg, write=True)
+    manifest["preflight"] = preflight(backend, opts)
     manifest["load_seconds"] = round(time.time() - t0, 3)
+    manifest["batch_fallbacks"] = 0
+    tokens: list[int] = []
     t0 = time.time()
     batches = [todo[i : i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+    # Hidden-state runs preprocess in the workers too (the processor costs as much CPU as decoding).
+    prepare = getattr(backend, "prepare", None) if not opts.captions else None
     bar = tqdm(total=len(todo), unit="item", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
-    # Media decoding (PyAV releases the GIL) overlaps the model: batch k+1 decodes while k runs.
-    with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers)) as pool:
 
-        def decode(batch):
-            return [pool.submit(_decode_or_error, it, opts) for it in batch]
+    def fallback(n, err):
+        manifest["batch_fallbacks"] += 1
+        print(f"warning: a batch of {n} items failed ({err}); retrying them one by one", file=sys.stderr, flush=True)
 
-        pending = decode(batches[0]) if batches else []
+    # Decoding (PyAV releases the GIL) and preprocessing run in worker threads, at most `prefetch` batches
+    # ahead of the model, so memory stays bounded while the model never waits for the CPU side.
+    with ThreadPoolExecutor(max_workers=opts.decode_workers) as pool:
+        pending = deque()
+        for batch in batches[: opts.prefetch]:
+            pending.append(pool.submit(_prepare_batch, batch, opts, pixels, prepare))
         for k, batch in enumerate(batches):
-            results = [f.result() for f in pending]
-            pending = decode(batches[k + 1]) if k + 1 < len(batches) else []
+            results, prepared = pending.popleft().result()
+            if k + opts.prefetch < len(batches):
+                pending.append(pool.submit(_prepare_batch, batches[k + opts.prefetch], opts, pixels, prepare))
             samples = []
             for item, res in zip(batch, results):
                 if isinstance(res, MediaError):
                     fail(item, "decode", str(res))
                 else:
                     samples.append(res)
-            for sample, vectors in _vectors(backend, encoder, samples, opts, captions_done, captions_path, fail):
+            for sample, vectors in _vectors(
+                backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
+            ):
                 buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
                 manifest["extracted"] += 1
                 if len(buffer) >= opts.flush_every:
@@ -341,25 +439,51 @@ def _extract(opts, todo, buffer, flush, fail, manifest, captions_path, on_batch)
             # Throughput of the model loop alone (model loading excluded), kept current for interrupted runs.
             manifest["loop_seconds"] = round(time.time() - t0, 3)
             manifest["loop_items_per_second"] = round(manifest["extracted"] / max(time.time() - t0, 1e-9), 4)
+            if tokens:
+                manifest["visual_tokens"] = {
+                    "items": len(tokens),
+                    "min": min(tokens),
+                    "mean": round(sum(tokens) / len(tokens), 1),
+                    "max": max(tokens),
+                }
             if on_batch is not None:
                 on_batch(manifest["extracted"])
     bar.close()
 
 
-def _decode_or_error(item, opts):
-    try:
-        return decode_item(item, opts)
-    except MediaError as e:
-        return e
+def _prepare_batch(batch, opts, pixels, prepare):
+    """Worker: decodes a batch's media and, where the backend allows, builds its model inputs.
+
+    Returns (per item a Sample or a MediaError, the prepared inputs or None or the exception raised)."""
+    results = []
+    for item in batch:
+        try:
+            results.append(decode_item(item, opts, pixels))
+        except MediaError as e:
+            results.append(e)
+    samples = [r for r in results if not isinstance(r, MediaError)]
+    prepared = None
+    if prepare is not None and samples:
+        try:
+            prepared = prepare(samples)
+        except Exception as e:  # one bad item: the model loop retries the batch one by one and reports it
+            prepared = e
+    return results, prepared
 
 
-def _vectors(backend, encoder, samples, opts, captions_done, captions_path, fail):
-    """Yields (sample, [rows, H] float32) for a batch; a batch that raises is retried item by item so one
-    bad item is recorded as a failure instead of stopping the run."""
+def _vectors(backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens):
+    """Yields (sample, [rows, H] float32) for a batch; a batch that raises is retried item by item (counted
+    and logged) so one bad item is recorded as a failure instead of stopping the run."""
     if not samples:
         return
     try:
-        out = _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path)
+        if isinstance(prepared, Exception):
+            raise prepared
+        if prepared is not None:
+            out = backend.forward(prepared, opts.pool)
+        else:
+            out = _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path)
+        tokens.extend(getattr(backend, "last_visual_tokens", None) or [])
         yield from zip(samples, out)
         return
     except (ExtractError, KeyboardInterrupt, _Stop):
@@ -368,8 +492,9 @@ def _vectors(backend, encoder, samples, opts, captions_done, captions_path, fail
         if len(samples) == 1:
             fail(samples[0].item, "model", f"{type(e).__name__}: {e}")
             return
+        fallback(len(samples), f"{type(e).__name__}: {e}")
     for s in samples:
-        yield from _vectors(backend, encoder, [s], opts, captions_done, captions_path, fail)
+        yield from _vectors(backend, encoder, [s], None, opts, captions_done, captions_path, fail, fallback, tokens)
 
 
 def _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path):

@@ -11,6 +11,7 @@ are brought to the first frame's size, and clips shorter than the request give a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ class Clip:
         computes `index / fps` (transformers' VideoMetadata.timestamps) recovers the true times.
       total_frames: frame count on the same grid (at least the number of decoded frames).
       duration: seconds from the first to the last frame plus one frame period.
+      decoded_frames, method: how the frames were read (seek-based or the whole file).
     """
 
     frames: np.ndarray
@@ -40,6 +42,8 @@ class Clip:
     indices: list[int]
     total_frames: int
     duration: float
+    decoded_frames: int = 0  # frames the decoder produced to get these (the cost of the read)
+    method: str = "full"  # "seek" or "full" (the whole file was decoded)
 
 
 def _open(path: Path):
@@ -55,11 +59,18 @@ def _open(path: Path):
         raise MediaError(f"cannot open {path}: {type(e).__name__}: {e}") from None
 
 
-def _frame_times(container, stream) -> list[float]:
-    """Presentation times (s) of every frame, from demuxing packets only (no decoding)."""
+def _packet_index(container, stream) -> tuple[list[float], list[float]]:
+    """(presentation times of every frame, times of the keyframes), from demuxing packets only (no decoding)."""
     tb = float(stream.time_base) if stream.time_base else 0.0
-    times = [float(p.pts) * tb for p in container.demux(stream) if p.pts is not None and p.size > 0]
-    return sorted(set(times))
+    times, keys = set(), set()
+    for p in container.demux(stream):
+        if p.pts is None or p.size == 0:
+            continue
+        t = float(p.pts) * tb
+        times.add(t)
+        if p.is_keyframe:
+            keys.add(t)
+    return sorted(times), sorted(keys)
 
 
 def _choose_times(times: list[float], num_frames: int) -> list[float]:
@@ -78,8 +89,100 @@ def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
 
 
-def read_clip(path: str | Path, num_frames: int = 16) -> Clip:
+def scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The (width, height) a frame is converted to: unchanged, or shrunk (aspect kept, even sides) to at most
+    `max_pixels` pixels. FFmpeg's scaler does this during the RGB conversion, far cheaper than a processor
+    resizing a 1080p array afterwards; the processor still does its own final resize."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    s = (max_pixels / (width * height)) ** 0.5
+    return max(2, int(width * s) // 2 * 2), max(2, int(height * s) // 2 * 2)
+
+
+class _Decoder:
+    """Frames of one stream converted to RGB at the clip's size; counts what was decoded."""
+
+    def __init__(self, container, stream, max_pixels):
+        self.container, self.stream, self.max_pixels = container, stream, max_pixels
+        self.tb = float(stream.time_base) if stream.time_base else 0.0
+        self.size = None
+        self.decoded = 0
+        self.seeks = 0
+
+    def rgb(self, frame) -> np.ndarray:
+        if self.size is None:
+            self.size = scaled_size(frame.width, frame.height, self.max_pixels)
+        rgb = frame.to_ndarray(width=self.size[0], height=self.size[1], format="rgb24", interpolation="AREA")
+        return _upright(rgb, frame.rotation)
+
+    def frames(self):
+        for frame in self.container.decode(self.stream):
+            self.decoded += 1
+            yield frame
+
+
+def _decode_seek(dec: _Decoder, wanted: list[float], keys: list[float]):
+    """The wanted frames by seeking to the keyframe before each one and decoding forward from there.
+
+    A keyframe is sought only when the next wanted frame lies beyond the frames already decoded from the
+    current keyframe, so frames of one GOP are decoded once. Returns None when the file's index is unusable
+    (a frame was passed over without meeting the wanted time), and the caller decodes the whole file."""
+    frames, stamps = [], []
+    it, current = None, None  # the decoding iterator and the pts (s) of the last frame it gave
+    for target in wanted:
+        k = int(np.searchsorted(keys, target, side="right")) - 1
+        key = keys[k] if k >= 0 else None
+        if it is None or current is None or current >= target or (key is not None and key > current):
+            offset = int(round((key if key is not None else 0.0) / dec.tb)) if dec.tb > 0 else 0
+            dec.container.seek(offset, stream=dec.stream, backward=True, any_frame=False)
+            dec.seeks += 1
+            it = dec.frames()
+        found = False
+        for frame in it:
+            if frame.pts is None:
+                return None
+            current = float(frame.pts) * dec.tb
+            if current == target:
+                frames.append(dec.rgb(frame))
+                stamps.append(current)
+                found = True
+                break
+            if current > target and (key is None or current >= key):
+                return None
+        if not found:
+            return None
+    return frames, stamps
+
+
+def _decode_all(dec: _Decoder, wanted: set[float] | None):
+    """Every frame of the file in order, keeping the wanted ones (all of them when `wanted` is None)."""
+    dec.container.seek(0)
+    dec.seeks += 1
+    frames, stamps = [], []
+    for frame in dec.frames():
+        t = float(frame.pts) * dec.tb if frame.pts is not None else None
+        if wanted is not None and t not in wanted:
+            continue
+        frames.append(dec.rgb(frame))
+        stamps.append(t if t is not None else float(dec.decoded - 1))
+    return frames, stamps
+
+
+def read_clip(
+    path: str | Path,
+    num_frames: int = 16,
+    *,
+    method: str = "seek",
+    max_pixels: int | None = None,
+    threads: int = 0,
+) -> Clip:
     """Decodes up to `num_frames` frames sampled uniformly over the whole clip.
+
+    Args:
+      method: "seek" decodes only from the keyframe before each sampled frame up to it; "full" decodes every
+        frame of the file (the reference, and what a file without a usable index falls back to).
+      max_pixels: frames larger than this are scaled down (aspect kept) while converted to RGB.
+      threads: FFmpeg decoding threads (0: FFmpeg's choice, 1: one core, as the benchmark measures).
 
     Raises:
       MediaError: missing, empty, unreadable or frameless files, with the reason.
@@ -89,34 +192,30 @@ def read_clip(path: str | Path, num_frames: int = 16) -> Clip:
     path = Path(path)
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if method not in ("seek", "full"):
+        raise ValueError(f"method must be seek or full, got {method!r}")
     container = _open(path)
     try:
         if not container.streams.video:
             raise MediaError(f"no video stream in {path}")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tb = float(stream.time_base) if stream.time_base else 0.0
+        stream.codec_context.thread_count = threads
+        dec = _Decoder(container, stream, max_pixels)
         try:
-            times = _frame_times(container, stream)
+            times, keys = _packet_index(container, stream)
         except av.FFmpegError as e:
             raise MediaError(f"cannot demux {path}: {e}") from None
-        wanted = set(_choose_times(times, num_frames)) if times and tb > 0 else None
-        container.seek(0)
-        frames, stamps, size = [], [], None
-        decoded = 0
+        wanted = _choose_times(times, num_frames) if times and dec.tb > 0 else None
+        used = method
         try:
-            for frame in container.decode(stream):
-                decoded += 1
-                t = float(frame.pts) * tb if frame.pts is not None else None
-                if wanted is not None and t not in wanted:
-                    continue
-                if size is None:
-                    size = (frame.width, frame.height)
-                rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
-                frames.append(_upright(rgb, frame.rotation))
-                stamps.append(t if t is not None else float(decoded - 1))
+            got = _decode_seek(dec, wanted, keys) if method == "seek" and wanted and keys else None
+            if got is None:
+                used = "full"
+                got = _decode_all(dec, set(wanted) if wanted is not None else None)
         except av.FFmpegError as e:
-            raise MediaError(f"decoding failed in {path} after {decoded} frames: {e}") from None
+            raise MediaError(f"decoding failed in {path} after {dec.decoded} frames: {e}") from None
+        frames, stamps = got
         if wanted is None:
             # No usable timestamps: every frame was kept; sample by decode order instead.
             keep = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int) if frames else []
@@ -145,6 +244,8 @@ def read_clip(path: str | Path, num_frames: int = 16) -> Clip:
         indices=indices,
         total_frames=total,
         duration=total_span + 1.0 / fps,
+        decoded_frames=dec.decoded,
+        method=used,
     )
 
 
@@ -169,28 +270,42 @@ def read_image(path: str | Path) -> np.ndarray:
         raise MediaError(f"cannot decode image {path}: {e}") from None
 
 
-def write_test_video(path: str | Path, frames: np.ndarray, fps: int = 8, rotation: int = 0, times=None) -> Path:
-    """Encodes uint8 RGB frames [T, H, W, 3] as an H.264 (even sizes) or MPEG-4 mp4.
+def write_test_video(
+    path: str | Path,
+    frames,
+    fps: int = 8,
+    rotation: int = 0,
+    times=None,
+    codec: str | None = None,
+    gop: int | None = None,
+    options: dict | None = None,
+) -> Path:
+    """Encodes uint8 RGB frames [T, H, W, 3] (an array or any iterable of frames) as an mp4.
 
-    Used by the tests and by anyone who wants a tiny clip to try the command line on; `times` (seconds,
-    increasing) makes a variable-frame-rate file, `rotation` sets a display rotation.
+    Used by the tests, the benchmark and anyone who wants a clip to try the command line on. `codec` defaults
+    to H.264 (even sizes) or MPEG-4; `gop` sets the keyframe interval; `times` (seconds, increasing) makes a
+    variable-frame-rate file; `rotation` sets a display rotation; `options` go to the encoder.
     """
     from fractions import Fraction
 
     import av
 
     path = Path(path)
-    t, h, w, _ = frames.shape
+    frames = iter(frames)
+    first = next(frames)
+    h, w, _ = first.shape
     with av.open(str(path), "w") as out:
-        codec = "libx264" if h % 2 == 0 and w % 2 == 0 else "mpeg4"
-        stream = out.add_stream(codec, rate=fps)
+        codec = codec or ("libx264" if h % 2 == 0 and w % 2 == 0 else "mpeg4")
+        stream = out.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, 1000)
         stream.codec_context.time_base = Fraction(1, 1000)  # millisecond pts allow variable frame rates
+        if gop:
+            stream.codec_context.gop_size = gop
         if rotation:
             stream.set_display_rotation(rotation)
-        for i, rgb in enumerate(frames):
+        for i, rgb in enumerate(itertools.chain([first], frames)):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             frame.pts = int(round((times[i] if times is not None else i / fps) * 1000))
             frame.time_base = Fraction(1, 1000)

@@ -3,7 +3,7 @@
 Each builder trains a small byte-level BPE tokenizer on the spot with the family's special tokens,
 builds the processor from default image/video processors (pixel budgets capped so CPU tests are fast),
 a small config, random weights, and `save_pretrained`s everything into a folder that the extractor then
-loads by path, exactly like a real checkpoint. Recipes: ../shared/reference/extractor-notes.md section 3.
+loads by path, exactly like a real checkpoint. The families' recipes follow their processors' and configs' source in transformers.
 """
 
 from __future__ import annotations
@@ -209,8 +209,11 @@ def build_text_lm(out: Path) -> Path:
     return out
 
 
-def build_text_encoder(out: Path) -> Path:
-    """A tiny BERT sentence encoder (hidden 24) with a sentence-transformers Normalize module entry."""
+def build_text_encoder(
+    out: Path, pooling: str = "mean_tokens", normalize: bool = True, max_seq_length: int = 16
+) -> Path:
+    """A tiny BERT sentence encoder (hidden 24) laid out as a sentence-transformers folder: modules.json
+    (Transformer, Pooling, optionally Normalize), 1_Pooling/config.json and sentence_bert_config.json."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
@@ -239,9 +242,15 @@ def build_text_encoder(out: Path) -> Path:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (out / "modules.json").write_text(json.dumps(modules))
+    modes = ["cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken"]
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pool_cfg = {"word_embedding_dimension": 24, **{f"pooling_mode_{m}": m == pooling for m in modes}}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
     return out
 
 

@@ -174,7 +174,7 @@ def test_max_pixels_caps_the_visual_token_count(tmp_path_factory, clips):
         video_id = be.model.config.video_token_id
         counts.append(int((be.inputs(samples_of(clips[:1]))["input_ids"] == video_id).sum()))
     assert counts[1] < counts[0]
-    with pytest.raises(ExtractError, match="--max-pixels needs"):
+    with pytest.raises(ExtractError, match="--max-pixels applies to Qwen-VL"):
         VisionLanguageBackend(str(tiny_checkpoint(tmp_path_factory, "llava_onevision")), max_pixels=1000, **kw)
 
 
