@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -563,6 +564,16 @@ def load_item_map(path) -> list[str]:
     ):
         raise DataError(f"{path}: expected {{'num_items': N, 'item_ids': ['', id1, ..., idN]}} with unique string ids")
     return ids
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of an interaction file's bytes: part of a run's identity (train_state.run_identity), so a run never resumes or
+    is evaluated on a file that changed under it (an edited file re-indexes items silently)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def log_popularity(dataset: Dataset) -> np.ndarray:

@@ -3,12 +3,16 @@
 Every problem a user can fix (a bad data file, a missing feature set, a config that cannot run, a run directory that
 does not match) raises a subclass of `UserError` whose message names the file, line, record or field and says what
 was expected. The command-line entry points run under `exit_on_user_error`, which prints that message as one line on
-stderr and exits with status 2; anything else is a bug and keeps its traceback.
+stderr and exits with status 2. So does an operating-system error (disk full, a read-only or missing folder, no
+permission), also when a library wrapped it in an exception of its own: `error: <path>: <what>`. Every file is
+written to a temporary name and renamed (records.write_json_atomic, Orbax checkpoints), so such a stop leaves
+nothing half-written and a rerun after the cause is fixed resumes. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -25,21 +29,91 @@ class TrainError(UserError):
     """A run that cannot start or go on (non-finite loss, missing features, a checkpoint that is not there)."""
 
 
+class WriteError(TrainError):
+    """The operating system refused a write (disk full, quota, read-only, permission) where a library reports it
+    in an error of its own (Orbax's asynchronous checkpoint writers)."""
+
+
+# The operating-system failures a write can meet, as libraries spell them in their messages.
+WRITE_FAILURES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "File too large",
+    "Read-only file system",
+    "Permission denied",
+)
+
+
+def write_failure_in(error: BaseException) -> str | None:
+    """Which of WRITE_FAILURES the messages of `error` and its causes name, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = f"{error} {getattr(error, 'strerror', '') or ''}"
+        found = next((f for f in WRITE_FAILURES if f.lower() in text.lower()), None)
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Wraps a CLI `main`: a `UserError` becomes `error: <message>` on stderr and exit status 2.
 
-    It also quiets Orbax and absl, which log every checkpoint step at INFO: the commands print their own progress.
+    It also quiets Orbax and absl, which log every checkpoint step at INFO and the failures of their writer threads
+    with whole tracebacks (those failures reach the main thread as exceptions, which end here): the commands print
+    their own progress and errors. Python's asyncio logger, which Orbax's writers trip when they fail, likewise.
     """
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        import logging as python_logging
+
         from absl import logging
 
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.FATAL)
+        python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+        sys.unraisablehook = _quiet_closed_loops
         try:
             return main(*args, **kwargs)
+        except WriteError as e:
+            _exit_now(f"error: {e}")
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except Exception as e:
+            cause = os_error_in(e)
+            if cause is None:
+                raise
+            _exit_now(f"error: {cause.filename or 'dff_jax'}: {cause.strerror or cause}")
 
     return wrapped
+
+
+def _quiet_closed_loops(unraisable) -> None:
+    """sys.unraisablehook without the "Event loop is closed" tracebacks that TensorStore's callbacks report (as
+    unraisable exceptions) when a failed Orbax write has already torn down its event loop; anything else as usual."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _exit_now(message: str) -> None:
+    """Prints the error and exits with status 2 at once: after a failed write, background checkpoint writers would
+    otherwise keep failing while the interpreter shuts down and bury the one line under hundreds. Nothing is lost:
+    every file is written to a temporary name and renamed, so what exists is whole."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
+def os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error`, following its causes and contexts (Orbax and jax wrap the ones they hit)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and not isinstance(error, (TimeoutError, ConnectionError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -167,7 +167,10 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     if not path.is_file():
         raise TrainError(f"{path}: missing; is {workdir} a dff_jax run directory (python -m dff_jax.train)?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:  # JSONDecodeError, or JSON that is not a config object
+        raise TrainError(f"{path}: not a readable run config ({e}); is {workdir} a dff_jax run directory?") from None
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> dict:
@@ -179,6 +182,8 @@ def load_run(workdir: str | Path, step: int | None = None) -> dict:
     config = load_config(workdir)
     defaults.validate(config)
     parallel.initialize(config.parallel)
+    # The data and features must still be what the run was trained on (an edited file re-indexes items silently).
+    train_state.check_identity(workdir, train_state.run_identity(config))
     dataset, state, static, frozen = train_state.build_run(config)
     saved = data_lib.load_item_map(workdir / "item_map.json")
     if saved != dataset.item_ids:

@@ -91,6 +91,23 @@ class FeatureTable:
         )
 
 
+def fingerprint(directory: str | os.PathLike) -> str:
+    """A cheap identity of a feature folder: sha256 over schema.json and, per shard, its name, size and first and
+    last MiB. Re-extracting, adding, removing or truncating a shard changes it; reading the whole folder (GBs) would
+    make every resume slow. Part of a run's identity (train_state.run_identity)."""
+    directory = Path(directory)
+    digest = hashlib.sha256((directory / records.SCHEMA_FILE).read_bytes())
+    for shard in records.shard_files(directory):
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}:{size}".encode())
+        with open(shard, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 1 << 20:
+                f.seek(max(size - (1 << 20), 1 << 20))
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def standardize_stats(table: np.ndarray, chunk: int = 4096, sample: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer, per-dimension mean and 1/std of a feature table over real items (rows 1..N), robust to outliers.
 

@@ -193,14 +193,17 @@ def decode_item(payload: bytes, where: str = "record") -> tuple[str, np.ndarray]
     ):
         if key not in feat or len(getattr(feat[key], kind).value) == 0:
             raise RecordError(f"{where}: missing feature {key!r} ({kind})")
-    item_id = feat["item_id"].bytes_list.value[0].decode("utf-8")
+    try:
+        item_id = feat["item_id"].bytes_list.value[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: the item id is not UTF-8 text ({e.reason} at byte {e.start})") from None
     dtype = feat["dtype"].bytes_list.value[0].decode("utf-8", "replace")
     if dtype not in DTYPES:
         raise RecordError(f"{where}: item {item_id}: dtype {dtype!r}, expected one of {DTYPES}")
     shape = tuple(feat["shape"].int64_list.value)
     data = feat["hidden"].bytes_list.value[0]
     np_dtype = numpy_dtype(dtype).newbyteorder("<")
-    if len(shape) != 2 or len(data) != int(np.prod(shape)) * np_dtype.itemsize:
+    if len(shape) != 2 or min(shape) < 0 or len(data) != int(np.prod(shape)) * np_dtype.itemsize:
         raise RecordError(
             f"{where}: item {item_id}: {len(data)} bytes do not hold a [layers, hidden] {dtype} array of shape {shape}"
         )

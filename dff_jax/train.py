@@ -10,7 +10,9 @@ epoch depends only on (seed, epoch) and dropout only on (seed, step), so a resum
 uninterrupted one does. The state, the pure step and the checkpoints are in `train_state.py`, evaluation in
 `evaluate.py`.
 
-Workdir layout: config.json, item_map.json, checkpoints/{latest,best}/<epoch>/, tb/ (TensorBoard), results.json.
+Workdir layout: identity.json, config.json, item_map.json, checkpoints/{latest,best}/<epoch>/, tb/ (TensorBoard),
+results.json. identity.json records what defines the run (`train_state.run_identity`): a workdir is only ever resumed, reported
+or evaluated as the run it holds; anything else stops before any work, unless `--restart` discards it.
 """
 
 from __future__ import annotations
@@ -31,22 +33,32 @@ from dff_jax.errors import TrainError, exit_on_user_error
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains with early stopping on validation, tests the best checkpoint, writes and returns results.json."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, restart: bool = False) -> dict:
+    """Trains with early stopping on validation, tests the best checkpoint, writes and returns results.json.
+
+    An existing workdir is resumed (or, when finished, its results returned) only if it holds the same run
+    (`train_state.check_identity`); `restart=True` discards what it holds first.
+    """
     workdir = Path(workdir)
     defaults.validate(config)  # every field before any work: a bad value never costs an epoch
     parallel.initialize(config.parallel)  # before any jax use: joins a multi-process job, sets simulated devices
     main = parallel.is_main_process()
+    synthetic.ensure_synthetic_data(config)
+    identity = train_state.run_identity(config)
+    if restart and main:
+        train_state.discard_run(workdir)
+    train_state.check_identity(workdir, identity)
     if (workdir / "results.json").is_file():
         result = json.loads((workdir / "results.json").read_text())
         if main:
-            print(f"{workdir}/results.json exists: the run is finished (delete it to re-test)")
+            print(f"{workdir}/results.json exists: the run is finished (--restart trains it again)")
         return result
-    workdir.mkdir(parents=True, exist_ok=True)
-    synthetic.ensure_synthetic_data(config)
+    if main:  # a workdir that cannot be made stops the run here, before the data is read
+        workdir.mkdir(parents=True, exist_ok=True)
     dataset, state, static, frozen = train_state.build_run(config)
     step = train_state.jit_train_step(static)
     if main:
+        records.write_json_atomic(workdir / train_state.IDENTITY_FILE, identity)
         records.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
         data_lib.save_item_map(dataset, workdir / "item_map.json")
         m = config.model
@@ -93,8 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if isinstance(v, float):
                     writer.add_scalar(f"valid/{k}", v, epoch)
             writer.flush()
-    latest.wait_until_finished()
-    best.wait_until_finished()
+    train_state.finish(latest)
+    train_state.finish(best)
 
     best_state, _ = train_state.restore(best, meta["best_epoch"], train_state.abstract_of(state))
     test = evaluate.evaluate(static, best_state["params"], frozen, dataset, "test", config.eval, config.seed)
@@ -223,13 +235,14 @@ def main(argv) -> None:
     from absl import flags
 
     del argv
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, restart=flags.FLAGS.restart)
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
     define_config_flags()
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, results.json); an existing one is resumed")
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, results.json); the same run in it is resumed")
+    flags.DEFINE_boolean("restart", False, "discard the run the workdir holds (its checkpoints and results) first")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)

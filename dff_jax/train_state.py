@@ -19,7 +19,10 @@ for validation, with no import circle.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -33,7 +36,7 @@ from flax import nnx
 from dff_jax import data as data_lib
 from dff_jax import features as features_lib
 from dff_jax import losses, models, parallel, records
-from dff_jax.errors import TrainError
+from dff_jax.errors import TrainError, WriteError, write_failure_in
 
 # ----------------------------------------------------------------------------------------------------------- build
 
@@ -204,6 +207,101 @@ def jit_train_step(static: dict):
     )
 
 
+# --------------------------------------------------------------------------------------------------- run identity
+
+IDENTITY_FILE = "identity.json"
+# Config fields that do not change what a run computes, left out of its identity: where the files are (their
+# contents are fingerprinted instead), how it logs, how many checkpoints it keeps, how evaluation is batched, and how
+# it is spread over devices and hosts (a run resumes on another device count with the same global batch).
+NOT_IDENTITY = (
+    "data.dir",
+    "features.dir",
+    "train.progress_bar",
+    "train.log_every_steps",
+    "train.keep_checkpoints",
+    "eval.batch_size",
+    "eval.chunk_size",
+    "parallel.",
+)
+# What a run writes into its workdir; `--restart` removes exactly these and nothing else.
+RUN_FILES = (IDENTITY_FILE, "config.json", "item_map.json", "results.json", "checkpoints", "tb")
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict:
+    """What defines a run: its config minus `NOT_IDENTITY`, and fingerprints of the interaction file and of the
+    feature folder it reads (`data.fingerprint`, `features.fingerprint`)."""
+    flat = _flatten(json.loads(config.to_json_best_effort()))
+    kept = {
+        k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in NOT_IDENTITY)
+    }
+    interactions = Path(config.data.dir) / config.data.interactions
+    out = {"config": kept, "interactions": data_lib.fingerprint(interactions) if interactions.is_file() else None}
+    if config.model.item_encoder != "id" and (Path(config.features.dir) / records.SCHEMA_FILE).is_file():
+        out["features"] = features_lib.fingerprint(config.features.dir)
+    return out
+
+
+def check_identity(workdir: Path, identity: dict) -> None:
+    """Stops with one line naming what differs when `workdir` holds another run than `identity` describes."""
+    path = workdir / IDENTITY_FILE
+    if not path.is_file():
+        found = [name for name in RUN_FILES[1:] if (workdir / name).exists()]
+        if found:
+            raise TrainError(
+                f"{workdir}: holds {', '.join(found)} but no {IDENTITY_FILE} (not a run of this dff_jax), so it "
+                "cannot be resumed as this run; use a new --workdir, or pass --restart to discard it and start over"
+            )
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({e}); use a new --workdir, or pass --restart") from None
+    differ = identity_differences(recorded, identity)
+    if differ:
+        raise TrainError(
+            f"{path}: this workdir holds a different run (differing: {'; '.join(differ[:8])}"
+            f"{f'; and {len(differ) - 8} more' if len(differ) > 8 else ''}); use a new --workdir, or pass --restart "
+            "to discard it and start over"
+        )
+
+
+def identity_differences(recorded: dict, identity: dict) -> list[str]:
+    """The fields and fingerprints on which two run identities differ, as `field: recorded -> now`."""
+    out = []
+    old, new = recorded.get("config", {}), identity["config"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            out.append(f"config.{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
+    for what in ("interactions", "features"):
+        if recorded.get(what) != identity.get(what):
+            out.append(
+                f"{what} file contents (fingerprint {str(recorded.get(what))[:12]} -> {str(identity.get(what))[:12]})"
+            )
+    return out
+
+
+def discard_run(workdir: Path) -> None:
+    """Removes what a run wrote into `workdir` (RUN_FILES and eval-*.json), never anything else."""
+    for name in RUN_FILES:
+        target = workdir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for target in workdir.glob("eval-*-epoch*.json"):
+        target.unlink()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -229,7 +327,33 @@ def abstract_of(state):
 
 
 def save(manager, epoch: int, state, meta: dict) -> None:
-    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    """Starts an asynchronous save of `epoch` (an earlier save's failure surfaces here, see `checked`)."""
+    with checked(manager):
+        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def finish(manager) -> None:
+    """Waits for the manager's pending asynchronous saves."""
+    with checked(manager):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def checked(manager):
+    """Turns a checkpoint write that the operating system refused (disk full, read-only, ...), which Orbax reports
+    as an error of its own, into one WriteError naming the folder and the cause. Orbax writes into a temporary
+    folder and renames it when complete, so the failed epoch leaves no checkpoint and a rerun resumes from the last
+    whole one."""
+    try:
+        yield
+    except Exception as e:
+        failure = write_failure_in(e)
+        if failure is None:
+            raise
+        raise WriteError(
+            f"{manager.directory}: {failure} while writing a checkpoint; fix that, then rerun the same command to "
+            "resume from the last complete checkpoint"
+        ) from None
 
 
 def restore(manager, epoch: int, abstract_state):
