@@ -1,10 +1,16 @@
-"""Throughput of the hidden-state pass at a real model's *shape*, without its weights.
+"""Throughput of the hidden-state pass at a real model's *shape*, without its weights; and of the CPU side.
 
 `python -m extract.bench --shape qwen2_5_vl_7b --device cuda --batch-sizes 1,4,8` builds Qwen2.5-VL-7B's
 architecture with random bf16 weights directly on the device (compute cost is the same as the real
 checkpoint's), feeds synthetic 16-frame clips through the same `VisionLanguageBackend` code a run uses
 (processor, forward with all hidden states, pooling), and prints items/s per batch size as JSON.
-Decoding is excluded (measure it with `extract.video.read_clip`); it runs in parallel threads in a run.
+Decoding is excluded there; it runs in the decode workers in a run, and `--pipeline` measures it:
+
+`python -m extract.bench --pipeline --gops 30,250` synthesises 1080p clips with PyAV (HEVC where its FFmpeg has
+libx265, H.264 otherwise), then per clip decodes 16 uniformly sampled frames and preprocesses them with the
+Qwen2.5-VL processor at the run's default token budget, once the way the extractor used to (every frame decoded,
+full-size RGB) and once the way it does now (seek + reference frames only, frames shrunk while decoding), on one
+core (one FFmpeg thread, one torch thread), and prints CPU seconds per item for each step, side by side.
 """
 
 from __future__ import annotations
@@ -119,10 +125,9 @@ def build_backend(shape: str, device: str, max_pixels: int | None) -> VisionLang
     spec = SHAPES[shape]
     tokenizer = train_tokenizer(QWEN_SPECIAL, QWEN_EXTRA_TOKENS, [PROMPTS["rec"]] * 20, 600)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    video_kw = {"max_pixels": max_pixels} if max_pixels else {}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(),
-        video_processor=Qwen2VLVideoProcessor(**video_kw),
+        video_processor=Qwen2VLVideoProcessor(),
         tokenizer=tokenizer,
         chat_template=QWEN_CHAT,
     )
@@ -144,7 +149,10 @@ def build_backend(shape: str, device: str, max_pixels: int | None) -> VisionLang
         torch.set_default_dtype(torch.bfloat16)
         model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
         torch.set_default_dtype(torch.float32)
-    return VisionLanguageBackend.from_parts(model, processor, modality="video", prompt=PROMPTS["rec"], device=device)
+    # The run's default token budget applies (or --max-pixels per frame), as in `python -m extract`.
+    return VisionLanguageBackend.from_parts(
+        model, processor, modality="video", prompt=PROMPTS["rec"], device=device, max_pixels=max_pixels
+    )
 
 
 def synthetic_clip(frames: int, height: int, width: int, seed: int) -> Clip:
@@ -153,6 +161,89 @@ def synthetic_clip(frames: int, height: int, width: int, seed: int) -> Clip:
     fps = 30.0
     idx = list(range(0, frames * 20, 20))
     return Clip(data, [i / fps for i in idx], fps, idx, idx[-1] + 1, (idx[-1] + 1) / fps)
+
+
+def moving_frames(num_frames: int, height: int, width: int, seed: int = 0):
+    """Frames of a blocky random texture panning 4 px a frame: cheap to make at 1080p, real motion for a codec."""
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 256, size=(height // 8 + 1, (width + 4 * num_frames) // 8 + 1, 3), dtype=np.uint8)
+    tex = np.repeat(np.repeat(tex, 8, axis=0), 8, axis=1)[:height]
+    for t in range(num_frames):
+        yield tex[:, 4 * t : 4 * t + width]
+
+
+def synth_clip(path, seconds: float, fps: int, height: int, width: int, gop: int, seed: int):
+    """Writes one synthetic clip; returns (path, codec name)."""
+    import av
+
+    from extract.video import write_test_video
+
+    codec = "libx265" if "libx265" in av.codecs_available else "libx264"
+    options = {"preset": "ultrafast", "x265-params": "log-level=error"} if codec == "libx265" else {}
+    n = int(seconds * fps)
+    write_test_video(path, moving_frames(n, height, width, seed), fps=fps, codec=codec, gop=gop, options=options)
+    return path, codec
+
+
+def _cpu(fn):
+    t = time.process_time()
+    out = fn()
+    return out, time.process_time() - t
+
+
+def pipeline(args) -> dict:
+    """Decode + preprocess CPU seconds per item on one core, old path vs new path (see the module docstring)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from extract.video import read_clip
+
+    torch.set_num_threads(1)
+    h, w = (int(x) for x in args.size.split("x"))
+    be = build_backend("tiny", "cpu", None)  # the real processor classes at the run's default budget
+    scaled = int(be.frame_pixels * args.decode_scale**2)  # the run's --decode-scale
+    result = {"mode": "pipeline", "size": [h, w], "frames": args.frames, "seconds_per_clip": args.clip_seconds}
+    result["cpu"] = platform_cpu()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for gop in (int(g) for g in args.gops.split(",")):
+            for c in range(args.clips):
+                path, codec = synth_clip(Path(tmp) / f"g{gop}-{c}.mp4", args.clip_seconds, 30, h, w, gop, c)
+                row = {"gop": gop, "clip": c, "codec": codec, "mbytes": round(os.path.getsize(path) / 1e6, 2)}
+                for name, kw in (("full", {"method": "full"}), ("seek", {"method": "seek", "max_pixels": scaled})):
+                    clip, dt = _cpu(lambda kw=kw: read_clip(path, args.frames, threads=1, **kw))
+                    sample = Sample(Item(str(c), "", ""), clip=clip)
+                    prepared, pt = _cpu(lambda sample=sample: be.prepare([sample]))
+                    row[name] = {
+                        "decode_s": round(dt, 3),
+                        "preprocess_s": round(pt, 3),
+                        "total_s": round(dt + pt, 3),
+                        "decoded_frames": clip.decoded_frames,
+                        "frame_size": list(clip.frames.shape[1:3]),
+                        "visual_tokens": prepared.visual_tokens[0],
+                    }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for gop in sorted({r["gop"] for r in rows}):
+        mine = [r for r in rows if r["gop"] == gop]
+        result.setdefault("mean_cpu_seconds_per_item", {})[f"gop{gop}"] = {
+            m: {k: round(float(np.mean([r[m][k] for r in mine])), 3) for k in ("decode_s", "preprocess_s", "total_s")}
+            for m in ("full", "seek")
+        }
+    return result
+
+
+def platform_cpu() -> str:
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def main(argv=None) -> None:
@@ -164,10 +255,21 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--pipeline", action="store_true", help="CPU side only: decode + preprocess of 1080p clips")
+    p.add_argument("--gops", default="30,250", help="--pipeline: keyframe intervals of the synthetic clips")
+    p.add_argument("--clips", type=int, default=2, help="--pipeline: clips per keyframe interval")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="--pipeline: length of each clip (30 fps)")
+    p.add_argument("--decode-scale", type=float, default=2.0, help="--pipeline: as python -m extract --decode-scale")
     args = p.parse_args(argv)
+    if args.pipeline:
+        if args.size == "240x320":
+            args.size = "1080x1920"
+        print(json.dumps(pipeline(args), indent=1))
+        return
     h, w = (int(x) for x in args.size.split("x"))
     t0 = time.time()
     be = build_backend(args.shape, args.device, args.max_pixels)
+    weights = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
     result = {
         "shape": args.shape,
         "device": args.device,
@@ -179,7 +281,8 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     one = Sample(Item("0", "", ""), clip=synthetic_clip(args.frames, h, w, 0))
-    result["video_tokens"] = int((be.inputs([one])["input_ids"] == be.model.config.video_token_id).sum())
+    result["video_tokens"] = be.prepare([one]).visual_tokens[0]
+    result["weights_gib"] = round(weights / 2**30, 2)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         samples = [Sample(Item(str(i), "", ""), clip=synthetic_clip(args.frames, h, w, i)) for i in range(bs)]
         be.hidden_states(samples, "video_mean")  # warm-up
@@ -199,7 +302,10 @@ def main(argv=None) -> None:
             "out_shape": list(out.shape),
         }
         if args.device.startswith("cuda"):
-            entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            peak = torch.cuda.max_memory_allocated()
+            entry["peak_gib"] = round(peak / 2**30, 2)
+            # Activations per item: the peak above the weights, shared out over the batch.
+            entry["peak_gib_per_item"] = round((peak - weights) / bs / 2**30, 3)
         result.setdefault("runs", []).append(entry)
         print(json.dumps(entry), flush=True)
     print(json.dumps(result, indent=1))

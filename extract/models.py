@@ -249,6 +249,8 @@ def apply_token_budget(processor, model_type: str, num_frames: int, max_pixels: 
             ip.size.shortest_edge = min(ip.size.shortest_edge or 0, ip.size.longest_edge)
         if vp is None or getattr(vp, "size", None) is None or vp.size.longest_edge is None:
             return None
+        if hasattr(vp, "cap_pixels_per_frame") and vp.cap_pixels_per_frame is None:
+            vp.cap_pixels_per_frame = True  # qwen-vl-utils' rule; below our budget it changes nothing, and it is quiet
         temporal = int(getattr(vp, "temporal_patch_size", 2) or 1)
         per_frame = int(max_pixels) if max_pixels else VIDEO_TOKENS_PER_FRAME * temporal * _token_pixels(vp)
         frames = -(-max(num_frames, temporal) // temporal) * temporal
@@ -372,11 +374,13 @@ class VisionLanguageBackend:
         self._setup(net, processor, model)
 
     @classmethod
-    def from_parts(cls, model, processor, *, modality: str, prompt: str, device: str, num_frames: int = 16):
+    def from_parts(
+        cls, model, processor, *, modality: str, prompt: str, device: str, num_frames: int = 16, max_pixels=None
+    ):
         """Wraps an already built model + processor (benchmarks at a real shape with random weights)."""
         self = cls.__new__(cls)
         self.modality, self.prompt, self.device = modality, prompt, device
-        self.frame_pixels = apply_token_budget(processor, model.config.model_type, num_frames, None, "model")
+        self.frame_pixels = apply_token_budget(processor, model.config.model_type, num_frames, max_pixels, "model")
         self._setup(model, processor, type(model).__name__)
         return self
 
