@@ -1,4 +1,4 @@
-"""PyTorch eager port of dff_jax.models.Recommender and the in-batch logQ / full softmax losses (needs torch).
+"""PyTorch eager port of dff_jax.models.Recommender and the in-batch logQ / full softmax / BCE losses (needs torch).
 
 Used as (a) the baseline that `python -m dff_jax.bench` times against the jitted JAX train step
 (``torch_step_for_run``); (b) a parity reference: the same weights (``load_nnx_weights``) give the same item
@@ -8,7 +8,10 @@ The math mirrors dff_jax/models.py line for line (MicroLens SASRec, docs/protoco
 (``items`` = the item encoder, ``sasrec`` = the sequence encoder, so parameter names match the NNX paths): LayerNorm(item + position) -> dropout -> post-LN blocks (bias-free Q/K/V/O, attention-probability
 dropout, FFN 4d ReLU), causal + key-padding mask with the diagonal always allowed; item encoders id / replace / fusion
 with the content aggregation of paper Eq. 5 (layer / mean / learned alpha, optional standardisation) and the gate of
-Eq. 3-4. Dropout uses torch's own RNG, so only deterministic outputs are comparable.
+Eq. 3-4. ``arch="sasrec"`` ports ``models.OriginalBlock`` and ``SASRec._original`` (Kang & McAuley's SASRec as the
+popular PyTorch port builds it): sqrt(d)-scaled items plus positions that are zero on padding, causal-only attention
+with biases through ``F.scaled_dot_product_attention`` (what ``nn.MultiheadAttention`` runs), FFN d -> d -> d, final
+LayerNorm, eps 1e-8. Dropout uses torch's own RNG, so only deterministic outputs are comparable.
 
 Threads: torch keeps its default intra-op thread count (torch.get_num_threads(), the number of physical cores),
 which is also what XLA's CPU backend uses, so neither side is handicapped.
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LN_EPS = 1e-6
+ORIGINAL_LN_EPS = 1e-8  # arch="sasrec"
 MASK_VALUE = -1e9
 INBATCH_MASK = -1e4
 
@@ -110,6 +114,37 @@ class TorchBlock(nn.Module):
         return self.ffn_ln(x + self.feed_forward(x))
 
 
+class TorchOriginalBlock(nn.Module):
+    """The port of ``dff_jax.models.OriginalBlock`` (arch="sasrec")."""
+
+    def __init__(self, d: int, num_heads: int, rate: float, pre_ln: bool):
+        super().__init__()
+        self.num_heads, self.rate, self.pre_ln = num_heads, rate, pre_ln
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.attn_ln = nn.LayerNorm(d, eps=ORIGINAL_LN_EPS)
+        self.ffn_in, self.ffn_out = nn.Linear(d, d), nn.Linear(d, d)
+        self.ffn_ln = nn.LayerNorm(d, eps=ORIGINAL_LN_EPS)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        h = self.num_heads
+        q, k, v = (f(x).view(b, length, h, d // h).transpose(1, 2) for f in (self.query, self.key, self.value))
+        rate = self.rate if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, dropout_p=rate, is_causal=True)
+        return self.out(context.transpose(1, 2).reshape(b, length, d))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(F.dropout(self.ffn_in(x), self.rate, self.training))
+        return F.dropout(self.ffn_out(hidden), self.rate, self.training)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attention(self.attn_ln(x))
+            return x + self.feed_forward(self.ffn_ln(x))
+        x = self.attn_ln(x + self.attention(x))
+        return self.ffn_ln(x + self.feed_forward(x))
+
+
 class TorchItemEncoder(nn.Module):
     """The port of ``dff_jax.models.ItemEncoder`` (id / replace / fusion)."""
 
@@ -159,16 +194,24 @@ class TorchItemEncoder(nn.Module):
 class TorchSASRec(nn.Module):
     """The port of ``dff_jax.models.SASRec``."""
 
-    def __init__(self, *, embed_dim, max_seq_len, num_blocks, num_heads, dropout, pre_ln):
+    def __init__(self, *, arch="microlens", embed_dim, max_seq_len, num_blocks, num_heads, dropout, pre_ln):
         super().__init__()
         d = int(embed_dim)
-        self.rate, self.pre_ln = float(dropout), bool(pre_ln)
+        self.arch, self.rate, self.pre_ln = arch, float(dropout), bool(pre_ln)
         self.position = nn.Parameter(_xavier_normal_(torch.empty(int(max_seq_len), d)))
-        self.seq_ln = nn.LayerNorm(d, eps=LN_EPS)
-        self.blocks = nn.ModuleList([TorchBlock(d, num_heads, self.rate, self.pre_ln) for _ in range(num_blocks)])
+        self.seq_ln = nn.LayerNorm(d, eps=LN_EPS if arch == "microlens" else ORIGINAL_LN_EPS)
+        block = TorchBlock if arch == "microlens" else TorchOriginalBlock
+        self.blocks = nn.ModuleList([block(d, num_heads, self.rate, self.pre_ln) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         length = inputs.shape[1]
+        if self.arch == "sasrec":
+            valid = (inputs != 0).unsqueeze(-1)
+            x = x * math.sqrt(x.shape[-1]) + torch.where(valid, self.position[:length], torch.zeros_like(x))
+            x = F.dropout(x, self.rate, self.training)
+            for block in self.blocks:
+                x = block(x)
+            return self.seq_ln(x)
         x = x + self.position[:length]
         if not self.pre_ln:
             x = self.seq_ln(x)
@@ -188,15 +231,17 @@ class TorchRecommender(nn.Module):
     """The port of ``dff_jax.models.Recommender``: ``TorchRecommender(num_items, table, **config.model)`` with the
     table already cut to the model's rows (same parameter names as the NNX paths, kernels in torch layout).
 
-    ``layer``/``layers`` (the table is already cut), ``cold_id`` and ``dedup`` change nothing here: the port's weights
-    are copied from a JAX model (``load_nnx_weights``), and deduplication does not change the values.
+    ``layer``/``layers`` (the table is already cut), ``cold_id``, ``dedup`` and ``rng_impl`` change nothing here: the
+    port's weights are copied from a JAX model (``load_nnx_weights``), deduplication does not change the values and
+    dropout draws from torch's RNG.
     """
 
     def __init__(self, num_items: int, table: np.ndarray | None = None, *, embed_dim, num_blocks, num_heads, dropout,
                  pre_ln, max_seq_len, item_encoder, content, feature_norm, alpha_softmax, proj_hidden, gate_hidden,
-                 gate_dim, layer=-1, layers=(), cold_id="random", dedup="auto"):  # fmt: skip
+                 gate_dim, arch="microlens", layer=-1, layers=(), cold_id="random", dedup="auto",
+                 rng_impl="threefry2x32"):  # fmt: skip
         super().__init__()
-        del layer, layers, cold_id, dedup
+        del layer, layers, cold_id, dedup, rng_impl
         self.num_items, self.embed_dim = int(num_items), int(embed_dim)
         self.items = TorchItemEncoder(
             num_items,
@@ -211,6 +256,7 @@ class TorchRecommender(nn.Module):
             gate_dim=gate_dim,
         )
         self.sasrec = TorchSASRec(
+            arch=arch,
             embed_dim=embed_dim,
             max_seq_len=max_seq_len,
             num_blocks=num_blocks,
@@ -254,8 +300,34 @@ def full_softmax_loss(seq_out, item_emb, targets, valid):
     return F.cross_entropy(logits[valid], targets[valid])
 
 
-def compute_loss(model: TorchRecommender, inputs, targets, loss_name: str, log_pop):
-    """Torch twin of ``dff_jax.losses.compute_loss`` for "inbatch_logq" (log_pop None = no logQ) and "full_softmax"."""
+def bce_loss(seq_out, pos_emb, neg_emb, valid, neg_valid):
+    """Torch twin of ``dff_jax.losses.bce_loss``: the port's two ``BCEWithLogitsLoss`` means over scored positions."""
+    pos = (seq_out * pos_emb).sum(-1)[valid]
+    neg = (seq_out * neg_emb).sum(-1)[valid & neg_valid]
+    return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+        neg, torch.zeros_like(neg)
+    )
+
+
+def sample_bce_negatives(window: torch.Tensor, num_items: int, rounds: int = 4):
+    """Torch twin of ``dff_jax.losses.sample_bce_negatives`` (torch's RNG): one uniform negative per position,
+    redrawn up to ``rounds`` times while it is in the user's window; returns (negatives, ok)."""
+    b, length = window.shape[0], window.shape[1] - 1
+    draws = torch.randint(1, num_items + 1, (rounds + 1, b, length))
+
+    def collides(neg):
+        return (neg[:, :, None] == window[:, None, :]).any(-1)
+
+    neg = draws[0]
+    for candidate in draws[1:]:
+        neg = torch.where(collides(neg), candidate, neg)
+    return neg, ~collides(neg)
+
+
+def compute_loss(model: TorchRecommender, inputs, targets, loss_name: str, log_pop, negatives=None, neg_ok=None):
+    """Torch twin of ``dff_jax.losses.compute_loss`` for "inbatch_logq" (log_pop None = no logQ), "full_softmax"
+    and "bce" (``negatives`` [B, L] and ``neg_ok`` [B, L] given, e.g. the JAX step's, for parity checks; None:
+    sampled with torch's RNG)."""
     valid = (inputs != 0) & (targets != 0)
     if loss_name == "inbatch_logq":
         window = torch.cat([inputs, targets[:, -1:]], 1)
@@ -264,7 +336,15 @@ def compute_loss(model: TorchRecommender, inputs, targets, loss_name: str, log_p
         return inbatch_logq_loss(seq_out, window_emb, window, valid, log_pop)
     if loss_name == "full_softmax":
         return full_softmax_loss(model.encode(inputs), model.all_item_embeddings(), targets, valid)
-    raise ValueError(f"torch port: loss {loss_name!r} is not ported (inbatch_logq, full_softmax)")
+    if loss_name == "bce":
+        window = torch.cat([inputs, targets[:, -1:]], 1)
+        if negatives is None:
+            negatives, neg_ok = sample_bce_negatives(window, model.num_items)
+        length = inputs.shape[1]
+        emb = model.item_embeddings(torch.cat([window, negatives], 1))
+        seq_out = model.encode(inputs, input_embs=emb[:, :length])
+        return bce_loss(seq_out, emb[:, 1 : length + 1], emb[:, length + 1 :], valid, neg_ok)
+    raise ValueError(f"torch port: loss {loss_name!r} is not ported (inbatch_logq, full_softmax, bce)")
 
 
 def _to_torch(array) -> torch.Tensor:
@@ -311,6 +391,7 @@ def config_from_nnx(nnx_model) -> dict:
         "num_heads": sasrec.num_heads,
         "dropout": sasrec.rate,
         "pre_ln": sasrec.pre_ln,
+        "arch": sasrec.arch,
         "item_encoder": items.kind,
         "content": "layer",
         "feature_norm": "none",
@@ -339,13 +420,15 @@ def torch_train_step(
     *,
     loss_name: str,
     lr: float,
+    b1: float,
+    b2: float,
     weight_decay: float,
     clip_norm: float,
 ):
     """An eager PyTorch AdamW train step on the ported model, for the benchmark.
 
-    Like the JAX step: AdamW with weight decay on tensors of rank >= 2 only (``train_state.decay_mask``), global
-    norm clipping when ``clip_norm`` > 0, dropout on.
+    Like the JAX step: AdamW (betas ``b1``, ``b2``) with weight decay on tensors of rank >= 2 only
+    (``train_state.decay_mask``), global norm clipping when ``clip_norm`` > 0, dropout on.
 
     Returns:
         ``step(batch)`` with batch = {"inputs", "targets"} ([B, L] int arrays) or ``step(inputs, targets)``,
@@ -357,7 +440,7 @@ def torch_train_step(
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=lr)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2))
     log_pop_t = None if log_pop is None else torch.from_numpy(np.array(log_pop, np.float32))
 
     def step(batch, targets=None) -> float:
@@ -395,6 +478,8 @@ def torch_step_for_run(static: dict, state: dict, frozen: dict, config) -> Calla
         log_pop,
         loss_name=str(config.loss.name),
         lr=float(o.lr),
+        b1=float(o.b1),
+        b2=float(o.b2),
         weight_decay=float(o.weight_decay),
         clip_norm=float(o.clip_norm),
     )

@@ -110,6 +110,41 @@ def dropout_keeps(key: jax.Array | None, rate: float, shapes: list[tuple[int, ..
     return out
 
 
+# arch="sasrec" draws its dropout masks as 16-bit words, at most this many 32-bit words per jax.random call: on the
+# 2-core CPU one threefry call over the ~2.2 M mask entries of a step at the SASRec shapes took ~45 ms, the same bits
+# in calls of 2^19 words ~5 ms (docs/benchmarks.md, "The original SASRec"; the cost grows faster than the size).
+MASK_WORDS_PER_CALL = 1 << 19
+MASK_LEVELS = 1 << 16
+
+
+def mask_rate(rate: float) -> float:
+    """The dropout rate a 16-bit mask realises (``dropout_keeps_16``): ``rate`` rounded to a multiple of 2^-16."""
+    return round(rate * MASK_LEVELS) / MASK_LEVELS
+
+
+def dropout_keeps_16(key: jax.Array | None, rate: float, shapes: list[tuple[int, ...]]) -> list[jax.Array | None]:
+    """Keep-masks like ``dropout_keeps`` from 16-bit uniform integers: each 32-bit word of ``jax.random.bits`` gives
+    two decisions, and the words come in calls of at most MASK_WORDS_PER_CALL. The drop probability is
+    ``mask_rate(rate)`` (0.2 -> 13107 / 65536 = 0.199997); divide the kept values by 1 - mask_rate(rate)."""
+    if key is None or rate <= 0.0:
+        return [None] * len(shapes)
+    sizes = [math.prod(shape) for shape in shapes]
+    words = -(-sum(sizes) // 2)
+    calls = -(-words // MASK_WORDS_PER_CALL)
+    keys = jax.random.split(key, calls)
+    parts = [
+        jax.random.bits(keys[i], (min(MASK_WORDS_PER_CALL, words - i * MASK_WORDS_PER_CALL),), jnp.uint32)
+        for i in range(calls)
+    ]
+    halves = jax.lax.bitcast_convert_type(jnp.concatenate(parts), jnp.uint16).reshape(-1)
+    keep = halves >= round(rate * MASK_LEVELS)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(keep[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
 def dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
     """Inverted dropout with a precomputed keep-mask (``dropout_keeps``); identity when ``keep`` is None."""
     if keep is None:
@@ -478,7 +513,9 @@ class SASRec(nnx.Module):
             self.position = nnx.Param(jax.random.normal(rngs.params(), (int(max_seq_len), d), jnp.float32) * std)
             self.seq_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
             block = OriginalBlock
-        self.blocks = nnx.List([block(d, self.num_heads, self.rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
+        # arch="sasrec" draws 16-bit dropout masks (dropout_keeps_16): kept values are scaled by the rate they realise.
+        rate = self.rate if arch == "microlens" else mask_rate(self.rate)
+        self.blocks = nnx.List([block(d, self.num_heads, rate, self.pre_ln, rngs=rngs) for _ in range(num_blocks)])
 
     def __call__(self, x: jax.Array, inputs: jax.Array, *, deterministic: bool, rng: jax.Array | None) -> jax.Array:
         """Outputs per position for item embeddings ``x`` [B, L, d] of the left-padded ``inputs`` [B, L]."""
@@ -488,7 +525,9 @@ class SASRec(nnx.Module):
         h = self.num_heads
         # Dropout sites: embeddings, then per block attention probabilities, attention output, FFN output.
         shapes = [(b, length, d)] + [(b, h, length, length), (b, length, d), (b, length, d)] * len(self.blocks)
-        keys = dropout_keeps(None if deterministic else rng, self.rate, shapes)
+        keys = (dropout_keeps_16 if self.arch == "sasrec" else dropout_keeps)(
+            None if deterministic else rng, self.rate, shapes
+        )
         if self.arch == "sasrec":
             return self._original(x, inputs, keys)
         x = x + self.position[...][:length]
@@ -514,7 +553,7 @@ class SASRec(nnx.Module):
         # Column j holds position j + 1 (positions count from the left edge of the padded row, as in the port);
         # padding slots get the zero position row.
         x = x * math.sqrt(d) + jnp.where(valid, self.position[...][:length].astype(x.dtype), 0)
-        x = dropout(x, self.rate, keys[0])
+        x = dropout(x, mask_rate(self.rate), keys[0])
         # Causal mask only: as in the port, real positions also attend to the (padding) slots before them.
         allowed = jnp.tril(jnp.ones((length, length), bool))[None]
         for i, block in enumerate(self.blocks):

@@ -1,7 +1,8 @@
 """Same weights in, same outputs out: dff_jax.models/losses against the PyTorch eager port (dff_jax/bench_torch.py).
 
 float32, dropout off on both sides. Compared: every item embedding, the sequence outputs, the full-ranking scores
-(user x all items), the in-batch logQ and full-softmax losses, and the gradients of the in-batch loss.
+(user x all items), the in-batch logQ and full-softmax losses, and the gradients of the in-batch loss; for the original
+SASRec (arch="sasrec") also the BCE logits and loss on the JAX step's own negatives, and their gradients.
 """
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from dff_jax import bench_torch  # noqa: E402
-from dff_jax import defaults, features, losses  # noqa: E402
+from dff_jax import defaults, features, losses, models  # noqa: E402
 from dff_jax.models import Recommender  # noqa: E402
 
 N, D, L, B, LAYERS, H = 30, 16, 6, 5, 4, 12
@@ -28,7 +29,11 @@ CASES = {
     "dff_raw_mlp_head": {"item_encoder": "fusion", "content": "learned", "feature_norm": "none", "proj_hidden": 10},
     "fusion_layer_scalar_gate": {"item_encoder": "fusion", "content": "layer", "layer": -2, "gate_dim": "scalar"},
     "replace_mean_layernorm": {"item_encoder": "replace", "content": "mean", "feature_norm": "layernorm"},
+    "sasrec_id": {"item_encoder": "id", "arch": "sasrec"},
+    "sasrec_id_pre_ln_1_head": {"item_encoder": "id", "arch": "sasrec", "pre_ln": True, "num_heads": 1},
+    "sasrec_dff": {"item_encoder": "fusion", "content": "learned", "arch": "sasrec"},
 }
+SASREC_CASES = [c for c in CASES if c.startswith("sasrec")]
 
 
 def _cfg(extra):
@@ -60,7 +65,7 @@ def _pair(extra, seed=0):
     # Randomise the zero-initialised parameters (biases, LayerNorm, alpha) so the comparison covers them too.
     rng = np.random.default_rng(seed + 100)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path[-1] in ("bias", "scale", "layer_logits"):
+        if path[-1] in ("bias", "scale", "layer_logits") or (path[-1] == "position" and cfg.arch == "sasrec"):
             var[...] = jnp.asarray(np.asarray(var[...]) + rng.normal(size=var.shape).astype(np.float32) * 0.1)
     port = bench_torch.load_nnx_weights(bench_torch.TorchRecommender(N, table, **cfg), model).eval()
     return model, port, inputs, targets, log_pop
@@ -121,12 +126,77 @@ def test_same_gradients_for_dff():
     assert checked == len(named)
 
 
+def _bce_negatives(model, inputs, targets, key):
+    """The negatives (and their ok mask) that losses.compute_loss draws for the BCE loss from ``key``."""
+    _, sample_key = jax.random.split(models.as_impl(key, model.rng_impl))
+    window = jnp.concatenate([jnp.asarray(inputs), jnp.asarray(targets)[:, -1:]], axis=1)
+    neg, ok = losses.sample_bce_negatives(sample_key, window, N)
+    return np.asarray(neg), np.asarray(ok)
+
+
+@pytest.mark.parametrize("case", SASREC_CASES)
+def test_original_sasrec_bce_logits_loss_and_gradients(case):
+    model, port, inputs, targets, _ = _pair(CASES[case], seed=2)
+    key = jax.random.key(3)
+    neg, ok = _bce_negatives(model, inputs, targets, key)
+    assert ok.all() and (neg > 0).all()
+    tin, ttg = torch.as_tensor(inputs, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+    tneg, tok = torch.as_tensor(neg.copy(), dtype=torch.long), torch.as_tensor(ok.copy())
+    t_loss = bench_torch.compute_loss(port, tin, ttg, "bce", None, negatives=tneg, neg_ok=tok)
+    t_loss.backward()
+    with torch.no_grad():
+        t_seq = port.encode(tin)
+        t_pos = (t_seq * port.item_embeddings(ttg)).sum(-1).numpy()
+        t_neg = (t_seq * port.item_embeddings(tneg)).sum(-1).numpy()
+
+    bce = dict(LOSS, name="bce", logq=False)
+    batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        return losses.compute_loss(nnx.merge(graphdef, p, rest), batch, key, None, **bce, deterministic=True)[0]
+
+    j_loss, grads = jax.value_and_grad(f)(params)
+    j_seq = model.encode(jnp.asarray(inputs), deterministic=True)
+    j_pos = np.asarray(jnp.sum(j_seq * model.item_embeddings(jnp.asarray(targets)), -1))
+    j_neg = np.asarray(jnp.sum(j_seq * model.item_embeddings(jnp.asarray(neg)), -1))
+    scored = (inputs != 0) & (targets != 0)
+    assert _max_diff(j_pos[scored], t_pos[scored]) < TOL and _max_diff(j_neg[scored], t_neg[scored]) < TOL
+    t_loss = float(t_loss.detach())
+    assert abs(float(j_loss) - t_loss) < TOL * max(1.0, abs(t_loss))
+    named = dict(port.named_parameters())
+    for path, var in nnx.to_flat_state(grads):
+        name = ".".join(str(p) for p in path)
+        g = np.asarray(var[...])
+        if path[-1] == "kernel":
+            name, g = name[: -len("kernel")] + "weight", g.T
+        elif path[-1] == "scale":
+            name = name[: -len("scale")] + "weight"
+        assert _max_diff(g, named[name].grad.numpy()) < 1e-4, name
+
+
+def test_original_sasrec_is_not_the_microlens_model():
+    # The two architectures must differ where the port says they do: padding slots are attended (causal mask only),
+    # so the output at a real position moves when an earlier padding slot's position vector would; and item inputs
+    # are scaled by sqrt(d). A model that silently fell back to the MicroLens blocks would fail both.
+    model, _, inputs, _, _ = _pair(CASES["sasrec_id"])
+    x = model.items(jnp.asarray(inputs))
+    # Same weights, inputs scaled by 1/sqrt(d) outside: equal to the unscaled path only if the model scales them.
+    out = model.sasrec(x, jnp.asarray(inputs), deterministic=True, rng=None)
+    out_rescaled = model.sasrec(x / np.sqrt(D), jnp.asarray(inputs), deterministic=True, rng=None)
+    assert _max_diff(out, out_rescaled) > 1e-3
+    # Row 0 has 3 padding slots; changing the padding input embedding (not possible through items, which zero it)
+    # changes the real positions' outputs because they attend to padding.
+    bumped = x.at[0, 0].set(1.0)
+    assert _max_diff(model.sasrec(bumped, jnp.asarray(inputs), deterministic=True, rng=None)[0, 3:], out[0, 3:]) > 1e-4
+
+
 def test_torch_train_step_runs_and_learns():
     cfg = _cfg({"item_encoder": "id", "dropout": 0.0})
     _, inputs, targets, log_pop = _data()
     model = bench_torch.TorchRecommender(N, None, **cfg)
     step = bench_torch.torch_train_step(
-        model, log_pop, loss_name="inbatch_logq", lr=1e-2, weight_decay=0.1, clip_norm=5.0
+        model, log_pop, loss_name="inbatch_logq", lr=1e-2, b1=0.9, b2=0.999, weight_decay=0.1, clip_norm=5.0
     )
     first = step(inputs, targets)
     for _ in range(20):
@@ -136,7 +206,7 @@ def test_torch_train_step_runs_and_learns():
 
 
 def test_config_from_nnx_rebuilds_the_architecture():
-    for case in ("dff_raw_mlp_head", "fusion_layer_scalar_gate", "id_pre_ln"):
+    for case in ("dff_raw_mlp_head", "fusion_layer_scalar_gate", "id_pre_ln", "sasrec_dff"):
         model, port, *_ = _pair(CASES[case])
         table = port.items.content.table.numpy() if port.items.content else None
         rebuilt = bench_torch.TorchRecommender(N, table, **bench_torch.config_from_nnx(model))
