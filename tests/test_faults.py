@@ -1,0 +1,250 @@
+"""Faults and bad inputs: each ends in one `error:` line (or a documented policy), exit status 2, no traceback, and
+nothing lost, half-written or rewritten with a record that no longer matches what was trained.
+
+The cases that once gave wrong numbers with exit status 0 (a reused workdir, a changed data file, duplicated rows,
+one huge feature value) and the I/O failures (disk full, a workdir that cannot be made, a result that cannot be
+written) are here; so are the config values that used to be accepted or to fail only after an epoch.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import smoke
+from conftest import REPO
+from dff_jax import data, defaults, evaluate, records, train
+from dff_jax.errors import ConfigError, TrainError
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def smoke_config(data_dir, variant="dff", **fields):
+    c = smoke.get_config(variant)
+    c.data.dir = str(data_dir)
+    for key, value in fields.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def cli(module, *args, limit_file_kb=None):
+    command = [sys.executable, "-m", module, *args]
+    if limit_file_kb:  # through the shell's ulimit: no preexec_fn (fork) from this multithreaded process
+        command = ["bash", "-c", f'ulimit -f {limit_file_kb} && exec "$@"', "bash", *command]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(proc, *fragments):
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for f in fragments:
+        assert f in err[0], (f, err[0])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished smoke run (2 epochs), its data folder and its results."""
+    root = tmp_path_factory.mktemp("faults")
+    config = smoke_config(root / "data")
+    result = train.train_and_evaluate(config, root / "run")
+    return root, config, result
+
+
+# ------------------------------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("train.select_metric", "NDCG@5", "one of the computed metrics"),
+        ("eval.ks", (0, 10), "positive integers"),
+        ("eval.ties", "random", "'optimistic'"),
+        ("optim.lr", -1e-3, "> 0"),
+        ("model.dropout", 1.5, "in [0, 1)"),
+        ("model.cold_id", "zeros", "'zero'"),
+        ("train.compute_dtype", "float64", "'bfloat16'"),
+        ("train.keep_checkpoints", 0, "resumes"),
+        ("train.batch_size", -4, ">= 1"),
+        ("eval.chunk_size", 0, ">= 1"),
+        ("train.num_epochs", 0, ">= 1"),
+        ("data.duplicates", "merge", "'drop'"),
+        ("model.num_heads", 3, "multiple of model.num_heads"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_field_value_and_what_is_allowed(tmp_path, field, value, says):
+    c = smoke_config(tmp_path / "data")
+    section, name = field.split(".")
+    c[section][name] = value
+    shown = "model.embed_dim" if field == "model.num_heads" else field
+    with pytest.raises(ConfigError, match=rf"config\.{shown}=") as e:
+        train.train_and_evaluate(c, tmp_path / "run")
+    assert says in str(e.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
+
+
+def test_bad_config_on_the_command_line_is_one_line_before_any_work(tmp_path):
+    p = cli(
+        "dff_jax.train",
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data.dir={tmp_path / 'data'}",
+        "--config.train.select_metric=NDCG@5",
+    )
+    assert_one_error_line(p, "config.train.select_metric='NDCG@5'", "HR@10")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------------------------------------- workdir identity
+
+
+def test_a_finished_workdir_is_not_reported_as_another_run(finished):
+    root, _, _ = finished
+    before = (root / "run" / "results.json").read_bytes()
+    with pytest.raises(
+        TrainError, match=r"identity.json: this workdir holds a different run \(differing: .*item_encoder"
+    ):
+        train.train_and_evaluate(smoke_config(root / "data", "id"), root / "run")
+    assert (root / "run" / "results.json").read_bytes() == before
+
+
+def test_an_unfinished_workdir_does_not_resume_with_another_learning_rate(finished, tmp_path):
+    root, config, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()  # as if killed before the end
+    saved = (tmp_path / "run" / "config.json").read_bytes()
+    with pytest.raises(TrainError, match=r"config\.optim\.lr: 0\.003 -> 0\.01.*new --workdir, or pass --restart"):
+        train.train_and_evaluate(smoke_config(root / "data", optim__lr=0.01), tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved
+    # the same definition (only logging and progress differ) resumes, and the finished run is returned as it was
+    same = smoke_config(root / "data", train__log_every_steps=1, train__progress_bar=True)
+    assert train.train_and_evaluate(same, tmp_path / "run")["epochs_run"] == config.train.num_epochs
+
+
+def test_a_changed_interaction_file_is_refused_by_train_and_by_evaluate(finished, tmp_path):
+    root, _, _ = finished
+    shutil.copytree(root / "data", tmp_path / "data")
+    shutil.copytree(root / "run", tmp_path / "run")
+    pairs = tmp_path / "data" / "synthetic_pairs.tsv"
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same interactions, another first-seen order
+    config = (tmp_path / "run" / "config.json").read_text().replace(str(root / "data"), str(tmp_path / "data"))
+    (tmp_path / "run" / "config.json").write_text(config)
+    with pytest.raises(TrainError, match="interactions file contents"):
+        train.train_and_evaluate(smoke_config(tmp_path / "data"), tmp_path / "run")
+    with pytest.raises(TrainError, match="interactions file contents"):
+        evaluate.load_run(tmp_path / "run")
+
+
+def test_restart_discards_the_old_run_and_a_stray_folder_is_not_taken_for_one(finished, tmp_path):
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    c = smoke_config(root / "data", "id", train__num_epochs=1)
+    result = train.train_and_evaluate(c, tmp_path / "run", restart=True)
+    assert result["epochs_run"] == 1 and result["config"]["model"]["item_encoder"] == "id"
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(TrainError, match=r"holds config.json but no identity.json"):
+        train.train_and_evaluate(c, tmp_path / "other")
+
+
+def test_a_corrupt_run_config_is_one_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(TrainError, match=r"config.json: not a readable run config"):
+        evaluate.load_run(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ interaction data
+
+
+def test_duplicated_rows_are_counted_and_dropped_by_default(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{rng.integers(40)}", 100 * u + t) for u in range(30) for t in range(8)]
+    text = "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+    (tmp_path / "clean.csv").write_text(text)
+    (tmp_path / "twice.csv").write_text(text + text.split("\n", 1)[1])  # every row written twice
+    cfg = defaults.base_config().data
+    cfg.update(dir=str(tmp_path), interactions="clean.csv")
+    clean = data.build_dataset(cfg, verbose=False)
+    cfg.interactions = "twice.csv"
+    dropped = data.build_dataset(cfg, verbose=False)
+    assert dropped.stats["duplicate_rows"] == len(rows)
+    assert "warning: 240 rows repeat another" in data.format_stats(dropped.stats)
+    np.testing.assert_array_equal(dropped.test["targets"], clean.test["targets"])
+    np.testing.assert_array_equal(dropped.test["history"], clean.test["history"])
+    cfg.duplicates = "keep"  # what happened before: every test target sits in its own history, where it is masked
+    kept = data.build_dataset(cfg, verbose=False)
+    assert all(t in h for t, h in zip(kept.test["targets"], kept.test["history"]))
+    cfg.duplicates = "error"
+    with pytest.raises(data.DataError, match=r"twice.csv: 240 rows repeat another row exactly \(e.g. user 'u0'"):
+        data.build_dataset(cfg, verbose=False)
+
+
+def test_bom_header_line_and_huge_timestamps(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfu1,i1,1\nu1,i2,2\nu2,i1,3\n")
+    inter = data.read_interactions(tmp_path / "bom.csv")
+    assert set(inter.users) == {"u1", "u2"}  # the byte-order mark does not glue onto the first user
+    (tmp_path / "bom_header.csv").write_bytes(b"\xef\xbb\xbfuser,item,timestamp\nu1,i1,1\n")
+    assert list(data.read_interactions(tmp_path / "bom_header.csv").users) == ["u1"]
+    (tmp_path / "x_pairs.tsv").write_text("user\titem\nu1\ti1 i2 i3\n")
+    with pytest.raises(data.DataError, match=r"x_pairs.tsv: line 1: .* looks like a header"):
+        data.read_interactions(tmp_path / "x_pairs.tsv")
+    (tmp_path / "big.csv").write_text("u1,i1,1\nu1,i2,99999999999999999999\n")
+    with pytest.raises(data.DataError, match=r"big.csv: line 2: timestamp 99999999999999999999 is outside"):
+        data.read_interactions(tmp_path / "big.csv")
+
+
+def test_feature_records_with_a_non_utf8_id_or_a_negative_shape_name_the_record(tmp_path):
+    for name, build in (
+        ("id", lambda ex: ex.features.feature["item_id"].bytes_list.value.append(b"\xff\xfe")),
+        ("shape", lambda ex: ex.features.feature["item_id"].bytes_list.value.append(b"i1")),
+    ):
+        ex = records.Example()
+        build(ex)
+        feat = ex.features.feature
+        feat["hidden"].bytes_list.value.append(b"")
+        feat["dtype"].bytes_list.value.append(b"float32")
+        feat["shape"].int64_list.value.extend([-1, 0] if name == "shape" else [0, 0])
+        with pytest.raises(records.RecordError, match=r"shard 3: record 7: .*(not UTF-8|do not hold)"):
+            records.decode_item(ex.SerializeToString(), "shard 3: record 7")
+
+
+# ---------------------------------------------------------------------------------------------------- I/O failures
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_the_rerun_resumes_to_the_same_result(finished, tmp_path):
+    root, config, result = finished
+    args = ["--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"), f"--config.data.dir={root / 'data'}"]
+    # 20 kB per file: the identity and config files fit, the first checkpoint does not (an RLIMIT_FSIZE stands in
+    # for a full disk: the same write error, without root or a small filesystem).
+    p = cli("dff_jax.train", *args, limit_file_kb=20)
+    assert_one_error_line(p, str(tmp_path / "run" / "checkpoints"), "File too large")
+    assert not (tmp_path / "run" / "results.json").exists()
+    again = train.train_and_evaluate(smoke_config(root / "data"), tmp_path / "run")
+    assert again["test"] == result["test"]
+
+
+@pytest.mark.slow
+def test_unwritable_workdir_and_unwritable_result_are_one_line(finished, tmp_path):
+    root, _, result = finished
+    (tmp_path / "file").write_text("x")
+    p = cli("dff_jax.train", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "file" / "run"),
+            f"--config.data.dir={root / 'data'}")  # fmt: skip
+    assert_one_error_line(p, str(tmp_path / "file" / "run"), "Not a directory")
+    # evaluate prints its metrics before it writes them, so a failed write loses nothing the user sees
+    shutil.copytree(root / "run", tmp_path / "run")
+    (tmp_path / "run" / f"eval-test-epoch{result['best_epoch']}.json").mkdir()
+    p = cli("dff_jax.evaluate", "--workdir", str(tmp_path / "run"))
+    assert_one_error_line(p, "eval-test-epoch")
+    assert f"NDCG@10={result['test']['NDCG@10']:.4f}" in p.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == result["test"]
