@@ -56,6 +56,8 @@ def config_file(model: str) -> Path | None:
         cached = try_to_load_from_cache(model, "config.json")
         if isinstance(cached, str):
             return Path(cached)
+        if cached is not None:  # the cache records that the repo has no such file
+            return None
         return Path(hf_hub_download(model, "config.json"))
     except Exception:  # offline, gated, unknown repo: the loaders below give the real error message
         return None

@@ -41,6 +41,8 @@ def st_file(name: str, relpath: str) -> Path | None:
         cached = try_to_load_from_cache(name, relpath)
         if isinstance(cached, str):
             return Path(cached)
+        if cached is not None:  # the cache records that the repo has no such file
+            return None
         return Path(hf_hub_download(name, relpath))
     except Exception:  # not in the repo, or offline: the caller decides what that means
         return None

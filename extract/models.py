@@ -273,6 +273,8 @@ def apply_token_budget(processor, model_type: str, num_frames: int, max_pixels: 
 
 
 def _jsonable(value):
+    if dataclasses.is_dataclass(value):  # transformers' SizeDict
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if hasattr(value, "items"):
         return {k: _jsonable(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):

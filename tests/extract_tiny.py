@@ -285,3 +285,71 @@ def synth_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.
         rgb = np.stack([np.sin(6 * (xx + phase) + base[c] * 6) for c in range(3)], axis=-1)
         frames.append(((rgb * 0.5 + 0.5) * 255).astype(np.uint8))
     return np.stack(frames)
+
+
+MINICPMV_SPECIAL = QWEN_SPECIAL + ["<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>"]
+MINICPMV_EXTRA = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+
+
+def build_minicpmv4_6(out: Path) -> Path:
+    """MiniCPM-V 4.6 (native in transformers 5.x: SigLIP-style NaViT tower, window merger, Qwen3.5 hybrid LM with a
+    linear-attention and a full-attention layer): 2 decoder layers, hidden 32; 112 px views (4 tokens a view)."""
+    import torch
+    from transformers import (
+        MiniCPMV4_6Config,
+        MiniCPMV4_6ForConditionalGeneration,
+        MiniCPMV4_6ImageProcessor,
+        MiniCPMV4_6Processor,
+        MiniCPMV4_6VideoProcessor,
+    )
+
+    tokenizer = _tokenizer(MINICPMV_SPECIAL, MINICPMV_EXTRA)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MINICPMV_SPECIAL}
+    views = {"scale_resolution": 112, "max_slice_nums": 2}
+    processor = MiniCPMV4_6Processor(
+        image_processor=MiniCPMV4_6ImageProcessor(**views),
+        video_processor=MiniCPMV4_6VideoProcessor(**views),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT,
+    )
+    text = _text_config(
+        tokenizer,
+        ids,
+        model_type="qwen3_5_text",
+        num_hidden_layers=2,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    )
+    cfg = MiniCPMV4_6Config(
+        text_config=text,
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=112,
+            patch_size=14,
+        ),
+        insert_layer_id=0,
+        image_size=112,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+    )
+    torch.manual_seed(0)
+    return _save(MiniCPMV4_6ForConditionalGeneration(cfg).eval(), processor, ids, out)
+
+
+BUILDERS["minicpmv4_6"] = build_minicpmv4_6
