@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from extract import ExtractError
-from extract.models import MINICPMV_NATIVE, Sample, _torch_dtype, pool_hidden_states
+from extract.models import MINICPMV_NATIVE, Sample, _torch_dtype, dtype_key, pool_hidden_states
 
 
 def config_file(model: str) -> Path | None:
@@ -86,13 +86,8 @@ def detect(model: str | None, trust_remote_code: bool = False) -> str | None:
 
 
 def remote_load_kwargs(compute_dtype: str, device: str) -> dict:
-    """`from_pretrained` arguments the installed transformers accepts for remote-code models: `dtype` from
-    4.56 on (and in 5.x), `torch_dtype` before (MiniCPM-V 2.6's code pins 4.40)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return {key: _torch_dtype(compute_dtype, device), "attn_implementation": "sdpa"}
+    """`from_pretrained` arguments the installed transformers accepts for remote-code models."""
+    return {dtype_key(): _torch_dtype(compute_dtype, device), "attn_implementation": "sdpa"}
 
 
 def load_adapter(name: str, model: str, **kwargs):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from extract import ExtractError
+from extract.models import dtype_key
 
 # sentence-transformers Pooling modes this encoder reproduces (1_Pooling/config.json keys).
 POOLING_MODES = {
@@ -107,7 +108,7 @@ class TextEncoder:
         st = sentence_transformers_settings(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModel.from_pretrained(name, dtype=torch.float32).to(device).eval()
+            self.model = AutoModel.from_pretrained(name, **{dtype_key(): torch.float32}).to(device).eval()
         except (OSError, ValueError) as e:
             raise ExtractError(
                 f"--text-encoder {name}: cannot load a tokenizer + encoder ({type(e).__name__}: {e})"

@@ -3,7 +3,7 @@
 Three formats, detected from the file:
 
 * MicroLens `*_title_en.csv`: `item,title` (ids 1..19738 for MicroLens-100k; see
-  ../shared/reference/microlens-protocol.md, "other files"), with or without a header line;
+  docs/protocol.md, "other files"), with or without a header line;
 * a generic CSV with a header naming an id column (`id`, `item`, `item_id`) and a `title` column
   (an optional `text` column overrides the text given to a text model);
 * MovieLens `u.item` (`id|title|release|video release|url|19 genre flags`, latin-1): the text is

@@ -309,6 +309,15 @@ def _pad_clip(clip: Clip, min_frames: int) -> Clip:
     )
 
 
+def dtype_key() -> str:
+    """The `from_pretrained` keyword for the weights' dtype: `dtype` from transformers 4.56 on, `torch_dtype`
+    before (MiniCPM-V 2.6's remote code is written for 4.40)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_kwargs(compute_dtype: str, device: str, attn_implementation: str | None) -> dict:
     """`from_pretrained` arguments: weights loaded straight onto the device (no full copy in host RAM first)."""
     kwargs = {"dtype": _torch_dtype(compute_dtype, device), "device_map": device}

@@ -73,3 +73,43 @@ def test_minicpmv_checkpoints_need_the_remote_code_flag(tmp_path):
     opts.adapter = "no_such_module:X"
     with pytest.raises(ExtractError, match="cannot import"):
         build_backend(opts)
+
+
+FLAKY_SOURCE = '''
+import torch
+
+class BatchShyAdapter:
+    """Fails on any batch of more than one item: every batch must fall back to one by one."""
+
+    def __init__(self, model, **kw):
+        pass
+
+    def hidden_states(self, samples, pool):
+        if len(samples) > 1:
+            raise RuntimeError("batch too large")
+        return torch.ones(1, 2, 3)
+
+    def generate(self, samples, max_new_tokens):
+        return ["x"] * len(samples)
+'''
+
+
+def test_batch_fallbacks_are_counted_and_logged(tmp_path, monkeypatch, capsys):
+    (tmp_path / "shy_adapter.py").write_text(FLAKY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "items.csv").write_text("id,title\n1,a\n2,b\n3,c\n4,d\n5,e\n")
+    opts = RunOptions(
+        items=str(tmp_path / "items.csv"),
+        out=str(tmp_path / "feat"),
+        model="any",
+        modality="title",
+        adapter="shy_adapter:BatchShyAdapter",
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    )
+    manifest = run(opts)
+    assert manifest["extracted"] == 5 and manifest["batch_fallbacks"] == 2  # batches of 2, 2 and 1
+    err = capsys.readouterr().err
+    assert err.count("warning: a batch of 2 items failed (RuntimeError: batch too large)") == 2
+    sys.modules.pop("shy_adapter", None)
