@@ -50,6 +50,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     train_state.check_identity(workdir, identity)
     if (workdir / "results.json").is_file():
         result = json.loads((workdir / "results.json").read_text())
+        ran = {k: result["config"][k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+        asked = {k: config[k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+        if ran != asked:
+            raise TrainError(
+                f"{workdir}/results.json: this run finished with {ran}, not {asked}; delete results.json to go on "
+                "training it with the new budget (it resumes from its last checkpoint), or use a new --workdir"
+            )
         if main:
             print(f"{workdir}/results.json exists: the run is finished (--restart trains it again)")
         return result

@@ -211,9 +211,13 @@ def jit_train_step(static: dict):
 
 IDENTITY_FILE = "identity.json"
 # Config fields that do not change what a run computes, left out of its identity: where the files are (their
-# contents are fingerprinted instead), how it logs, how many checkpoints it keeps, how evaluation is batched, and how
-# it is spread over devices and hosts (a run resumes on another device count with the same global batch).
+# contents are fingerprinted instead), how it logs, how many checkpoints it keeps, how evaluation is batched, how it
+# is spread over devices and hosts (a run resumes on another device count with the same global batch), and its
+# epoch budget (an epoch's data order depends only on (seed, epoch), so a run resumed with a larger num_epochs or
+# patience goes on exactly as if it had been given them from the start; see BUDGET for finished runs).
+BUDGET = ("train.num_epochs", "train.patience")
 NOT_IDENTITY = (
+    *BUDGET,
     "data.dir",
     "features.dir",
     "train.progress_bar",

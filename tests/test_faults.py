@@ -248,3 +248,14 @@ def test_unwritable_workdir_and_unwritable_result_are_one_line(finished, tmp_pat
     assert_one_error_line(p, "eval-test-epoch")
     assert f"NDCG@10={result['test']['NDCG@10']:.4f}" in p.stdout
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == result["test"]
+
+
+def test_a_larger_epoch_budget_extends_a_run_and_a_finished_one_says_how(finished, tmp_path):
+    root, _, result = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    longer = smoke_config(root / "data", train__num_epochs=3)
+    with pytest.raises(TrainError, match=r"results.json: this run finished with .*num_epochs': 2.*delete results.json"):
+        train.train_and_evaluate(longer, tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    extended = train.train_and_evaluate(longer, tmp_path / "run")  # the budget is not the run's identity
+    assert extended["epochs_run"] == 3 and extended["valid_history"][:2] == result["valid_history"][:2]

@@ -4,11 +4,10 @@ import itertools
 import json
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
-from dff_jax import data, features, records, synthetic
+from dff_jax import data, defaults, features, records, synthetic
 
 SMALL = {"num_users": 300, "num_items": 120, "num_layers": 6, "hidden": 16, "items_per_shard": 50}
 
@@ -64,10 +63,8 @@ def test_files_are_a_valid_microlens_dataset_with_features(default_dataset):
 
 def test_protocol_and_feature_loader_accept_it(default_dataset):
     out, _ = default_dataset
-    cfg = ml_collections.ConfigDict(
-        {"dir": str(out), "interactions": synthetic.PAIRS_FILE, "format": "microlens_tsv", "min_seq_len": 5}
-    )
-    cfg.max_seq_len, cfg.window, cfg.min_rating, cfg.columns = 10, 13, 0, ""
+    cfg = defaults.base_config().data
+    cfg.update(dir=str(out), interactions=synthetic.PAIRS_FILE, format="microlens_tsv")
     dataset = data.build_dataset(cfg, verbose=False)
     assert len(dataset.user_ids) == synthetic.DEFAULTS["num_users"]
     loaded = features.load_features(out / "features", dataset.item_ids)
