@@ -2,8 +2,10 @@
 
 Layout of an output folder (all names fixed, so N hosts can share one folder):
 
-* `run_config.json`   what is being extracted (model, modality, prompt, pooling, dtype, frames); written
-                      by the first run, and every later run (resume, other shards) must match it;
+* `run_config.json`   what is being extracted (model, modality, prompt, pooling, storage and compute dtype,
+                      frames, torch/transformers versions, the processor's size settings, decode scale);
+                      written by the first run once its model is loaded, and every later run (resume,
+                      other shards, other hosts) must match it;
 * `part-IIIII-of-NNNNN-SSSSSS.tfrecord`  finished shards of shard I of N, `flush_every` items each,
                       written atomically by `dff_jax.records.ShardWriter` (a kill loses only the open part);
 * `failures-part-IIIII-of-NNNNN.jsonl`, `manifest-part-IIIII-of-NNNNN.json`  per shard;
@@ -483,7 +485,8 @@ def _vectors(backend, encoder, samples, prepared, opts, captions_done, captions_
             out = backend.forward(prepared, opts.pool)
         else:
             out = _batch_vectors(backend, encoder, samples, opts, captions_done, captions_path)
-        tokens.extend(getattr(backend, "last_visual_tokens", None) or [])
+        if opts.modality != "title":
+            tokens.extend(getattr(backend, "last_visual_tokens", None) or [])
         yield from zip(samples, out)
         return
     except (ExtractError, KeyboardInterrupt, _Stop):
