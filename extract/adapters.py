@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from extract import ExtractError
-from extract.models import MINICPMV_NATIVE, Sample, _torch_dtype, dtype_key, pool_hidden_states
+from extract.models import MINICPMV_NATIVE, LayerPooler, Sample, _torch_dtype, dtype_key
 
 
 def config_file(model: str) -> Path | None:
@@ -115,7 +115,8 @@ class MiniCPMVAdapter:
     (`use_image_id=False`, `max_slice_nums=1`); 4.5 additionally gets `temporal_ids` (frame times in
     0.1 s units, packed `pack_frames` frames per group, as its 3D resampler expects). The hidden states
     come from the remote model's own embedding merge (`get_vllm_embedding`) followed by its language
-    model with `output_hidden_states=True`; "video_mean" pools over the union of `image_bound` ranges.
+    model, each layer pooled as produced (`LayerPooler`); "video_mean" pools over the union of `image_bound`
+    ranges.
 
     The remote code was written for transformers 4.x (2.6: 4.40.2); `remote_load_kwargs` passes the dtype
     argument the installed version accepts. Written against the published remote code; not run here (no
@@ -151,6 +152,7 @@ class MiniCPMVAdapter:
             model, trust_remote_code=True, **remote_load_kwargs(compute_dtype, device)
         )
         self.model.to(device).eval()
+        self.pooler = None
         # MiniCPM-V 4.5's processor takes temporal_ids (3D resampler); 2.6's does not.
         self.takes_temporal_ids = "temporal_ids" in inspect.signature(self.processor.__call__).parameters
 
@@ -186,19 +188,26 @@ class MiniCPMVAdapter:
     def hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
         data = self._inputs(samples)
         embeds, _ = self.model.get_vllm_embedding(data)
-        out = self.model.llm.model(
-            inputs_embeds=embeds,
-            attention_mask=data["attention_mask"],
-            position_ids=data["position_ids"],
-            output_hidden_states=True,
-            use_cache=False,
-        )
         seq = data["input_ids"].shape[1]
         visual = torch.zeros((len(samples), seq), dtype=torch.bool, device=embeds.device)
         for row, bounds in enumerate(data["image_bound"]):
             for start, end in np.asarray(torch.as_tensor(bounds).cpu()).reshape(-1, 2):
                 visual[row, int(start) : int(end)] = True
-        return pool_hidden_states(out.hidden_states, data["attention_mask"], visual, pool).cpu()
+        if self.pooler is None:
+            # The remote model's language model is a plain Qwen2/Qwen3 causal LM: its decoder layers are hooked
+            # like the generic path's (layer 0 input, each layer's output, the final norm's output last).
+            self.pooler = LayerPooler(self.model.llm)
+        return self.pooler.run(
+            lambda: self.pooler.decoder(
+                inputs_embeds=embeds,
+                attention_mask=data["attention_mask"],
+                position_ids=data["position_ids"],
+                use_cache=False,
+            ),
+            data["attention_mask"],
+            visual,
+            pool,
+        ).cpu()
 
     @torch.inference_mode()
     def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:

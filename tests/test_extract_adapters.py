@@ -113,3 +113,44 @@ def test_batch_fallbacks_are_counted_and_logged(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: a batch of 2 items failed (RuntimeError: batch too large)") == 2
     sys.modules.pop("shy_adapter", None)
+
+
+def test_minicpmv_adapter_pools_its_language_model_layer_by_layer(tmp_path_factory):
+    """The adapter's own pooling on a stand-in for the remote model: a real Qwen2 LM as `llm`, a fixed embedding
+    merge, two `image_bound` ranges; equal to pooling all hidden states (the remote weights are not here)."""
+    from extract_tiny import tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from extract.adapters import MiniCPMVAdapter
+    from extract.models import pool_hidden_states
+
+    llm = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint(tmp_path_factory, "text_lm"))).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 6, 7, 8, 9, 10, 11]])
+    mask = (torch.arange(8)[None] >= torch.tensor([[0], [2]])).long()
+    with torch.inference_mode():
+        embeds = llm.get_input_embeddings()(ids)
+
+    class Remote:
+        def get_vllm_embedding(self, data):
+            return embeds, None
+
+    Remote.llm = llm
+    adapter = MiniCPMVAdapter.__new__(MiniCPMVAdapter)
+    adapter.model, adapter.pooler = Remote(), None
+    data = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "image_bound": [torch.tensor([[1, 4]]), torch.tensor([[3, 5], [6, 7]])],
+    }
+    adapter._inputs = lambda samples: data
+    visual = torch.zeros(2, 8, dtype=torch.bool)
+    visual[0, 1:4] = visual[1, 3:5] = visual[1, 6:7] = True
+    with torch.inference_mode():
+        hs = llm.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=data["position_ids"], output_hidden_states=True
+        ).hidden_states
+    for pool in ("video_mean", "last"):
+        got = adapter.hidden_states([None, None], pool)
+        want = pool_hidden_states(hs, mask, visual, pool)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6, rtol=0)
