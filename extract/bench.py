@@ -207,25 +207,40 @@ def pipeline(args) -> dict:
     result["cpu"] = platform_cpu()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for gop in (int(g) for g in args.gops.split(",")):
-            for c in range(args.clips):
-                path, codec = synth_clip(Path(tmp) / f"g{gop}-{c}.mp4", args.clip_seconds, 30, h, w, gop, c)
-                row = {"gop": gop, "clip": c, "codec": codec, "mbytes": round(os.path.getsize(path) / 1e6, 2)}
-                for name, kw in (("full", {"method": "full"}), ("seek", {"method": "seek", "max_pixels": scaled})):
-                    clip, dt = _cpu(lambda kw=kw: read_clip(path, args.frames, threads=1, **kw))
-                    sample = Sample(Item(str(c), "", ""), clip=clip)
-                    prepared, pt = _cpu(lambda sample=sample: be.prepare([sample]))
-                    row[name] = {
-                        "decode_s": round(dt, 3),
-                        "preprocess_s": round(pt, 3),
-                        "total_s": round(dt + pt, 3),
-                        "decoded_frames": clip.decoded_frames,
-                        "frame_size": list(clip.frames.shape[1:3]),
-                        "visual_tokens": prepared.visual_tokens[0],
-                    }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    for gop in sorted({r["gop"] for r in rows}):
+        if args.files:  # the user's own clips (e.g. MicroLens mp4 files) instead of synthetic ones
+            jobs = [("file", c, lambda p=p: (Path(p), "file")) for c, p in enumerate(args.files.split(","))]
+        else:
+            jobs = [
+                (
+                    gop,
+                    c,
+                    lambda gop=gop, c=c: synth_clip(Path(tmp) / f"g{gop}-{c}.mp4", args.clip_seconds, 30, h, w, gop, c),
+                )
+                for gop in (int(g) for g in args.gops.split(","))
+                for c in range(args.clips)
+            ]
+        for gop, c, make in jobs:
+            path, codec = make()
+            if not path.is_file():
+                raise SystemExit(f"error: --files: {path}: no such file")
+            row = {"gop": gop, "clip": c, "codec": codec, "mbytes": round(os.path.getsize(path) / 1e6, 2)}
+            if gop == "file":
+                row["path"] = str(path)
+            for name, kw in (("full", {"method": "full"}), ("seek", {"method": "seek", "max_pixels": scaled})):
+                clip, dt = _cpu(lambda kw=kw: read_clip(path, args.frames, threads=1, **kw))
+                sample = Sample(Item(str(c), "", ""), clip=clip)
+                prepared, pt = _cpu(lambda sample=sample: be.prepare([sample]))
+                row[name] = {
+                    "decode_s": round(dt, 3),
+                    "preprocess_s": round(pt, 3),
+                    "total_s": round(dt + pt, 3),
+                    "decoded_frames": clip.decoded_frames,
+                    "frame_size": list(clip.frames.shape[1:3]),
+                    "visual_tokens": prepared.visual_tokens[0],
+                }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for gop in sorted({r["gop"] for r in rows}, key=str):
         mine = [r for r in rows if r["gop"] == gop]
         result.setdefault("mean_cpu_seconds_per_item", {})[f"gop{gop}"] = {
             m: {k: round(float(np.mean([r[m][k] for r in mine])), 3) for k in ("decode_s", "preprocess_s", "total_s")}
@@ -258,6 +273,7 @@ def main(argv=None) -> None:
     p.add_argument("--pipeline", action="store_true", help="CPU side only: decode + preprocess of 1080p clips")
     p.add_argument("--gops", default="30,250", help="--pipeline: keyframe intervals of the synthetic clips")
     p.add_argument("--clips", type=int, default=2, help="--pipeline: clips per keyframe interval")
+    p.add_argument("--files", default=None, help="--pipeline: comma-separated mp4 files to measure instead")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="--pipeline: length of each clip (30 fps)")
     p.add_argument("--decode-scale", type=float, default=2.0, help="--pipeline: as python -m extract --decode-scale")
     args = p.parse_args(argv)

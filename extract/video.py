@@ -200,7 +200,8 @@ def read_clip(
 
     Args:
       method: "seek" decodes only from the keyframe before each sampled frame up to it; "full" decodes every
-        frame of the file (the reference, and what a file without a usable index falls back to).
+        frame of the file (the reference; also what "seek" does when half the frames or more are wanted or the
+        file's index does not allow seeking; `Clip.method` says which was used).
       max_pixels: frames larger than this are scaled down (aspect kept) while converted to RGB.
       threads: FFmpeg decoding threads (0: FFmpeg's choice, 1: one core, as the benchmark measures).
 
@@ -230,7 +231,9 @@ def read_clip(
         wanted = _choose_times(times, num_frames) if times and dec.tb > 0 else None
         used = method
         try:
-            got = _decode_seek(dec, wanted, keys) if method == "seek" and wanted and keys else None
+            # Seeking pays off only for a sparse sample; half the frames or more are cheaper decoded in one pass.
+            sparse = wanted and keys and 2 * len(wanted) < len(times)
+            got = _decode_seek(dec, wanted, keys) if method == "seek" and sparse else None
             if got is None:
                 used = "full"
                 got = _decode_all(dec, set(wanted) if wanted is not None else None)

@@ -395,3 +395,14 @@ def test_a_host_with_other_versions_cannot_add_to_the_folder(media, tmp_path, tm
     (out / "run_config.json").write_text(json.dumps(cfg))
     assert cli(media, model, out, "--shard", "1/2", "--model-dtype", "bfloat16") == 2
     assert "compute_dtype: 'float32' there vs 'bfloat16' now" in capsys.readouterr().err
+
+
+def test_pipeline_bench_prints_both_paths(capsys):
+    from extract import bench
+
+    bench.main(["--pipeline", "--gops", "4", "--clips", "1", "--clip-seconds", "0.5", "--size", "64x96"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"gop"')]
+    assert len(rows) == 1 and rows[0]["gop"] == 4
+    full, seek = rows[0]["full"], rows[0]["seek"]
+    assert full["decoded_frames"] == 15 and seek["decoded_frames"] <= full["decoded_frames"]
+    assert full["visual_tokens"] == seek["visual_tokens"] > 0 and full["total_s"] > 0
