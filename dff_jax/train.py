@@ -45,8 +45,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     main = parallel.is_main_process()
     synthetic.ensure_synthetic_data(config)
     identity = train_state.run_identity(config)
-    if restart and main:
-        train_state.discard_run(workdir)
+    if restart:
+        if main:
+            train_state.discard_run(workdir)
+        if jax.process_count() > 1:  # no process may check the workdir before process 0 has emptied it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dff_jax restart")
     train_state.check_identity(workdir, identity)
     if (workdir / "results.json").is_file():
         result = json.loads((workdir / "results.json").read_text())
