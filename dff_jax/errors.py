@@ -76,6 +76,9 @@ def exit_on_user_error(main: Callable) -> Callable:
         sys.unraisablehook = _quiet_closed_loops
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            # Checkpoints are atomic and a run resumes from the last complete one: say so, without a traceback.
+            _exit_now("interrupted: the same command resumes from the last complete checkpoint", status=130)
         except WriteError as e:
             _exit_now(f"error: {e}")
         except UserError as e:
@@ -99,13 +102,13 @@ def _quiet_closed_loops(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _exit_now(message: str) -> None:
+def _exit_now(message: str, status: int = 2) -> None:
     """Prints the error and exits with status 2 at once: after a failed write, background checkpoint writers would
     otherwise keep failing while the interpreter shuts down and bury the one line under hundreds. Nothing is lost:
     every file is written to a temporary name and renamed, so what exists is whole."""
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(2)
+    os._exit(status)
 
 
 def os_error_in(error: BaseException | None) -> OSError | None:

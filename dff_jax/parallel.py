@@ -52,7 +52,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def _distributed_args(cfg: Any) -> dict[str, Any] | None:
@@ -80,12 +80,12 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
             if not ok
         ]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 "config.parallel: a multi-process run needs all of coordinator address, process count and process "
                 f"id; missing: {', '.join(missing)} (set them in config.parallel.* or the environment)"
             )
         if not 0 <= pid < num:
-            raise ValueError(f"config.parallel: process_id={pid} must be in [0, num_processes={num})")
+            raise ConfigError(f"config.parallel: process_id={pid} must be in [0, num_processes={num})")
         args = {"coordinator_address": address, "num_processes": num, "process_id": pid}
         host = address.rsplit(":", 1)[0]
         if host in ("127.0.0.1", "localhost", "[::1]"):
@@ -96,7 +96,7 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
         return {}
     if _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1:
         if "OMPI_MCA_orte_hnp_uri" not in os.environ:  # jax reads the coordinator only from Open MPI 4's ORTE URI
-            raise ValueError(
+            raise ConfigError(
                 f"Open MPI job detected (OMPI_COMM_WORLD_SIZE={os.environ['OMPI_COMM_WORLD_SIZE']}) without "
                 f"OMPI_MCA_orte_hnp_uri, so jax cannot find the coordinator: set ${ENV_COORDINATOR}=host:port, "
                 f"${ENV_NUM_PROCESSES}=$OMPI_COMM_WORLD_SIZE and ${ENV_PROCESS_ID}=$OMPI_COMM_WORLD_RANK"
@@ -122,7 +122,7 @@ def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     cpu_devices = int(parallel_cfg.cpu_devices or 0)
     if cpu_devices > 0 and jax.config.jax_num_cpu_devices != cpu_devices:
         if jax._src.xla_bridge.backends_are_initialized():
-            raise ValueError(
+            raise ConfigError(
                 f"config.parallel.cpu_devices={cpu_devices}: jax is already running with "
                 f"{jax.local_device_count()} local device(s); cpu_devices must be set before the first jax operation"
             )

@@ -259,3 +259,27 @@ def test_a_larger_epoch_budget_extends_a_run_and_a_finished_one_says_how(finishe
     (tmp_path / "run" / "results.json").unlink()
     extended = train.train_and_evaluate(longer, tmp_path / "run")  # the budget is not the run's identity
     assert extended["epochs_run"] == 3 and extended["valid_history"][:2] == result["valid_history"][:2]
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
+    import signal
+    import time
+
+    root, _, result = finished
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dff_jax.train", "--config", "configs/smoke.py", "--workdir", str(workdir)]
+    cmd += [f"--config.data.dir={root / 'data'}", "--config.train.num_epochs=4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "latest" / "1").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: the same command resumes")
+    resumed = train.train_and_evaluate(smoke_config(root / "data", train__num_epochs=4), workdir)
+    assert resumed["epochs_run"] == 4
+    assert resumed["valid_history"][:2] == [dict(h, train_seconds=h2["train_seconds"]) for h, h2 in
+                                             zip(result["valid_history"], resumed["valid_history"])]  # fmt: skip
