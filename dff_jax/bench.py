@@ -3,6 +3,8 @@
   python -m dff_jax.bench --preset cpu          # CPU-sized shapes (also times the PyTorch eager port)
   python -m dff_jax.bench --preset microlens    # MicroLens-100k shapes: 100,000 users, 19,738 items, 33 x 4096 bf16
   python -m dff_jax.bench --preset microlens --compute-dtype bfloat16   # the same step in bf16 compute
+  python -m dff_jax.bench --preset microlens --all   # DFF f32, DFF bf16 and ID in one process, one JSON (the GPU check)
+  python -m dff_jax.bench --preset sasrec       # the original SASRec setting at the held-out benchmark's shapes, vs torch
   python -m dff_jax.bench --preset cpu --shape embed_dim=256 --shape batch_size=512
   python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size
   python -m dff_jax.bench_scaling               # strong/weak scaling on simulated CPU devices (its own module)
@@ -73,6 +75,51 @@ def random_dataset(num_users: int, num_items: int, max_seq_len: int, seed: int =
     )
 
 
+# The held-out benchmark of the original-SASRec comparison (docs/benchmarks.md): users, items, interactions, and the
+# users with fewer than 3 items (train only) that leave 30,901 to evaluate.
+SASREC_SHAPE = {"num_users": 31_013, "num_items": 23_715, "interactions": 287_107, "train_only": 112}
+
+
+def sasrec_interactions(
+    num_users: int, num_items: int, interactions: int, train_only: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) in time order with the given totals: `train_only` users with 1-2 items, the others >= 3 with
+    a geometric tail (mean length interactions / num_users), Zipf item popularity, every item used at least once."""
+    rng = np.random.default_rng(seed)
+    lengths = np.empty(num_users, np.int64)
+    lengths[:train_only] = rng.integers(1, 3, train_only)
+    rest = num_users - train_only
+    mean_extra = (interactions - lengths[:train_only].sum()) / rest - 3
+    lengths[train_only:] = 3 + rng.geometric(1.0 / (mean_extra + 1.0), rest) - 1
+    diff = interactions - int(lengths.sum())
+    while diff:  # nudge random evaluated users (keeping them >= 3) until the total is exact
+        pick = rng.integers(train_only, num_users, abs(diff))
+        if diff < 0:  # distinct users, each shortened by one, none below 3
+            pick = np.unique(pick)
+            pick = pick[lengths[pick] > 3][:-diff]
+        np.add.at(lengths, pick, int(np.sign(diff)))
+        diff = interactions - int(lengths.sum())
+    pop = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    items = rng.choice(np.arange(1, num_items + 1), size=interactions, p=pop / pop.sum())
+    items[rng.permutation(interactions)[:num_items]] = rng.permutation(num_items) + 1
+    users = np.repeat(rng.permutation(num_users), lengths)
+    return users, items
+
+
+def sasrec_dataset(config, seed: int = 0, shape: dict | None = None) -> data_lib.Dataset:
+    """The `sasrec` preset's data through the real reader and protocol: random interactions at `shape` (default
+    SASREC_SHAPE) written as a user,item,timestamp CSV in a temporary folder and read with `config.data`
+    (configs/sasrec.py)."""
+    users, items = sasrec_interactions(**(shape or SASREC_SHAPE), seed=seed)
+    with tempfile.TemporaryDirectory(prefix="dff_sasrec_bench_") as tmp:
+        path = Path(tmp) / "interactions.csv"
+        rows = np.stack([users, items, np.arange(len(users))], axis=1)
+        np.savetxt(path, rows, fmt="%d", delimiter=",", header="user,item,timestamp", comments="")
+        data_cfg = config.data.copy_and_resolve_references()
+        data_cfg.dir, data_cfg.interactions, data_cfg.format = tmp, path.name, "csv"
+        return data_lib.build_dataset(data_cfg, verbose=False)
+
+
 def random_table(num_items: int, layers: int, hidden: int, seed: int = 1) -> np.ndarray:
     """[N+1, layers, hidden] bf16 standard-normal features (row 0 zero), filled in chunks: never a float32 copy."""
     import ml_dtypes
@@ -101,11 +148,17 @@ def bench_config(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", 
     return config
 
 
-def make_run(config, shape: dict, seed: int = 0):
-    """(dataset, state, static, frozen) of a run at `shape` on random data, built as training builds one."""
-    dataset = random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], seed)
-    table = None
-    if config.model.item_encoder != "id":
+def make_run(config, shape: dict, seed: int = 0, dataset=None, table=None):
+    """(dataset, state, static, frozen) of a run at `shape` on random data, built as training builds one.
+    `dataset` / `table` (the rows the model reads) are drawn when not given; `run_all` shares them across runs."""
+    dataset = (
+        random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], seed)
+        if dataset is None
+        else dataset
+    )
+    if config.model.item_encoder == "id":
+        table = None
+    elif table is None:
         m = config.model
         rows = features.model_rows(m.content, m.layer, m.layers, shape["layers"], "bench shape")
         table = random_table(shape["num_items"], len(rows), shape["hidden"], seed + 1)
@@ -234,6 +287,164 @@ def bench_torch(config, dataset, state, static, frozen, steps: int, rounds: int 
     }
 
 
+def sasrec_config(overrides: dict | None = None):
+    """configs/sasrec.py (the original SASRec setting) with the benchmark's display settings and `overrides`
+    ({"model.arch": "microlens", ...})."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sasrec.py"
+    spec = importlib.util.spec_from_file_location("dff_configs_sasrec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.progress_bar = False
+    config.train.log_every_steps = 10**9
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    defaults.validate(config)
+    return config
+
+
+def bench_sasrec(
+    steps: int = 20,
+    rounds: int = 3,
+    torch_compare: bool = True,
+    overrides: dict | None = None,
+    shape: dict | None = None,
+) -> dict:
+    """`--preset sasrec`: the original SASRec setting (configs/sasrec.py) at the held-out benchmark's shapes
+    (SASREC_SHAPE, random data through the real reader and split), JAX against the PyTorch port side by side.
+
+    Measured in one process: the step (rounds of `steps` steps, alternating JAX and PyTorch, medians), one whole
+    training epoch each (JAX through `train.train_epoch`, PyTorch over the same `data.train_batches`), and one
+    validation of every validation user each (full ranking plus sampled-100; JAX through `evaluate.evaluate`, timed
+    after a first call that compiles, PyTorch through `bench_torch.torch_evaluate` on the same negatives).
+    """
+    config = sasrec_config(overrides)
+    t = time.perf_counter()
+    shape = dict(shape or SASREC_SHAPE)
+    dataset = sasrec_dataset(config, shape=shape)
+    data_s = time.perf_counter() - t
+    mesh = parallel.make_mesh(config.parallel)
+    state, static, frozen = train_state.create_train_state(config, dataset, None, mesh)
+    bs, length = config.train.batch_size, config.data.max_seq_len
+    result = {
+        "preset": "sasrec",
+        "arch": config.model.arch,
+        "shape": dict(
+            shape,
+            eval_users=int(dataset.stats["eval_users"]),
+            avg_seq_len=round(float(dataset.stats["avg_seq_len"]), 2),
+            embed_dim=config.model.embed_dim,
+            batch_size=bs,
+            max_seq_len=length,
+        ),
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "param_count": static["param_count"],
+        "data_s": round(data_s, 3),
+    }
+    step = train_state.jit_train_step(static)
+    rng = jax.random.key(config.seed)
+    batches = list(data_lib.train_batches(dataset, bs, length, config.seed, 1))
+    gb = [parallel.global_batch(b, mesh) for b in batches[: max(2, steps)]]
+    torch_step = None
+    if torch_compare:
+        try:
+            import torch
+
+            from dff_jax import bench_torch as port
+
+            torch_step = port.torch_step_for_run(static, state, frozen, config)
+        except ImportError:
+            torch_step = None
+    t = time.perf_counter()
+    state, m = step(state, frozen, gb[0], rng)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+
+    def jax_round():
+        nonlocal state
+        for i in range(steps):
+            state, _ = step(state, frozen, gb[i % len(gb)], rng)
+        jax.block_until_ready(state)
+
+    def torch_round():
+        for i in range(steps):
+            torch_step(batches[i % len(batches)])
+
+    jax_s, torch_s = [], []
+    for _ in range(rounds):
+        jax_s.append(_timed(jax_round, 1) / steps)
+        if torch_step is not None:
+            torch_s.append(_timed(torch_round, 1) / steps)
+    t = time.perf_counter()
+    state = train.train_epoch(step, state, frozen, dataset, config, mesh, rng, 1)
+    jax.block_until_ready(state)
+    jax_epoch = time.perf_counter() - t
+    t = time.perf_counter()
+    first = evaluate.evaluate(static, state["params"], frozen, dataset, "valid", config.eval, config.seed)
+    jax_valid_first = time.perf_counter() - t
+    t = time.perf_counter()
+    valid = evaluate.evaluate(static, state["params"], frozen, dataset, "valid", config.eval, config.seed)
+    jax_valid = time.perf_counter() - t
+    assert valid == first, "validation must not depend on being run twice"
+    result["jax"] = {
+        "compile_s": round(compile_s, 3),
+        "step_ms": round(1000 * float(np.median(jax_s)), 2),
+        "step_ms_per_round": [round(1000 * x, 2) for x in jax_s],
+        "steps_per_epoch": len(batches),
+        "epoch_s": round(jax_epoch, 3),
+        "valid_first_s": round(jax_valid_first, 3),
+        "valid_s": round(jax_valid, 3),
+        "valid": {k: round(v, 4) for k, v in valid.items() if isinstance(v, float)},
+    }
+    if torch_step is not None:
+        t = time.perf_counter()
+        for b in data_lib.train_batches(dataset, bs, length, config.seed, 1):
+            torch_step(b)
+        torch_epoch = time.perf_counter() - t
+        ev = dataset.valid
+        negatives = metrics.sample_negatives(
+            ev["targets"],
+            np.concatenate([ev["history"], ev["targets"][:, None]], axis=1),
+            dataset.num_items,
+            num_negatives=config.eval.sampled_negatives,
+            rng=np.random.default_rng(config.seed),
+        )
+        t = time.perf_counter()
+        r = port.torch_evaluate(
+            torch_step.model,
+            dataset,
+            "valid",
+            batch_size=config.eval.batch_size,
+            negatives=negatives,
+        )
+        torch_valid = time.perf_counter() - t
+        tv = metrics.metrics_from_ranks(r["ranks"], config.eval.ks)
+        tv.update(metrics.metrics_from_ranks(r["sampled_ranks"], config.eval.ks, sampled_negatives=100))
+        torch_med, jax_med = float(np.median(torch_s)), float(np.median(jax_s))
+        result["torch_eager"] = {
+            "threads": torch.get_num_threads(),
+            "step_ms": round(1000 * torch_med, 2),
+            "step_ms_per_round": [round(1000 * x, 2) for x in torch_s],
+            "epoch_s": round(torch_epoch, 3),
+            "valid_s": round(torch_valid, 3),
+            "valid": {k: round(v, 4) for k, v in tv.items()},
+        }
+        result["jax_over_torch"] = {
+            "step": round(torch_med / jax_med, 3),
+            "epoch": round(torch_epoch / jax_epoch, 3),
+            "valid": round(torch_valid / jax_valid, 3),
+        }
+    result["memory"] = memory()
+    return result
+
+
 def memory() -> dict:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
@@ -267,6 +478,51 @@ def run(
             result["torch_eager"] = t
             result["jax_over_torch_throughput"] = t["jax_over_torch_throughput"]
     result["memory"] = memory()
+    return result
+
+
+# The runs of `--all`: (name, variant, compute dtype), in the order they run.
+ALL_RUNS = (("dff_float32", "dff", "float32"), ("dff_bfloat16", "dff", "bfloat16"), ("id_float32", "id", "float32"))
+
+
+def run_all(preset: str, overrides: dict, steps: int) -> dict:
+    """`--all`: DFF float32, DFF bfloat16 and ID-only (ALL_RUNS) at one preset's shapes in one process, one JSON.
+
+    Sized for a single GPU session (docs/benchmarks.md): the random data and the feature table (all layers, which
+    DFF reads) are drawn once and shared, each run builds its state with `make_run`, times the step, one epoch and
+    the evaluation (`bench_train`, `bench_eval`), and frees it before the next. No PyTorch comparison. Device peak
+    memory is the process's peak so far, so it is reported per run in run order.
+    """
+    import gc
+
+    start = time.perf_counter()
+    shape = dict(PRESETS[preset], **overrides)
+    t = time.perf_counter()
+    dataset = random_dataset(shape["num_users"], shape["num_items"], shape["max_seq_len"], 0)
+    table = random_table(shape["num_items"], shape["layers"], shape["hidden"], 1)
+    result = {
+        "preset": preset,
+        "shape": shape,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.device_count(),
+        "random_data_s": round(time.perf_counter() - t, 3),
+        "runs": {},
+    }
+    for name, variant, compute_dtype in ALL_RUNS:
+        t = time.perf_counter()
+        config = bench_config(shape, variant, compute_dtype=compute_dtype)
+        dataset, state, static, frozen = make_run(config, shape, dataset=dataset, table=table)
+        run_result = {"variant": variant, "compute_dtype": compute_dtype, "param_count": static["param_count"]}
+        run_result["build_s"] = round(time.perf_counter() - t, 3)
+        run_result["train"], state = bench_train(config, dataset, state, static, frozen, steps)
+        run_result["eval"] = bench_eval(config, dataset, state["params"], static, frozen)
+        run_result["memory"] = memory()
+        run_result["run_s"] = round(time.perf_counter() - t, 3)
+        result["runs"][name] = run_result
+        del state, static, frozen
+        gc.collect()
+    result["total_s"] = round(time.perf_counter() - start, 3)
     return result
 
 
@@ -383,11 +639,16 @@ def bench_feature_load(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "features"], default="train")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS) + ["sasrec"], default="cpu")
     p.add_argument("--variant", default="dff", help="model variant (configs: id, replace, fusion_last, ..., dff)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--shape", action="append", default=[], metavar="KEY=INT", help="override a preset shape field")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager comparison")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="DFF float32, DFF bfloat16 and ID at the preset's shapes, one JSON (GPU check)",
+    )
     p.add_argument(
         "--compute-dtype", choices=["float32", "bfloat16"], default="float32", help="train.compute_dtype of the step"
     )
@@ -401,12 +662,18 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_feature_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
         print(json.dumps(result, indent=2))
         return
+    if args.preset == "sasrec":
+        print(json.dumps(bench_sasrec(args.steps, torch_compare=not args.no_torch), indent=2))
+        return
     overrides = {}
     for kv in args.shape:
         key, _, value = kv.partition("=")
         if key not in PRESETS["cpu"] or not value.isdigit():
             p.error(f"--shape {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
         overrides[key] = int(value)
+    if args.all:
+        print(json.dumps(run_all(args.preset, overrides, args.steps), indent=2))
+        return
     result = run(args.preset, overrides, args.steps, args.variant, not args.no_torch, args.compute_dtype)
     print(json.dumps(result, indent=2))
 

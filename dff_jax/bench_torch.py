@@ -483,3 +483,36 @@ def torch_step_for_run(static: dict, state: dict, frozen: dict, config) -> Calla
         weight_decay=float(o.weight_decay),
         clip_norm=float(o.clip_norm),
     )
+
+
+def torch_evaluate(model: TorchRecommender, dataset, split: str, *, batch_size: int, negatives: np.ndarray) -> dict:
+    """The port's evaluation of ``split``, as ``dff_jax.evaluate.evaluate`` computes it (for the benchmark): full
+    ranking over all items with the history masked (rank = 1 + #items scoring strictly above the target) and the
+    ranks among the given sampled ``negatives`` [U, K] (``metrics.sample_negatives``), in torch, without gradients.
+
+    Returns {"ranks", "sampled_ranks"} (numpy) for ``metrics.metrics_from_ranks``.
+    """
+    model.eval()
+    ev = getattr(dataset, split)
+    full, sampled = [], []
+    with torch.no_grad():
+        items = model.all_item_embeddings()
+        for start in range(0, len(ev["targets"]), batch_size):
+            rows = slice(start, start + batch_size)
+            inputs = torch.as_tensor(ev["inputs"][rows], dtype=torch.long)
+            targets = torch.as_tensor(ev["targets"][rows], dtype=torch.long)
+            history = torch.as_tensor(ev["history"][rows], dtype=torch.long)
+            user = model.encode(inputs)[:, -1]
+            scores = user @ items.T
+            target_score = scores.gather(1, targets[:, None])
+            scores[:, 0] = -torch.inf
+            scores.scatter_(1, history, -torch.inf)  # history 0-padding lands on column 0, already excluded
+            scores.scatter_(1, targets[:, None], -torch.inf)
+            rank = 1 + (scores > target_score).sum(1)
+            in_history = ((history == targets[:, None]) & (history > 0)).any(1)  # a miss, as metrics.target_ranks
+            full.append(torch.where(in_history, items.shape[0], rank).numpy())
+            neg = items[torch.as_tensor(negatives[rows], dtype=torch.long)]
+            neg_scores = (neg * user[:, None]).sum(-1)
+            sampled.append((1 + (neg_scores > target_score).sum(1)).numpy())
+    model.train()
+    return {"ranks": np.concatenate(full), "sampled_ranks": np.concatenate(sampled)}

@@ -25,7 +25,7 @@ from flax import nnx
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, metrics, parallel, records, train_state
-from dff_jax.errors import TrainError, exit_on_user_error
+from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
 
 # ------------------------------------------------------------------------------------------------- device functions
 
@@ -106,27 +106,48 @@ def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -
     return result
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding"))
+def sampled_batch_ranks(params, features, items, batch, *, graphdef, sharding):
+    """Rank of each user's target among itself and its negatives (batch["negatives"] [B, K]), sharded like the
+    batch: the scoring of `metrics.sampled_ranks` on the device (ties optimistic, as the numpy reference)."""
+    user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
+    ranks = metrics.ranks_among(user, items, batch["targets"], batch["negatives"], ties="optimistic")
+    return jax.lax.with_sharding_constraint(ranks, sharding)
+
+
 def sampled_metrics(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
-    """The sampled protocol (K uniform negatives), for comparison with older papers; keys say "sampled"."""
+    """The sampled protocol (K uniform negatives), for comparison with older papers; keys say "sampled".
+
+    The negatives are drawn on the host for every user at once (`metrics.sample_negatives`, the draws of
+    `metrics.sampled_ranks` for `seed`); users and scores stay on the device, and the ranks are fetched once.
+    """
     if jax.process_count() > 1:
         raise TrainError("sampled metrics run in one process; evaluate the checkpoint with python -m dff_jax.evaluate")
     graphdef, mesh = static["graphdef"], static["mesh"]
     items = item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
-    items = np.asarray(items)
-    user = []
-    for batch in data_lib.eval_batches(dataset, split, eval_cfg.batch_size):
-        inputs = parallel.global_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
-        user.append(parallel.to_host(user_table(params, frozen["features"], inputs, graphdef=graphdef))[batch["mask"]])
     ev = getattr(dataset, split)
     interacted = np.concatenate([ev["history"], ev["targets"][:, None]], axis=1)
-    r = metrics.sampled_ranks(
-        np.concatenate(user),
-        items,
+    negatives = metrics.sample_negatives(
         ev["targets"],
         interacted,
+        dataset.num_items,
         num_negatives=eval_cfg.sampled_negatives,
         rng=np.random.default_rng(seed),
-    )
+    ).astype(np.int32)
+    device_ranks, masks, bs = [], [], eval_cfg.batch_size
+    for i, batch in enumerate(data_lib.eval_batches(dataset, split, bs)):
+        rows = negatives[i * bs : (i + 1) * bs]
+        neg = np.zeros((bs, negatives.shape[1]), np.int32)
+        neg[: len(rows)] = rows
+        neg[len(rows) :] = 1  # padding rows (mask False): any valid index
+        masks.append(batch["mask"])
+        local = parallel.global_batch({"inputs": batch["inputs"], "targets": batch["targets"], "negatives": neg}, mesh)
+        device_ranks.append(
+            sampled_batch_ranks(
+                params, frozen["features"], items, local, graphdef=graphdef, sharding=static["batch_sharding"]
+            )
+        )
+    r = np.concatenate([parallel.to_host(x) for x in device_ranks])[np.concatenate(masks)]
     return metrics.metrics_from_ranks(r, eval_cfg.ks, sampled_negatives=eval_cfg.sampled_negatives)
 
 
@@ -249,4 +270,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("split", "test", ["test", "valid"], "which split to rank")
     flags.DEFINE_integer("step", None, "checkpoint epoch (default: the best)")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

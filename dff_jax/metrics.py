@@ -152,6 +152,49 @@ def _padded(interacted, batch: int) -> np.ndarray:
     return out
 
 
+def sample_negatives(
+    targets, interacted, num_items: int, *, num_negatives: int = 100, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """[B, K] negatives for the sampled protocol: uniform over 1..N with replacement, redrawing any that the user
+    interacted with or that equal the target (SASRec's `while t in rated`).
+
+    Args:
+      targets: [B]; interacted: [B, H] 0-padded item indices, or a sequence of B iterables of item indices.
+      num_items: N. num_negatives: K. rng: numpy Generator (default: seeded with 0).
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    targets = np.asarray(targets, dtype=np.int64)
+    batch, n_items = len(targets), int(num_items)
+    forbid = np.concatenate([_padded(interacted, batch), targets[:, None]], axis=1)
+    # Per-row membership with one searchsorted on row-offset keys (no [B, K, H] comparison).
+    keys = np.unique((np.arange(batch)[:, None] * (n_items + 1) + forbid)[forbid > 0])
+    allowed = n_items - np.bincount(keys // (n_items + 1), minlength=batch)
+    if (allowed <= 0).any():
+        raise ValueError(f"user rows {np.flatnonzero(allowed <= 0)[:5].tolist()} interacted with every item")
+
+    def forbidden(rows, draws):
+        k = rows * (n_items + 1) + draws
+        pos = np.minimum(np.searchsorted(keys, k), len(keys) - 1)
+        return keys[pos] == k
+
+    rows = np.broadcast_to(np.arange(batch)[:, None], (batch, num_negatives))
+    draws = rng.integers(1, n_items + 1, size=(batch, num_negatives))
+    bad = forbidden(rows, draws)
+    while bad.any():
+        draws[bad] = rng.integers(1, n_items + 1, size=int(bad.sum()))
+        bad[bad] = forbidden(rows[bad], draws[bad])
+    return draws
+
+
+@functools.partial(jax.jit, static_argnames=("ties",))
+def ranks_among(user_emb: jax.Array, item_emb: jax.Array, targets: jax.Array, negatives: jax.Array, *, ties: str):
+    """[B] 1-based rank of each target among itself and its [B, K] ``negatives`` (on device; `sampled_ranks`)."""
+    target_score = jnp.einsum("bd,bd->b", user_emb, jnp.take(item_emb, targets, axis=0))[:, None]
+    neg_scores = jnp.einsum("bd,bkd->bk", user_emb, jnp.take(item_emb, negatives, axis=0))
+    above = neg_scores > target_score if ties == "optimistic" else neg_scores >= target_score
+    return 1 + jnp.sum(above, axis=1, dtype=jnp.int32)
+
+
 def sampled_ranks(
     user_emb,
     item_emb,
@@ -180,29 +223,10 @@ def sampled_ranks(
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    rng = rng if rng is not None else np.random.default_rng(0)
     user = np.asarray(user_emb, dtype=np.float32)
     items = np.asarray(item_emb, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)
-    batch, n_items = len(targets), items.shape[0] - 1
-    forbid = np.concatenate([_padded(interacted, batch), targets[:, None]], axis=1)
-    # Per-row membership with one searchsorted on row-offset keys (no [B, K, H] comparison).
-    keys = np.unique((np.arange(batch)[:, None] * (n_items + 1) + forbid)[forbid > 0])
-    allowed = n_items - np.bincount(keys // (n_items + 1), minlength=batch)
-    if (allowed <= 0).any():
-        raise ValueError(f"user rows {np.flatnonzero(allowed <= 0)[:5].tolist()} interacted with every item")
-
-    def forbidden(rows, draws):
-        k = rows * (n_items + 1) + draws
-        pos = np.minimum(np.searchsorted(keys, k), len(keys) - 1)
-        return keys[pos] == k
-
-    rows = np.broadcast_to(np.arange(batch)[:, None], (batch, num_negatives))
-    draws = rng.integers(1, n_items + 1, size=(batch, num_negatives))
-    bad = forbidden(rows, draws)
-    while bad.any():
-        draws[bad] = rng.integers(1, n_items + 1, size=int(bad.sum()))
-        bad[bad] = forbidden(rows[bad], draws[bad])
+    draws = sample_negatives(targets, interacted, items.shape[0] - 1, num_negatives=num_negatives, rng=rng)
     target_score = np.einsum("bd,bd->b", user, items[targets])[:, None]
     neg_scores = np.einsum("bd,bkd->bk", user, items[draws])
     above = neg_scores > target_score if ties == "optimistic" else neg_scores >= target_score

@@ -329,17 +329,19 @@ class OriginalBlock(nnx.Module):
         self.ffn_out = nnx.Linear(d, d, kernel_init=square, bias_init=_torch_bias(d), rngs=rngs)
         self.ffn_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
 
-    def attention(self, x: jax.Array, allowed: jax.Array, keep: jax.Array | None) -> jax.Array:
+    def attention(self, x: jax.Array, allowed: jax.Array, keep: jax.Array | None, queries: int = 0) -> jax.Array:
+        """MHA over ``x`` [B, L, d]; ``queries`` > 0 computes only the last that many query positions."""
         b, length, d = x.shape
         h = self.num_heads
-        q = self.query(x).reshape(b, length, h, d // h)
+        xq = x[:, -queries:] if queries else x
+        q = self.query(xq).reshape(b, xq.shape[1], h, d // h)
         k = self.key(x).reshape(b, length, h, d // h)
         v = self.value(x).reshape(b, length, h, d // h)
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
         scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         probs = dropout(probs, self.rate, keep)
-        return self.out(jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(b, length, d))
+        return self.out(jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(b, xq.shape[1], d))
 
     def feed_forward(self, x: jax.Array, keys: list) -> jax.Array:
         # relu(dropout(a)) == dropout(relu(a)): the port's order (dropout1 before the ReLU) changes nothing.
@@ -351,6 +353,17 @@ class OriginalBlock(nnx.Module):
             return x + self.feed_forward(self.ffn_ln(x), keys)
         x = self.attn_ln(x + self.attention(x, allowed, keys[0]))
         return self.ffn_ln(x + self.feed_forward(x, keys))
+
+    def last(self, x: jax.Array) -> jax.Array:
+        """The block's output at the last position only, [B, 1, d], without dropout: a user vector needs nothing
+        else from the last block, and the last query sees every key under the causal mask."""
+        allowed = jnp.ones((1, 1, x.shape[1]), bool)
+        none = [None, None, None]
+        if self.pre_ln:
+            y = x[:, -1:] + self.attention(self.attn_ln(x), allowed, None, queries=1)
+            return y + self.feed_forward(self.ffn_ln(y), none)
+        y = self.attn_ln(x[:, -1:] + self.attention(x, allowed, None, queries=1))
+        return self.ffn_ln(y + self.feed_forward(y, none))
 
 
 class ItemEncoder(nnx.Module):
@@ -546,7 +559,14 @@ class SASRec(nnx.Module):
             x = self.seq_ln(x)
         return x
 
-    def _original(self, x: jax.Array, inputs: jax.Array, keys: list) -> jax.Array:
+    def last_output(self, x: jax.Array, inputs: jax.Array) -> jax.Array:
+        """[B, d]: the deterministic output at the last position. For arch="sasrec" the last block runs for that
+        position only (``OriginalBlock.last``: the same values at about 1/3 fewer FLOPs with 2 blocks)."""
+        if self.arch == "microlens":
+            return self(x, inputs, deterministic=True, rng=None)[:, -1]
+        return self._original(x, inputs, [None] * (1 + KEYS_PER_BLOCK * len(self.blocks)), last_only=True)[:, -1]
+
+    def _original(self, x: jax.Array, inputs: jax.Array, keys: list, last_only: bool = False) -> jax.Array:
         """arch="sasrec" (module docstring): the port's ``log2feats``."""
         length, d = x.shape[1], x.shape[2]
         valid = (inputs != 0)[..., None]
@@ -556,8 +576,12 @@ class SASRec(nnx.Module):
         x = dropout(x, mask_rate(self.rate), keys[0])
         # Causal mask only: as in the port, real positions also attend to the (padding) slots before them.
         allowed = jnp.tril(jnp.ones((length, length), bool))[None]
-        for i, block in enumerate(self.blocks):
+        blocks = list(self.blocks)
+        full = blocks[:-1] if last_only and blocks else blocks
+        for i, block in enumerate(full):
             x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)])
+        if last_only:
+            x = blocks[-1].last(x) if blocks else x[:, -1:]
         return self.seq_ln(x)
 
 
@@ -670,7 +694,9 @@ class Recommender(nnx.Module):
 
     def user_embeddings(self, inputs: jax.Array) -> jax.Array:
         """[B, L] -> [B, d]: the deterministic output at the last position (left padding puts the newest item there)."""
-        return self.encode(inputs, deterministic=True)[:, -1]
+        if self.sasrec.arch == "microlens":
+            return self.encode(inputs, deterministic=True)[:, -1]
+        return self.sasrec.last_output(self.items(inputs), inputs)
 
     def gate_values(self, items: jax.Array, *, reduce: bool = True) -> jax.Array:
         """Fusion gate g of Eq. 6 (weight on the ID embedding) for ``items`` [...].
