@@ -120,3 +120,32 @@ def os_error_in(error: BaseException | None) -> OSError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def parse_flags(argv: list[str], flag_values=None) -> list[str]:
+    """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) that turns a bad flag, a config typo or a bad
+    variant into one `error:` line and exit status 2, like every other user error, instead of absl's usage dump."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    try:
+        rest = flag_values(argv)
+        if "config" in flag_values and flag_values.config is not None:
+            # A config file that failed to load is an error object that raises on first use: use it here.
+            flag_values.config.keys()
+        return rest
+    except flags.Error as e:
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+    except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config")]
+        print(f"error: bad --config argument ({' '.join(bad)}): {_one_line(str(e))}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: the last line of an embedded traceback (the error itself), else all of it joined."""
+    text = text.strip().strip("'\"").replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)

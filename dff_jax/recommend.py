@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dff_jax import evaluate, parallel
-from dff_jax.errors import TrainError, exit_on_user_error
+from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
 
 
 def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
@@ -61,4 +61,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("k", 10, "how many items to recommend")
     flags.DEFINE_integer("step", None, "checkpoint epoch (default: the best)")
     flags.mark_flags_as_required(["workdir", "history"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -34,7 +34,7 @@ from pathlib import Path
 import ml_collections
 
 from dff_jax import defaults, features, records
-from dff_jax.errors import UserError, exit_on_user_error
+from dff_jax.errors import UserError, exit_on_user_error, parse_flags
 
 BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff")
 
@@ -89,7 +89,7 @@ def load_config(config_args: list[str]) -> ml_collections.ConfigDict:
     argv = ["dff_jax.study", *config_args]
     flag_values = flags.FlagValues()
     train.define_config_flags(flag_values, argv)
-    train.parse_flags(argv, flag_values)
+    parse_flags(argv, flag_values)
     return flag_values.config
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, evaluate, parallel, records, synthetic, train_state
-from dff_jax.errors import TrainError, exit_on_user_error
+from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
 
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
@@ -222,24 +222,6 @@ def define_config_flags(flag_values=None, argv: list[str] | None = None) -> None
         lock_config=True,
         sys_argv=argv,
     )
-
-
-def parse_flags(argv: list[str], flag_values=None) -> list[str]:
-    """absl flag parsing that turns a config typo or bad variant into one clear line instead of a traceback."""
-    import sys
-
-    from absl import flags
-
-    flag_values = flags.FLAGS if flag_values is None else flag_values
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
-        msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-        bad = [a for a in argv[1:] if a.startswith("--config")]
-        print(f"error: bad --config argument ({' '.join(bad)}): {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 @exit_on_user_error

@@ -283,3 +283,15 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
     assert resumed["epochs_run"] == 4
     assert resumed["valid_history"][:2] == [dict(h, train_seconds=h2["train_seconds"]) for h, h2 in
                                              zip(result["valid_history"], resumed["valid_history"])]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "says"),
+    [
+        ("dff_jax.train", ["--config", "configs/smoke.py:dfff", "--workdir", "w"], "unknown variant 'dfff'"),
+        ("dff_jax.train", ["--config", "configs/nope.py", "--workdir", "w"], "configs/nope.py"),
+        ("dff_jax.evaluate", ["--workdir", "w", "--split", "train"], "--split=train"),
+    ],
+)
+def test_bad_command_lines_are_one_line(module, args, says):
+    assert_one_error_line(cli(module, *args), says)
