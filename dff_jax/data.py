@@ -97,7 +97,13 @@ def _int_timestamp(path, number, text) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise DataError(f"{path}: line {number}: expected an integer timestamp, got {text!r}") from None
+        try:  # an integral float ("1609459200.0", as spreadsheets and pandas write them) is the same instant
+            as_float = float(text)
+        except ValueError:
+            as_float = math.nan
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise DataError(f"{path}: line {number}: expected an integer timestamp, got {text!r}") from None
+        value = int(as_float)
     if not _INT64[0] <= value <= _INT64[1]:
         raise DataError(f"{path}: line {number}: timestamp {text} is outside the 64-bit integer range")
     return value

@@ -198,6 +198,11 @@ def test_bom_header_line_and_huge_timestamps(tmp_path):
     (tmp_path / "x_pairs.tsv").write_text("user\titem\nu1\ti1 i2 i3\n")
     with pytest.raises(data.DataError, match=r"x_pairs.tsv: line 1: .* looks like a header"):
         data.read_interactions(tmp_path / "x_pairs.tsv")
+    (tmp_path / "float.csv").write_text("u1,i1,1609459200.0\nu1,i2,7\n")  # an integral float is that instant
+    assert list(data.read_interactions(tmp_path / "float.csv").timestamps) == [7, 1609459200]
+    (tmp_path / "frac.csv").write_text("u1,i1,1.5\n")
+    with pytest.raises(data.DataError, match=r"frac.csv: line 1: expected an integer timestamp, got '1.5'"):
+        data.read_interactions(tmp_path / "frac.csv")
     (tmp_path / "big.csv").write_text("u1,i1,1\nu1,i2,99999999999999999999\n")
     with pytest.raises(data.DataError, match=r"big.csv: line 2: timestamp 99999999999999999999 is outside"):
         data.read_interactions(tmp_path / "big.csv")
