@@ -59,6 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2.0,
         help="shrink frames while decoding to at most this x (per side) the processor's frame size (0: full size)",
     )
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="finalise the folder although some items failed (no record for them; listed in manifest.json)",
+    )
+    p.add_argument(
+        "--max-consecutive-failures",
+        type=int,
+        default=20,
+        metavar="K",
+        help="stop when K items in a row fail (a problem of the run, not of the items); 0: no limit",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -99,20 +111,42 @@ def main(argv: list[str] | None = None) -> int:
             attn_implementation=args.attn_implementation,
             decode_scale=args.decode_scale,
             progress=not args.no_progress,
+            allow_failures=args.allow_failures,
+            max_consecutive_failures=args.max_consecutive_failures,
         )
         manifest = run(opts)
     except (ExtractError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or vanished output folder, permission denied
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished items are saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    blocked = manifest.get("folder_failures")
+    state = (
+        "complete"
+        if manifest["folder_complete"]
+        else "not finalised (failed items)"
+        if blocked
+        else "incomplete (other shards pending)"
+    )
     print(
         f"shard {manifest['shard'][0]}/{manifest['shard'][1]}: {manifest['extracted']} extracted, "
         f"{manifest['failed']} failed, {manifest['already_done']} already done, "
         f"{manifest['seconds']:.1f} s ({manifest['items_per_second'] or 0:.2f} items/s); "
-        f"folder {'complete' if manifest['folder_complete'] else 'incomplete (other shards pending)'}"
+        f"folder {state}"
     )
+    if blocked:
+        print(f"error: {blocked}", file=sys.stderr)
+        return 2
+    if manifest["failed"] and not manifest["folder_complete"] and not args.allow_failures:
+        print(
+            f"warning: {manifest['failed']} item(s) of this shard failed (failures-part-*.jsonl in {args.out}); "
+            "the folder will not be finalised with them unless --allow-failures is given",
+            file=sys.stderr,
+        )
     return 0
 
 

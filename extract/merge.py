@@ -1,11 +1,13 @@
 """Checks a feature folder for completeness and writes its `schema.json`, `manifest.json`, `failures.jsonl`.
 
-`python -m extract.merge --out DIR [--items ITEMS] [--strict]`. Run after N sharded extractions into the
-same folder (a run with `--shard I/N` calls this itself when it finishes, so the last shard to finish
-completes the folder). Every item of the list must be either written exactly once or recorded as a
-failure; unknown ids, duplicates and inconsistent shapes or dtypes are errors naming the files.
-Exit status: 0 complete, 1 incomplete (items neither written nor failed, or failures with --strict),
-2 invalid folder or options.
+`python -m extract.merge --out DIR [--items ITEMS] [--allow-failures]`. Run after N sharded extractions into
+the same folder (a run with `--shard I/N` calls this itself when it finishes, so the last shard to finish
+completes the folder). Every item of the list must be written exactly once; an item whose extraction failed
+keeps the folder unfinished unless `--allow-failures` is given, and then it is listed (id, stage, reason) in
+`manifest.json` and `failures.jsonl` and has no record (the trainer zero-fills it with
+`features.allow_missing=True`). Unknown ids, duplicates and inconsistent shapes or dtypes are errors naming
+the files. Exit status: 0 complete, 1 incomplete (items neither written nor failed, or failed items without
+--allow-failures), 2 invalid folder or options.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ class Report:
     missing: list[str]
     shape: tuple[int, int] | None
     dtype: str | None
+    allow_failures: bool = False
 
     @property
     def complete(self) -> bool:
-        return not self.missing
+        return not self.missing and (self.allow_failures or not self.failed) and self.shape is not None
+
+    @property
+    def blocked_by_failures(self) -> bool:
+        """Every item is written or failed, but failed items keep the folder from being finalised."""
+        return not self.missing and bool(self.failed) and not self.allow_failures
 
 
 def scan_shards(out_dir: str | Path) -> tuple[dict[str, str], set, set]:
@@ -92,14 +100,20 @@ def read_run_config(out_dir: str | Path) -> dict:
         raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def finalize(out_dir: str | Path, item_ids: list[str], *, strict: bool = False, write: bool = True) -> Report:
+MERGED = (records.SCHEMA_FILE, "manifest.json", "failures.jsonl")
+
+
+def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool = False, write: bool = True) -> Report:
     """Checks the folder against `item_ids`; when complete, writes schema/manifest/failures (atomically).
 
     Args:
       out_dir: the feature folder (with run_config.json and part-*.tfrecord shards).
       item_ids: the full item list (all shards).
-      strict: failures make the folder incomplete (no schema written).
-      write: write the merged files when complete.
+      allow_failures: finalise a folder whose only unwritten items are failed ones (they are listed in
+        manifest.json and failures.jsonl); without it such a folder stays unfinished.
+      write: write the merged files when complete. When not complete, merged files left by an earlier
+        finalisation that no longer match the records (a rerun added items) are removed, so a stale
+        schema.json is never read as describing the folder.
     """
     out_dir = Path(out_dir)
     cfg = read_run_config(out_dir)
@@ -112,10 +126,11 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, strict: bool = False, 
         raise ExtractError(f"{out_dir}: shards disagree on shape {sorted(shapes)} or dtype {sorted(dtypes)}")
     failures = {k: v for k, v in read_failures(out_dir).items() if k not in where and k in known}
     missing = [i for i in item_ids if i not in where and i not in failures]
-    if strict:
-        missing += [i for i in item_ids if i in failures]
     shape = next(iter(shapes)) if shapes else None
-    report = Report(len(item_ids), len(where), failures, missing, shape, next(iter(dtypes)) if dtypes else None)
+    dtype = next(iter(dtypes)) if dtypes else None
+    report = Report(len(item_ids), len(where), failures, missing, shape, dtype, allow_failures)
+    if write and not report.complete:
+        _remove_stale_merged(out_dir, report.written)
     if not write or not report.complete or shape is None:
         return report
     if cfg.get("captions"):
@@ -155,6 +170,11 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, strict: bool = False, 
             "items_in_list": len(item_ids),
             "items_written": report.written,
             "items_failed": len(failures),
+            "allow_failures": allow_failures,
+            # The items without a record (zero-filled by the trainer with features.allow_missing=True).
+            "failed_items": [
+                {k: failures[i].get(k) for k in ("item_id", "stage", "reason")} for i in item_ids if i in failures
+            ],
             "shape": list(shape),
             "dtype": report.dtype,
             "files": sorted(set(where.values())),
@@ -165,12 +185,43 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, strict: bool = False, 
     return report
 
 
+def _remove_stale_merged(out_dir: Path, written: int) -> None:
+    try:
+        num_items = json.loads((out_dir / records.SCHEMA_FILE).read_text()).get("num_items")
+    except (OSError, ValueError, AttributeError):
+        return
+    if num_items != written:
+        for name in MERGED:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def failures_message(out_dir: str | Path, report: Report, flag: str = "--allow-failures") -> str:
+    """One line: why a folder whose items are all written or failed is not finalised, and the two ways out."""
+    shown = "; ".join(
+        f"{item_id} ({rec.get('stage')}: {_first_line(rec.get('reason'))})"
+        for item_id, rec in list(report.failed.items())[:3]
+    )
+    more = f" and {len(report.failed) - 3} more" if len(report.failed) > 3 else ""
+    return (
+        f"{out_dir}: {len(report.failed)} item(s) failed: {shown}{more} (all in failures-part-*.jsonl); the folder "
+        f"is not finalised: fix the cause and rerun the same command to retry them, or pass {flag} to finalise "
+        "without them (listed in manifest.json; the trainer zero-fills them with features.allow_missing=True)"
+    )
+
+
+def _first_line(text, limit: int = 160) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def describe(report: Report) -> str:
     lines = [
         f"{report.written}/{report.total} items written, {len(report.failed)} failed, {len(report.missing)} missing"
     ]
     if report.shape:
         lines.append(f"per-item array {list(report.shape)} {report.dtype}")
+    elif not report.missing:
+        lines.append("no item was written: nothing to finalise")
     if report.missing:
         lines.append(f"missing (neither written nor failed), first ones: {report.missing[:10]}")
     for item_id, rec in list(report.failed.items())[:10]:
@@ -183,19 +234,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the feature folder the shards were written to")
     parser.add_argument("--items", help="item list (default: the one recorded in run_config.json)")
     parser.add_argument("--items-format", default=None, help="auto|csv|microlens|movielens")
-    parser.add_argument("--strict", action="store_true", help="treat failed items as incomplete")
+    parser.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="finalise although some items failed (listed in manifest.json; they get no record)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="(the default now: failed items keep the folder unfinished)"
+    )
     args = parser.parse_args(argv)
     from extract.items import read_items
 
+    if args.strict and args.allow_failures:
+        print("error: --strict and --allow-failures contradict each other; give one", file=sys.stderr)
+        return 2
     try:
         cfg = read_run_config(args.out)
         items = read_items(args.items or cfg["items"], args.items_format or cfg.get("items_format", "auto"))
-        report = finalize(args.out, [i.item_id for i in items], strict=args.strict)
+        report = finalize(args.out, [i.item_id for i in items], allow_failures=args.allow_failures)
     except (ExtractError, records.RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
     print(describe(report))
-    print("complete: schema.json, manifest.json, failures.jsonl written" if report.complete else "INCOMPLETE")
+    if report.complete:
+        print("complete: schema.json, manifest.json, failures.jsonl written")
+    elif report.blocked_by_failures:
+        print("INCOMPLETE: " + failures_message(args.out, report))
+    else:
+        print("INCOMPLETE")
     return 0 if report.complete else 1
 
 

@@ -10,8 +10,15 @@ Layout of an output folder (all names fixed, so N hosts can share one folder):
                       written atomically by `dff_jax.records.ShardWriter` (a kill loses only the open part);
 * `failures-part-IIIII-of-NNNNN.jsonl`, `manifest-part-IIIII-of-NNNNN.json`  per shard;
 * `captions-part-IIIII-of-NNNNN.jsonl`  with `--captions`;
+* `lock-part-IIIII-of-NNNNN`  while a process extracts shard I of N (`extract/lock.py`);
 * `schema.json`, `manifest.json`, `failures.jsonl` (`captions.jsonl`)  written by `extract.merge.finalize`
-  once every item is written or failed.
+  once every item is written (or failed, with `allow_failures`).
+
+Failures: a media problem (unreadable, empty, missing file) or an exception of the model on one item is
+recorded in the shard's failures file and the run goes on, until `max_consecutive_failures` items in a row
+have failed (then it stops: a problem hitting every item is not a per-item failure). A device or runtime
+failure (CUDA error, out of memory, MemoryError) stops the run at once with the batch's items named; the
+finished items are flushed first, so a rerun resumes.
 
 Resume: the ids in every finished shard (of any shard index) are skipped, so no item is written twice.
 """
@@ -33,7 +40,8 @@ from pathlib import Path
 from dff_jax import records
 from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
-from extract.merge import RUN_CONFIG, finalize, scan_shards
+from extract.lock import ShardLock
+from extract.merge import RUN_CONFIG, failures_message, finalize, scan_shards
 from extract.video import MediaError, read_clip, read_image
 
 
@@ -68,6 +76,8 @@ class RunOptions:
     attn_implementation: str | None = None
     decode_scale: float = 2.0  # frames are shrunk while decoding to at most this x (per side) the processor's size
     progress: bool = True
+    allow_failures: bool = False  # finalise the folder although items failed (listed in manifest.json)
+    max_consecutive_failures: int = 20  # stop when this many items in a row fail (0: never)
 
 
 def _prefix(index: int, count: int) -> str:
@@ -106,6 +116,10 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise ExtractError(f"unknown --model-dtype {opts.compute_dtype!r}")
     if opts.batch_size < 1 or opts.frames < 1 or opts.flush_every < 1 or opts.decode_workers < 1:
         raise ExtractError("--batch-size, --frames, --flush-every and --decode-workers must be >= 1")
+    if opts.max_consecutive_failures < 0:
+        raise ExtractError(
+            f"--max-consecutive-failures must be >= 0 (0: no limit), not {opts.max_consecutive_failures}"
+        )
     if opts.prefetch is None:
         opts.prefetch = 2 * opts.decode_workers
     if opts.prefetch < 1:
@@ -281,6 +295,50 @@ class _Stop(KeyboardInterrupt):
     """SIGTERM as an exception, so a terminated run flushes its finished items like Ctrl-C does."""
 
 
+class RunStopped(ExtractError):
+    """The run cannot go on (a device failure, too many failures in a row); finished items are flushed first."""
+
+
+# Words of a RuntimeError that come from the device or its runtime, not from one item's data.
+_DEVICE_WORDS = (
+    "cuda",
+    "cudnn",
+    "cublas",
+    "cufft",
+    "cusolver",
+    "cusparse",
+    "nccl",
+    "out of memory",
+    "device-side assert",
+    "illegal memory access",
+    "hip error",
+    "mps backend",
+)
+
+
+def device_failure(e: BaseException) -> bool:
+    """Whether an exception of the model says the device/runtime failed (OOM, CUDA error) rather than an item."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    if isinstance(e, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _DEVICE_WORDS)
+
+
+def _ids(items, limit: int = 5) -> str:
+    ids = [it.item_id for it in items]
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= limit else line[: limit - 3] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
 def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> dict:
     """Runs (or resumes) one shard of an extraction; returns the shard manifest.
 
@@ -298,6 +356,15 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     cfg = run_config(opts)
     _check_run_config(out, cfg, write=False)  # before loading a model for a folder that would refuse it
     prefix = _prefix(index, count)
+    lock = ShardLock(out / f"lock-{prefix}", (index, count)).acquire()  # before touching any of the shard's files
+    try:
+        return _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch)
+    finally:
+        lock.release()
+
+
+def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
+    index, count = opts.shard
     for stale in out.glob(f"{prefix}-*{records.SHARD_SUFFIX}.tmp"):
         stale.unlink()  # the open part of a killed run of this shard; its items are redone
     done, _, _ = scan_shards(out)
@@ -336,20 +403,37 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
         next_seq += 1
         buffer.clear()
 
+    streak = [0]
+
     def fail(item: Item, stage: str, reason: str):
         manifest["failed"] += 1
         with open(failures_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"item_id": item.item_id, "stage": stage, "reason": reason, "time": time.time()}) + "\n")
+        streak[0] += 1
+        if opts.max_consecutive_failures and streak[0] >= opts.max_consecutive_failures:
+            raise RunStopped(
+                f"{failures_path}: {streak[0]} items in a row failed, the last {item.item_id} ({stage}: "
+                f"{reason.splitlines()[0] if reason else ''}); stopped, since a problem that hits every item is not "
+                "a per-item failure. The finished items are saved: fix the cause and rerun the same command to "
+                "resume (--max-consecutive-failures 0 turns this check off)"
+            )
+
+    def succeeded():
+        streak[0] = 0
 
     old_handler = signal.signal(signal.SIGTERM, _raise_stop) if _in_main_thread() else None
     try:
         if todo:
-            _extract(opts, out, cfg, todo, buffer, flush, fail, manifest, captions_path, on_batch)
+            _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, captions_path, on_batch)
         flush()
         manifest["status"] = "complete"
     except (KeyboardInterrupt, _Stop):
         flush()  # finished items survive an interruption
         manifest["status"] = "interrupted"
+        raise
+    except RunStopped as e:
+        flush()  # finished items survive a stop
+        manifest["status"] = f"stopped: {e}"
         raise
     except BaseException as e:
         manifest["status"] = f"error: {type(e).__name__}: {e}"
@@ -364,8 +448,10 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
         records.write_json_atomic(out / f"manifest-{prefix}.json", manifest)
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    report = finalize(out, [it.item_id for it in all_items])
-    manifest["folder_complete"] = report.complete and report.written > 0
+    report = finalize(out, [it.item_id for it in all_items], allow_failures=opts.allow_failures)
+    manifest["folder_complete"] = report.complete
+    # Every item is written or failed, but failures keep the folder unfinished (the CLI makes it an error).
+    manifest["folder_failures"] = failures_message(out, report) if report.blocked_by_failures else None
     return manifest
 
 
@@ -379,7 +465,7 @@ def _raise_stop(signum, frame):
     raise _Stop(f"signal {signum}")
 
 
-def _extract(opts, out, cfg, todo, buffer, flush, fail, manifest, captions_path, on_batch):
+def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, captions_path, on_batch):
     from collections import deque
 
     from tqdm import tqdm
@@ -418,38 +504,49 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, manifest, captions_path,
     # ahead of the model, so memory stays bounded while the model never waits for the CPU side.
     with ThreadPoolExecutor(max_workers=opts.decode_workers) as pool:
         pending = deque()
-        for batch in batches[: opts.prefetch]:
-            pending.append(pool.submit(_prepare_batch, batch, opts, pixels, prepare))
-        for k, batch in enumerate(batches):
-            results, prepared = pending.popleft().result()
-            if k + opts.prefetch < len(batches):
-                pending.append(pool.submit(_prepare_batch, batches[k + opts.prefetch], opts, pixels, prepare))
-            samples = []
-            for item, res in zip(batch, results):
-                if isinstance(res, MediaError):
-                    fail(item, "decode", str(res))
-                else:
-                    samples.append(res)
-            for sample, vectors in _vectors(
-                backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
-            ):
-                buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
-                manifest["extracted"] += 1
-                if len(buffer) >= opts.flush_every:
-                    flush()
-            bar.update(len(batch))
-            # Throughput of the model loop alone (model loading excluded), kept current for interrupted runs.
-            manifest["loop_seconds"] = round(time.time() - t0, 3)
-            manifest["loop_items_per_second"] = round(manifest["extracted"] / max(time.time() - t0, 1e-9), 4)
-            if tokens:
-                manifest["visual_tokens"] = {
-                    "items": len(tokens),
-                    "min": min(tokens),
-                    "mean": round(sum(tokens) / len(tokens), 1),
-                    "max": max(tokens),
-                }
-            if on_batch is not None:
-                on_batch(manifest["extracted"])
+        try:
+            for batch in batches[: opts.prefetch]:
+                pending.append(pool.submit(_prepare_batch, batch, opts, pixels, prepare))
+            for k, batch in enumerate(batches):
+                try:
+                    results, prepared = pending.popleft().result()
+                except Exception as e:  # not a MediaError (those are per item): e.g. host memory exhausted
+                    raise RunStopped(
+                        f"decoding items {_ids(batch)} failed: {_one_line(e)}; stopped. The finished items are saved; "
+                        "rerun the same command to resume (fewer --decode-workers / --prefetch need less memory)"
+                    ) from None
+                if k + opts.prefetch < len(batches):
+                    pending.append(pool.submit(_prepare_batch, batches[k + opts.prefetch], opts, pixels, prepare))
+                samples = []
+                for item, res in zip(batch, results):
+                    if isinstance(res, MediaError):
+                        fail(item, "decode", str(res))
+                    else:
+                        samples.append(res)
+                for sample, vectors in _vectors(
+                    backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
+                ):
+                    buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
+                    manifest["extracted"] += 1
+                    succeeded()
+                    if len(buffer) >= opts.flush_every:
+                        flush()
+                bar.update(len(batch))
+                # Throughput of the model loop alone (model loading excluded), kept current for interrupted runs.
+                manifest["loop_seconds"] = round(time.time() - t0, 3)
+                manifest["loop_items_per_second"] = round(manifest["extracted"] / max(time.time() - t0, 1e-9), 4)
+                if tokens:
+                    manifest["visual_tokens"] = {
+                        "items": len(tokens),
+                        "min": min(tokens),
+                        "mean": round(sum(tokens) / len(tokens), 1),
+                        "max": max(tokens),
+                    }
+                if on_batch is not None:
+                    on_batch(manifest["extracted"])
+        finally:
+            for future in pending:  # a stopped run does not wait for batches it will not use
+                future.cancel()
     bar.close()
 
 
@@ -475,7 +572,9 @@ def _prepare_batch(batch, opts, pixels, prepare):
 
 def _vectors(backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens):
     """Yields (sample, [rows, H] float32) for a batch; a batch that raises is retried item by item (counted
-    and logged) so one bad item is recorded as a failure instead of stopping the run."""
+    and logged) so one bad item is recorded as a failure instead of stopping the run. A device or runtime
+    failure (`device_failure`) raises RunStopped instead: retrying or recording it per item would turn a
+    broken GPU into rows of zeros."""
     if not samples:
         return
     try:
@@ -492,6 +591,13 @@ def _vectors(backend, encoder, samples, prepared, opts, captions_done, captions_
     except (ExtractError, KeyboardInterrupt, _Stop):
         raise
     except Exception as e:
+        if device_failure(e):  # the device, not these items: stop (the finished items are flushed)
+            raise RunStopped(
+                f"the model failed on --device {opts.device} for item(s) {_ids(samples)}: {_one_line(e)}; stopped, "
+                "since a device or runtime failure is not a problem of these items. The finished items are saved: "
+                f"free the device (or lower --batch-size {opts.batch_size}, --max-pixels or --frames on out of "
+                "memory) and rerun the same command to resume"
+            ) from None
         if len(samples) == 1:
             fail(samples[0].item, "model", f"{type(e).__name__}: {e}")
             return

@@ -62,6 +62,7 @@ def cli(media, model, out, *extra):
 
 
 def opts(media, model, out, **kw):
+    kw.setdefault("allow_failures", True)  # the media fixture holds two items that always fail
     return RunOptions(
         items=str(media / "items.csv"),
         out=str(out),
@@ -80,8 +81,18 @@ def read_all(out):
 
 def test_cli_video_run_records_failures_and_loads_into_dff_jax(media, qwen, tmp_path, capsys):
     out = tmp_path / "feat"
-    assert cli(media, qwen, out, "--batch-size", "4", "--flush-every", "4") == 0
-    assert "6 extracted, 2 failed" in capsys.readouterr().out
+    # Failed items keep the folder unfinished: one error line naming the folder and the items, exit 2.
+    assert cli(media, qwen, out, "--batch-size", "4", "--flush-every", "4") == 2
+    captured = capsys.readouterr()
+    assert "6 extracted, 2 failed" in captured.out and "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0] and "junk (decode: cannot open" in errors[0]
+    assert "absent (decode: missing file" in errors[0] and "--allow-failures" in errors[0]
+    assert not (out / records.SCHEMA_FILE).exists() and not (out / "manifest.json").exists()
+    assert sorted(read_all(out)) == GOOD  # nothing lost: the written items stay, the shard is done
+    # Asked for by flag: the rerun retries the two (they fail again) and finalises, listing them.
+    assert cli(media, qwen, out, "--batch-size", "4", "--flush-every", "4", "--allow-failures") == 0
+    assert "0 extracted, 2 failed, 6 already done" in capsys.readouterr().out
     schema = records.read_schema(out)
     assert (schema.layers, schema.hidden_size, schema.dtype, schema.num_items) == (4, 32, "bfloat16", 6)
     assert (
@@ -97,6 +108,11 @@ def test_cli_video_run_records_failures_and_loads_into_dff_jax(media, qwen, tmp_
     assert (
         manifest["items_written"] == 6 and manifest["items_failed"] == 2 and manifest["shards"][0]["versions"]["torch"]
     )
+    assert manifest["allow_failures"] and [(f["item_id"], f["stage"]) for f in manifest["failed_items"]] == [
+        ("junk", "decode"),
+        ("absent", "decode"),
+    ]
+    assert "missing file" in manifest["failed_items"][1]["reason"] and schema.extra["failed_items"] == 2
 
     from dff_jax.features import load_features
 
@@ -146,8 +162,10 @@ def test_shards_merge_into_one_feature_set(media, qwen, tmp_path, capsys):
     assert "INCOMPLETE" in capsys.readouterr().out
     m1 = run(opts(media, qwen, out, shard=(1, 2), dtype="float32"))
     assert m1["folder_complete"]
-    assert merge_main(["--out", str(out)]) == 0
-    assert merge_main(["--out", str(out), "--strict"]) == 1  # two items failed
+    assert merge_main(["--out", str(out)]) == 1  # two items failed: not finalised without the flag
+    assert "INCOMPLETE: " in capsys.readouterr().out
+    assert merge_main(["--out", str(out), "--allow-failures"]) == 0
+    assert merge_main(["--out", str(out), "--strict", "--allow-failures"]) == 2
     assert sorted(read_all(out)) == GOOD and records.read_schema(out).num_items == 6
     single = tmp_path / "single"
     run(opts(media, qwen, single, dtype="float32"))
@@ -247,6 +265,7 @@ def test_caption_centric_features(media, qwen, tmp_path, tmp_path_factory):
             "3",
             "--dtype",
             "float32",
+            "--allow-failures",
         )
         == 0
     )
