@@ -593,7 +593,7 @@ def _vectors(backend, encoder, samples, prepared, opts, captions_done, captions_
     except Exception as e:
         if device_failure(e):  # the device, not these items: stop (the finished items are flushed)
             raise RunStopped(
-                f"the model failed on --device {opts.device} for item(s) {_ids(samples)}: {_one_line(e)}; stopped, "
+                f"the model failed on --device {opts.device} for item(s) {_ids([s.item for s in samples])}: {_one_line(e)}; stopped, "
                 "since a device or runtime failure is not a problem of these items. The finished items are saved: "
                 f"free the device (or lower --batch-size {opts.batch_size}, --max-pixels or --frames on out of "
                 "memory) and rerun the same command to resume"
