@@ -309,6 +309,7 @@ _DEVICE_WORDS = (
     "cusparse",
     "nccl",
     "out of memory",
+    "can't allocate memory",  # torch's CPU allocator
     "device-side assert",
     "illegal memory access",
     "hip error",

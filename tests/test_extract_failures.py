@@ -242,3 +242,37 @@ def test_the_lock_is_removed_on_sigterm(media, qwen, tmp_path):
         run(options, on_batch=terminate)
     assert written(out) == ["a1", "a2"] and not (out / LOCK).exists()
     assert json.loads((out / "manifest-part-00000-of-00001.json").read_text())["status"] == "interrupted"
+
+
+RACER = """
+import sys
+from extract import ExtractError
+from extract.lock import ShardLock
+try:
+    lock = ShardLock(sys.argv[1], (0, 1)).acquire()
+except ExtractError as e:
+    print("refused", e)
+    sys.exit(0)
+print("got", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin (after the others were refused)
+lock.release()
+"""
+
+
+def test_processes_racing_for_one_shard_lock_get_it_exactly_once(tmp_path):
+    import time
+
+    path = tmp_path / LOCK
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    deadline = time.time() + 60
+    while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    outputs = [p.communicate(input="", timeout=60)[0] for p in procs]
+    assert sorted(o.split()[0] for o in outputs) == ["got", "refused", "refused", "refused"], outputs
+    assert all("is already being extracted" in o for o in outputs if o.startswith("refused"))
+    assert not path.exists() and not list(tmp_path.iterdir())
