@@ -65,7 +65,10 @@ COLD_IDS = ("random", "zero")
 LN_EPS = 1e-6  # MicroLens SASRec LayerNorm eps (protocol section 4)
 ORIGINAL_LN_EPS = 1e-8  # the SASRec PyTorch port's LayerNorm eps (arch="sasrec")
 MASK_VALUE = -1e9  # finite, like MicroLens's additive -1e9 mask
-KEYS_PER_BLOCK = 3  # dropout sites per block: attention probabilities, attention output, FFN output
+KEYS_PER_BLOCK = 3
+# arch="sasrec" user vectors (``Recommender._short_first``): rows per group and the window widths a group may run at.
+USER_GROUP = 128
+USER_WIDTHS = (8, 16, 32)  # dropout sites per block: attention probabilities, attention output, FFN output
 # torch.nn.init.xavier_normal_ (untruncated normal, fan_avg), used by MicroLens for every Linear and Embedding.
 XAVIER_NORMAL = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
@@ -329,8 +332,11 @@ class OriginalBlock(nnx.Module):
         self.ffn_out = nnx.Linear(d, d, kernel_init=square, bias_init=_torch_bias(d), rngs=rngs)
         self.ffn_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
 
-    def attention(self, x: jax.Array, allowed: jax.Array, keep: jax.Array | None, queries: int = 0) -> jax.Array:
-        """MHA over ``x`` [B, L, d]; ``queries`` > 0 computes only the last that many query positions."""
+    def attention(
+        self, x: jax.Array, allowed: jax.Array, keep: jax.Array | None, queries: int = 0, key_bias=None
+    ) -> jax.Array:
+        """MHA over ``x`` [B, L, d]; ``queries`` > 0 computes only the last that many query positions; ``key_bias``
+        [L] is added to every query's logits (``SASRec._original``'s stand-in column for leading padding)."""
         b, length, d = x.shape
         h = self.num_heads
         xq = x[:, -queries:] if queries else x
@@ -339,6 +345,8 @@ class OriginalBlock(nnx.Module):
         v = self.value(x).reshape(b, length, h, d // h)
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
         scores = jnp.where(allowed[:, None], scores, MASK_VALUE)
+        if key_bias is not None:
+            scores = scores + key_bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         probs = dropout(probs, self.rate, keep)
         return self.out(jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(b, xq.shape[1], d))
@@ -347,22 +355,22 @@ class OriginalBlock(nnx.Module):
         # relu(dropout(a)) == dropout(relu(a)): the port's order (dropout1 before the ReLU) changes nothing.
         return dropout(self.ffn_out(jax.nn.relu(dropout(self.ffn_in(x), self.rate, keys[1]))), self.rate, keys[2])
 
-    def __call__(self, x: jax.Array, allowed: jax.Array, keys: list) -> jax.Array:
+    def __call__(self, x: jax.Array, allowed: jax.Array, keys: list, key_bias=None) -> jax.Array:
         if self.pre_ln:
-            x = x + self.attention(self.attn_ln(x), allowed, keys[0])
+            x = x + self.attention(self.attn_ln(x), allowed, keys[0], key_bias=key_bias)
             return x + self.feed_forward(self.ffn_ln(x), keys)
-        x = self.attn_ln(x + self.attention(x, allowed, keys[0]))
+        x = self.attn_ln(x + self.attention(x, allowed, keys[0], key_bias=key_bias))
         return self.ffn_ln(x + self.feed_forward(x, keys))
 
-    def last(self, x: jax.Array) -> jax.Array:
+    def last(self, x: jax.Array, key_bias=None) -> jax.Array:
         """The block's output at the last position only, [B, 1, d], without dropout: a user vector needs nothing
         else from the last block, and the last query sees every key under the causal mask."""
         allowed = jnp.ones((1, 1, x.shape[1]), bool)
         none = [None, None, None]
         if self.pre_ln:
-            y = x[:, -1:] + self.attention(self.attn_ln(x), allowed, None, queries=1)
+            y = x[:, -1:] + self.attention(self.attn_ln(x), allowed, None, queries=1, key_bias=key_bias)
             return y + self.feed_forward(self.ffn_ln(y), none)
-        y = self.attn_ln(x[:, -1:] + self.attention(x, allowed, None, queries=1))
+        y = self.attn_ln(x[:, -1:] + self.attention(x, allowed, None, queries=1, key_bias=key_bias))
         return self.ffn_ln(y + self.feed_forward(y, none))
 
 
@@ -559,29 +567,52 @@ class SASRec(nnx.Module):
             x = self.seq_ln(x)
         return x
 
-    def last_output(self, x: jax.Array, inputs: jax.Array) -> jax.Array:
+    def last_output(self, x: jax.Array, inputs: jax.Array, pad_slots: int = 0) -> jax.Array:
         """[B, d]: the deterministic output at the last position. For arch="sasrec" the last block runs for that
-        position only (``OriginalBlock.last``: the same values at about 1/3 fewer FLOPs with 2 blocks)."""
+        position only (``OriginalBlock.last``: the same values at about 1/3 fewer FLOPs with 2 blocks), and
+        ``pad_slots`` > 0 says that ``x``/``inputs`` are the right end of a max_seq_len window whose first
+        ``pad_slots`` slots are padding (``_original``)."""
         if self.arch == "microlens":
             return self(x, inputs, deterministic=True, rng=None)[:, -1]
-        return self._original(x, inputs, [None] * (1 + KEYS_PER_BLOCK * len(self.blocks)), last_only=True)[:, -1]
+        keys = [None] * (1 + KEYS_PER_BLOCK * len(self.blocks))
+        return self._original(x, inputs, keys, last_only=True, pad_slots=pad_slots)[:, -1]
 
-    def _original(self, x: jax.Array, inputs: jax.Array, keys: list, last_only: bool = False) -> jax.Array:
-        """arch="sasrec" (module docstring): the port's ``log2feats``."""
+    def _original(
+        self, x: jax.Array, inputs: jax.Array, keys: list, last_only: bool = False, pad_slots: int = 0
+    ) -> jax.Array:
+        """arch="sasrec" (module docstring): the port's ``log2feats``.
+
+        ``pad_slots`` > 0 (no dropout): the W columns given are the right end of a window of W + pad_slots slots
+        whose first pad_slots are padding. Without dropout every padding slot carries the same state through every
+        block (it sees only padding: the same zero input, the same keys), so one prepended padding column whose
+        attention logit gets + log(pad_slots) stands exactly for all of them, and a user with a short history costs
+        W + 1 positions instead of max_seq_len (``Recommender.user_embeddings``).
+        """
         length, d = x.shape[1], x.shape[2]
+        key_bias, offset = None, 0
+        if pad_slots:
+            if any(k is not None for k in keys):
+                raise ValueError("SASRec: pad_slots needs deterministic outputs (padding slots differ under dropout)")
+            x = jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
+            inputs = jnp.concatenate([jnp.zeros_like(inputs[:, :1]), inputs], axis=1)
+            offset, length = pad_slots - 1, length + 1  # extended column c is window column c + pad_slots - 1
+            key_bias = jnp.zeros((length,), x.dtype).at[0].set(math.log(pad_slots))
         valid = (inputs != 0)[..., None]
         # Column j holds position j + 1 (positions count from the left edge of the padded row, as in the port);
         # padding slots get the zero position row.
-        x = x * math.sqrt(d) + jnp.where(valid, self.position[...][:length].astype(x.dtype), 0)
+        positions = self.position[...][offset : offset + length].astype(x.dtype)
+        x = x * math.sqrt(d) + jnp.where(valid, positions, 0)
         x = dropout(x, mask_rate(self.rate), keys[0])
         # Causal mask only: as in the port, real positions also attend to the (padding) slots before them.
         allowed = jnp.tril(jnp.ones((length, length), bool))[None]
         blocks = list(self.blocks)
         full = blocks[:-1] if last_only and blocks else blocks
         for i, block in enumerate(full):
-            x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)])
+            x = block(x, allowed, keys[1 + KEYS_PER_BLOCK * i : 1 + KEYS_PER_BLOCK * (i + 1)], key_bias=key_bias)
         if last_only:
-            x = blocks[-1].last(x) if blocks else x[:, -1:]
+            x = blocks[-1].last(x, key_bias=key_bias) if blocks else x[:, -1:]
+        elif pad_slots:
+            x = x[:, 1:]
         return self.seq_ln(x)
 
 
@@ -696,7 +727,36 @@ class Recommender(nnx.Module):
         """[B, L] -> [B, d]: the deterministic output at the last position (left padding puts the newest item there)."""
         if self.sasrec.arch == "microlens":
             return self.encode(inputs, deterministic=True)[:, -1]
-        return self.sasrec.last_output(self.items(inputs), inputs)
+        return self._short_first(inputs)
+
+    def _short_first(self, inputs: jax.Array) -> jax.Array:
+        """arch="sasrec" user vectors at the cost of the histories' lengths rather than max_seq_len.
+
+        The rows are sorted by history length and cut into groups of USER_GROUP; each group runs at the narrowest
+        of USER_WIDTHS (or L) that holds its longest history, with the leading padding folded into one column
+        (``SASRec._original``'s ``pad_slots``), chosen on the device by ``lax.switch`` so one program serves every
+        batch. With histories of ~9 items and L = 50 most groups run at width 16 instead of 50.
+        """
+        b, length = inputs.shape
+        group = USER_GROUP if b % USER_GROUP == 0 else b
+        widths = [w for w in USER_WIDTHS if w < length] + [length]
+        lengths = jnp.sum(inputs != 0, axis=1)
+        order = jnp.argsort(lengths)
+        grouped = inputs[order].reshape(b // group, group, length)
+        need = lengths[order].reshape(b // group, group).max(axis=1)
+        pick = jnp.searchsorted(jnp.asarray(widths), need)
+
+        def branch(width):
+            def run(rows):
+                cut = rows[:, length - width :]
+                return self.sasrec.last_output(self.items(cut), cut, pad_slots=length - width)
+
+            return run
+
+        branches = [branch(w) for w in widths]
+        out = jax.lax.map(lambda args: jax.lax.switch(args[1], branches, args[0]), (grouped, pick))
+        out = out.reshape(b, -1)
+        return jnp.zeros_like(out).at[order].set(out)
 
     def gate_values(self, items: jax.Array, *, reduce: bool = True) -> jax.Array:
         """Fusion gate g of Eq. 6 (weight on the ID embedding) for ``items`` [...].

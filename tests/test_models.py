@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dff_jax import defaults, features
+from dff_jax import defaults, features, models
 from dff_jax.features import standardize_stats
 from dff_jax.models import FrozenFeatures, Recommender, standardized_table
 
@@ -248,3 +248,82 @@ def test_layer_selection_and_bad_input_errors():
         _build(_cfg(item_encoder="concat"), N, feats, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="feature_norm must be"):
         _build(_cfg(feature_norm="l2"), N, feats, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------------------ arch="sasrec", rng_impl
+
+
+def _sasrec(num_items=300, max_seq_len=50, **kw):
+    kw = {"item_encoder": "id", "arch": "sasrec", "embed_dim": 16, "num_heads": 2, "max_seq_len": max_seq_len, **kw}
+    cfg = _cfg(**kw)
+    return Recommender(num_items, None, **cfg, rngs=nnx.Rngs(0))
+
+
+def _histories(rows=256, max_seq_len=50, num_items=300, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 12, rows)
+    lengths[3], lengths[130] = max_seq_len, 20  # groups that need the full and a middle width
+    out = np.zeros((rows, max_seq_len), np.int32)
+    for i, n in enumerate(lengths):
+        out[i, max_seq_len - n :] = rng.integers(1, num_items + 1, n)
+    return jnp.asarray(out)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_sasrec_user_vectors_at_history_cost_equal_the_full_window(pre_ln):
+    # user_embeddings sorts rows by length, runs each group at a narrow width with the leading padding folded into
+    # one column, and the last block at the last position only; it must give the full model's last output.
+    model = _sasrec(pre_ln=pre_ln)
+    inputs = _histories()
+    fast = jax.jit(model.user_embeddings)(inputs)
+    full = model.encode(inputs, deterministic=True)[:, -1]
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(full), atol=1e-5)
+    assert float(jnp.abs(full).mean()) > 0.1
+
+
+def test_sasrec_folded_padding_needs_deterministic_outputs():
+    model = _sasrec()
+    x = model.items(INPUTS)
+    keys = models.dropout_keeps_16(jax.random.key(0), 0.2, [(2, 5, 16)] + [(2, 2, 5, 5), (2, 5, 16), (2, 5, 16)] * 2)
+    with pytest.raises(ValueError, match="deterministic"):
+        model.sasrec._original(x, INPUTS, keys, pad_slots=46)
+
+
+def test_sasrec_arch_scales_items_and_has_no_key_padding_mask():
+    model = _sasrec(max_seq_len=L)
+    x = model.items(INPUTS)
+    out = model.sasrec(x, INPUTS, deterministic=True, rng=None)
+    # The port scales item vectors by sqrt(d) inside the encoder: feeding pre-scaled vectors must change outputs.
+    assert float(jnp.abs(model.sasrec(x * 4.0, INPUTS, deterministic=True, rng=None) - out).max()) > 1e-3
+    # Real positions attend to the padding slots before them (causal mask only): row 0's padding input matters.
+    bumped = model.sasrec(x.at[0, 0].set(1.0), INPUTS, deterministic=True, rng=None)
+    assert float(jnp.abs(bumped[0, 2:] - out[0, 2:]).max()) > 1e-4
+    # ...but never a later slot: causality.
+    later = model.sasrec(x.at[1, 3].set(1.0), INPUTS, deterministic=True, rng=None)
+    np.testing.assert_array_equal(np.asarray(later[1, :3]), np.asarray(out[1, :3]))
+
+
+def test_sasrec_dropout_masks_realise_the_rate_and_scale_exactly():
+    shapes = [(64, 50, 50), (64, 1, 50, 50)]
+    keeps = models.dropout_keeps_16(jax.random.key(1), 0.2, shapes)
+    assert [k.shape for k in keeps] == shapes
+    drop = 1.0 - float(jnp.concatenate([k.reshape(-1) for k in keeps]).mean())
+    assert abs(drop - 0.2) < 0.003  # 320,000 draws: 5 sigma
+    assert models.mask_rate(0.2) == 13107 / 65536
+    assert not jnp.array_equal(keeps[0].reshape(-1)[:1000], keeps[1].reshape(-1)[:1000])
+    model = _sasrec(max_seq_len=L, dropout=0.2)
+    assert model.sasrec.blocks[0].rate == models.mask_rate(0.2)  # kept values are scaled by the realised rate
+    assert models.dropout_keeps_16(None, 0.2, shapes) == [None, None]
+
+
+def test_rng_impl_default_keeps_the_key_and_others_rekey_deterministically():
+    key = jax.random.key(5)
+    assert models.as_impl(key, "threefry2x32") is key
+    for impl in ("rbg", "unsafe_rbg"):
+        a, b = models.as_impl(key, impl), models.as_impl(key, impl)
+        assert jax.random.key_impl(a) == jax.random.key_impl(jax.random.key(0, impl=impl))
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    with pytest.raises(ValueError, match="rng_impl"):
+        models.as_impl(key, "philox")
+    with pytest.raises(ValueError, match="arch"):
+        _sasrec(arch="bert4rec")
