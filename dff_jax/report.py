@@ -123,6 +123,14 @@ def seed_mean(found: dict, run: str, metric: str) -> float | None:
     return seed_stats(found, run, metric)[0] if run in found else None
 
 
+def valid_mean(found: dict, run: str, metric: str) -> float:
+    """Mean over the seeds of `run` of the validation metric at the selected (best) epoch.
+
+    Every choice the report makes (the best single layer, the strongest baseline) is made on this, as the paper
+    selects on validation (section 6.2): choosing on test means would bias the reported test numbers upwards."""
+    return mean_std(r["best_valid"][metric] for r in found[run].values())[0]
+
+
 def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
     """Two-sided paired t-test over the seeds both runs finished (paper Table 2); nan below 2 pairs or 0 variance."""
     from scipy import stats
@@ -170,8 +178,9 @@ def table(found: dict, runs: list[str], metrics=MAIN_METRICS, mark=True, label=r
 
 
 def best_layer(found: dict, metric: str = "NDCG@10") -> str | None:
+    """The single-layer run with the best validation `metric` (mean over seeds)."""
     layers = [r for r in found if r.startswith("layer_")]
-    return max(layers, key=lambda r: seed_mean(found, r, metric)) if layers else None
+    return max(layers, key=lambda r: valid_mean(found, r, metric)) if layers else None
 
 
 # ------------------------------------------------------------------------------------------------------ sections
@@ -191,7 +200,7 @@ def main_table(found: dict) -> tuple[str, dict]:
     dff = {m: values(found, "dff", m) for m in MAIN_METRICS}
     imp_cells, strong_cells = [], []
     for m in MAIN_METRICS:
-        strongest = max(baselines, key=lambda r: seed_mean(found, r, m))
+        strongest = max(baselines, key=lambda r: valid_mean(found, r, m))  # chosen on validation
         base = seed_mean(found, strongest, m)
         dm = mean_std(dff[m].values())[0]
         imp = (dm - base) / base * 100 if base > 0 else math.nan
@@ -293,12 +302,16 @@ def _verdict(ok: list[bool]) -> str:
 
 
 def findings(found: dict, num_layers: int) -> str:
-    """The paper's findings checked against the means (both HR@10 and NDCG@10 must agree for "holds")."""
+    """The paper's findings checked on the test metrics: a comparison counts only in the paper's direction AND with a
+    paired t-test over seeds at p < ALPHA; the right direction without significance is reported as "n.s."."""
     out = []
 
     def cmp(a, b, metric, better=True):
         x, y = seed_mean(found, a, metric), seed_mean(found, b, metric)
-        return (x > y) if better else (x < y), f"{metric} {x:.4f} vs {y:.4f}"
+        p = paired_p(values(found, a, metric), values(found, b, metric))
+        right = (x > y) if better else (x < y)
+        mark = ("✓" if p < ALPHA else "n.s.") if right else "✗"
+        return right and p < ALPHA, f"{metric} {x:.4f} vs {y:.4f} (p={fmt_p(p)}) {mark}"
 
     def check(title, pairs):
         missing = [f"{run_name(a)} vs {run_name(b)}" for a, b, _ in pairs if a not in found or b not in found]
@@ -313,8 +326,8 @@ def findings(found: dict, num_layers: int) -> str:
             for metric in KEY_METRICS:
                 ok, d = cmp(a, b, metric, better)
                 oks.append(ok)
-                details.append(f"{run_name(a)} {'>' if better else '<'} {run_name(b)}: {d} {'✓' if ok else '✗'}")
-        out.append(f"- {title}: {_verdict(oks)}. " + "; ".join(details) + ".")
+                details.append(f"{run_name(a)} {'>' if better else '<'} {run_name(b)}: {d}")
+        out.append(f"- {title}: {_verdict(oks)} at p < {ALPHA}. " + "; ".join(details) + ".")
 
     check("Finding 1 (Figure 2) — hidden states beat captions", [("fusion_last", "caption", True)])
     check(
@@ -331,23 +344,24 @@ def findings(found: dict, num_layers: int) -> str:
         }
         oks, details = [], []
         for metric in KEY_METRICS:
-            g = {n: np.mean([seed_mean(found, f"layer_{k}", metric) for k in ks]) for n, ks in groups.items() if ks}
-            if len(g) == 3:
-                ok = g["middle"] > g["shallow"] and g["middle"] > g["deep"]
+            # per seed, the mean test metric of each group's layers: paired over seeds like every other comparison
+            per_seed = {n: _group_values(found, ks, metric) for n, ks in groups.items() if ks}
+            if len(per_seed) == 3:
+                g = {n: mean_std(v.values())[0] for n, v in per_seed.items()}
+                tests = [paired_p(per_seed["middle"], per_seed[o]) for o in ("shallow", "deep")]
+                right = g["middle"] > g["shallow"] and g["middle"] > g["deep"]
+                ok = right and all(p < ALPHA for p in tests)
                 oks.append(ok)
+                mark = ("✓" if ok else "n.s.") if right else "✗"
                 details.append(
                     f"{metric} mean over layers shallow {g['shallow']:.4f} / middle {g['middle']:.4f} / deep "
-                    f"{g['deep']:.4f} {'✓' if ok else '✗'}"
+                    f"{g['deep']:.4f} (middle vs shallow p={fmt_p(tests[0])}, vs deep p={fmt_p(tests[1])}) {mark}"
                 )
-            best = max(layers, key=lambda k: seed_mean(found, f"layer_{k}", metric))
-            if "fusion_mean" in found:
-                mean_all, best_one = seed_mean(found, "fusion_mean", metric), seed_mean(found, f"layer_{best}", metric)
-                ok = mean_all >= best_one
+            best = best_layer(found, metric)  # chosen on validation
+            if "fusion_mean" in found and best is not None:
+                ok, d = cmp("fusion_mean", best, metric)
                 oks.append(ok)
-                details.append(
-                    f"{metric} mean of layers {mean_all:.4f} vs best single layer {best} {best_one:.4f} "
-                    f"{'✓' if ok else '✗'}"
-                )
+                details.append(f"mean of layers > best single layer ({best.split('_')[1]}, by validation): {d}")
         out.append(
             f"- Finding 3 (Figure 3) — middle layers beat shallow and deep ones (thirds of the {num_layers} stored "
             f"rows), and the uniform mean of layers is at least as good as the best single layer: {_verdict(oks)}. "
@@ -361,6 +375,13 @@ def findings(found: dict, num_layers: int) -> str:
         [("dff", "fusion_mean", True), ("dff", "fusion_last", True), ("dff", "id", True)],
     )
     return "\n".join(out) + "\n"
+
+
+def _group_values(found: dict, layers: list[int], metric: str) -> dict[int, float]:
+    """Per seed, the mean test `metric` over the runs layer_<k> for k in `layers` (seeds all of them finished)."""
+    per_run = [values(found, f"layer_{k}", metric) for k in layers]
+    seeds = set.intersection(*(set(v) for v in per_run)) if per_run else set()
+    return {s: float(np.mean([v[s] for v in per_run])) for s in sorted(seeds)}
 
 
 # ------------------------------------------------------------------------------------------------------ report

@@ -190,3 +190,35 @@ def test_layer_selection_and_errors(tmp_path, capsys):
         )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no schema.json" in err and err.startswith("error: ")
+
+
+def _fake(test, valid, seeds=(0, 1, 2)):
+    """A finished run per seed with the given test and validation metric (HR@10 = NDCG@10 = ... = the value)."""
+    metrics = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+    return {
+        s: {"test": {m: test[i] for m in metrics}, "best_valid": {m: valid[i] for m in metrics}}
+        for i, s in enumerate(seeds)
+    }
+
+
+def test_choices_follow_validation_and_findings_need_significance():
+    found = {
+        # layer_0 is better on validation, layer_1 on test: the report must pick layer_0
+        "layer_0": _fake([0.10, 0.11, 0.12], [0.30, 0.31, 0.32]),
+        "layer_1": _fake([0.40, 0.41, 0.42], [0.20, 0.21, 0.22]),
+        "layer_2": _fake([0.05, 0.06, 0.07], [0.05, 0.06, 0.07]),
+        # id is the strongest baseline on validation although fusion_last beats it on test
+        "id": _fake([0.20, 0.215, 0.22], [0.50, 0.50, 0.50]),
+        "fusion_last": _fake([0.30, 0.31, 0.325], [0.40, 0.40, 0.40]),
+        "replace": _fake([0.05, 0.07, 0.055], [0.05, 0.06, 0.05]),
+        "dff": _fake([0.35, 0.365, 0.37], [0.45, 0.45, 0.45]),
+    }
+    assert report.best_layer(found) == "layer_0"
+    _, info = report.main_table(found)
+    assert info["strongest"]["NDCG@10"] == "id"
+    text = report.findings(found, num_layers=3)
+    assert "Finding 2" in text and "**holds** at p < 0.05" in text.split("Finding 3")[0]  # large, steady gaps
+    noisy = dict(found, fusion_mean=_fake([0.36, 0.30, 0.42], [0.4, 0.4, 0.4]))  # DFF ahead on average, noisily
+    assert "best single layer (0, by validation)" in report.findings(noisy, 3)
+    dff_line = next(line for line in report.findings(noisy, 3).splitlines() if line.startswith("- DFF"))
+    assert "n.s." in dff_line and "**holds**" not in dff_line
