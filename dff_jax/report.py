@@ -29,6 +29,8 @@ NAMES = {
     "fusion_last": "Fusion, last layer (HC)",
     "fusion_mean": "Fusion, mean of layers",
     "dff": "DFF (learned alpha + gate)",
+    "fusion_mean_raw": "Fusion, mean of raw layers (Eq. 5 exactly)",
+    "dff_raw": "DFF over raw layers (Eq. 5 exactly)",
     "caption": "Fusion, caption embedding (CC)",
 }
 ALPHA = 0.05  # Table 2: significant at p < 0.05
@@ -38,8 +40,15 @@ class ReportError(UserError):
     """No finished run to report, or an unreadable results.json (the message names the file)."""
 
 
-def run_name(run: str) -> str:
-    return NAMES.get(run, f"Fusion, layer {run.split('_', 1)[1]}" if run.startswith("layer_") else run)
+def run_name(run: str, found: dict | None = None) -> str:
+    """The row's label; for the mean of layers and DFF it says whether the layers were standardised (then the
+    aggregation is a re-weighting of Eq. 5, not its formula) when the finished runs' config tells."""
+    name = NAMES.get(run, f"Fusion, layer {run.split('_', 1)[1]}" if run.startswith("layer_") else run)
+    if found and run in ("fusion_mean", "dff") and run in found:
+        norm = next(iter(found[run].values())).get("config", {}).get("model", {}).get("feature_norm")
+        if norm and norm != "none":
+            name += f" ({'standardised' if norm == 'standardize' else norm} layers)"
+    return name
 
 
 # ------------------------------------------------------------------------------------------------------ collect
@@ -188,12 +197,16 @@ def best_layer(found: dict, metric: str = "NDCG@10") -> str | None:
 
 def main_table(found: dict) -> tuple[str, dict]:
     """Table 2: baselines and DFF, DFF's relative improvement and paired t-test p-values against each baseline."""
-    baselines = [r for r in ("id", "replace", "caption", "fusion_last", "fusion_mean") if r in found]
+    baselines = [
+        r
+        for r in ("id", "replace", "caption", "fusion_last", "fusion_mean", "fusion_mean_raw", "dff_raw")
+        if r in found
+    ]
     bl = best_layer(found)
     if bl and found[bl] is not found.get("fusion_last"):  # the last layer's sweep entry is fusion_last itself
         baselines.append(bl)
     rows = baselines + (["dff"] if "dff" in found else [])
-    text = table(found, rows, label=lambda r: run_name(r) + (" (best single layer)" if r == bl else ""))
+    text = table(found, rows, label=lambda r: run_name(r, found) + (" (best single layer)" if r == bl else ""))
     info = {"strongest": {}, "improvement": {}, "p": {}}
     if "dff" not in found or not baselines:
         return text + "\n_DFF or baselines missing: no improvement or significance test._\n", info
@@ -445,10 +458,11 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     md.append(table(found, ["id", "replace", "fusion_last"]))
     if "caption" in found:
         md.append("\n## Figure 2 — caption-centric (CC) vs hidden-state-centric (HC)\n")
-        md.append(table(found, ["caption", "fusion_last", "fusion_mean", "dff"]))
+        md.append(table(found, ["caption", "fusion_last", "fusion_mean", "dff"], label=lambda r: run_name(r, found)))
     if layer_runs:
         md.append("\n## Figure 3 — layer sweep (fusion with one stored layer)\n")
-        md.append(table(found, layer_runs + [r for r in ("fusion_mean", "dff") if r in found], KEY_METRICS))
+        extra = [r for r in ("fusion_mean", "dff", "fusion_mean_raw", "dff_raw") if r in found]
+        md.append(table(found, layer_runs + extra, KEY_METRICS, label=lambda r: run_name(r, found)))
         if (out / "plots" / "layers.png").is_file():
             md.append("\n![layers](plots/layers.png)\n")
     md.append("\n## Table 2 — main comparison\n")

@@ -10,8 +10,10 @@ Rows of the grid (paper sections 4-5), each a named run:
   id           ID embedding only (IDRec)
   replace      last layer of the hidden-state set replaces the ID (Table 1 "Replacement")
   fusion_last  last layer gated with the ID (Table 1 "Fusion", Eq. 3-4)
-  fusion_mean  uniform mean of all layers, fused (Figure 3's red line)
-  dff          learned layer weights alpha + gate (Eq. 5-7)
+  fusion_mean  uniform mean of all layers, fused (Figure 3's red line), over standardised layers by default
+  fusion_mean_raw  the same over the raw stored layers: the paper's Eq. 5 exactly (model.feature_norm="none")
+  dff          learned layer weights alpha + gate (Eq. 5-7), over standardised layers by default
+  dff_raw      the same over the raw stored layers (Eq. 5 exactly)
   layer_<k>    fusion of stored layer k alone (Figure 3's sweep; the last layer is fusion_last, not trained twice)
   caption      fusion of the one-layer caption-style feature set (Figure 2 "CC"), when `--features caption=DIR`
 
@@ -36,7 +38,11 @@ import ml_collections
 from dff_jax import defaults, features, records
 from dff_jax.errors import UserError, exit_on_user_error, parse_flags
 
-BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff")
+BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff", "fusion_mean_raw", "dff_raw")
+# With feature_norm="standardize" (the default) the mean of layers and DFF weigh z-scored layers: a per-(layer,
+# dimension) re-weighting of Eq. 5, not its formula. The *_raw rows run Eq. 5 on the stored values, so a reader
+# can tell what standardisation adds (docs/protocol.md section 8).
+RAW_ROWS = {"fusion_mean_raw": "fusion_mean", "dff_raw": "dff"}
 
 
 class StudyError(UserError):
@@ -161,6 +167,9 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
         defaults.apply_variant(c, "fusion_layer")
         c.model.content = "layer"
         c.model.layer = int(run.split("_", 1)[1])
+    elif run in RAW_ROWS:
+        defaults.apply_variant(c, RAW_ROWS[run])
+        c.model.feature_norm = "none"
     else:
         defaults.apply_variant(c, run)
     if run == "caption":

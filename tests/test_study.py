@@ -1,6 +1,6 @@
 """The study machinery end to end on the smoke-sized synthetic data: grid, resume, results.csv, report.md, plots.
 
-The module fixture trains the real grid once (6 rows x 2 seeds, 1 epoch each); most of its time is tracing and
+The module fixture trains the real grid once (8 rows x 2 seeds, 1 epoch each); most of its time is tracing and
 compiling 12 small models, so the end-to-end tests are marked slow (they still run in CI).
 """
 
@@ -17,7 +17,7 @@ from dff_jax import report, study, train
 from tests.conftest import REPO
 
 # the default grid with a two-layer sweep: layer_3 (the last of smoke's 4 stored rows) is fusion_last, not retrained
-RUNS = ["id", "replace", "fusion_last", "fusion_mean", "dff", "layer_0"]
+RUNS = ["id", "replace", "fusion_last", "fusion_mean", "dff", "fusion_mean_raw", "dff_raw", "layer_0"]
 
 
 def study_args(data_dir, out, *extra):
@@ -50,7 +50,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_csv_has_one_row_per_run_and_seed_equal_to_results_json(finished):
     _, out, _ = finished
     rows = read_csv(out / "results.csv")
@@ -71,7 +71,7 @@ def test_csv_has_one_row_per_run_and_seed_equal_to_results_json(finished):
     assert by[("layer_0", "0")] != by[("fusion_last", "0")]
 
 
-@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_report_tables_ttest_and_findings(finished):
     _, out, _ = finished
     rows = read_csv(out / "results.csv")
@@ -79,6 +79,12 @@ def test_report_tables_ttest_and_findings(finished):
     for section in ("## Table 1", "## Figure 3", "## Table 2", "## Cold start", "## DFF layer weights", "## Findings"):
         assert section in md
     assert "## Figure 2" not in md  # no caption feature set was given
+    # the paper's exact Eq. 5 rows sit beside the standardised ones, and the labels say which is which
+    raw = json.loads((out / "runs" / "dff_raw" / "seed0" / "results.json").read_text())
+    assert raw["config"]["model"]["feature_norm"] == "none" and raw["config"]["model"]["content"] == "learned"
+    assert (
+        "| DFF over raw layers (Eq. 5 exactly) |" in md and "| DFF (learned alpha + gate) (standardised layers) |" in md
+    )
     # mean ± std (sample std over the two seeds) of ID's HR@10, recomputed from the csv, appears in ID's row
     hr = np.array([float(r["HR@10"]) for r in rows if r["run"] == "id"])
     cell = f"{hr.mean():.4f} ± {hr.std(ddof=1):.4f}"
@@ -114,7 +120,7 @@ def test_report_tables_ttest_and_findings(finished):
     assert "| alpha |" in md and md.split("| alpha |")[1].split("\n")[0].count("±") == 4
 
 
-@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_plots_are_real_images(finished):
     _, out, _ = finished
     for name in ("layers", "alpha", "gate"):
@@ -125,7 +131,7 @@ def test_plots_are_real_images(finished):
         assert img[..., :3].std() > 0.05  # drawn content, not a blank canvas
 
 
-@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_rerun_skips_finished_runs(finished, monkeypatch):
     _root, out, args = finished
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/results.json")}
@@ -141,7 +147,7 @@ def test_rerun_skips_finished_runs(finished, monkeypatch):
     assert [a[1] for a in calls] == [out / "runs" / "dff" / "seed1"]
 
 
-@pytest.mark.slow  # trains 12 tiny runs once for the module (~100 s of CPU)
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_shards_split_the_jobs(finished, monkeypatch, tmp_path):
     _root, _, args = finished
     out = tmp_path / "sharded"
