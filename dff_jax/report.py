@@ -40,9 +40,24 @@ class ReportError(UserError):
     """No finished run to report, or an unreadable results.json (the message names the file)."""
 
 
+MODALITIES = ("title", "cover", "video", "image", "frames", "text")
+
+
+def set_kind(run: str) -> str | None:
+    """For a `set_<name>` row: "prompt" (paper Table 3), "modality" (Table 4) or "other", by its name."""
+    if not run.startswith("set_"):
+        return None
+    name = run.removeprefix("set_").lower()
+    if "prompt" in name:
+        return "prompt"
+    return "modality" if any(m in name for m in MODALITIES) else "other"
+
+
 def run_name(run: str, found: dict | None = None) -> str:
     """The row's label; for the mean of layers and DFF it says whether the layers were standardised (then the
     aggregation is a re-weighting of Eq. 5, not its formula) when the finished runs' config tells."""
+    if run.startswith("set_"):
+        return f"DFF on the `{run.removeprefix('set_')}` feature set"
     name = NAMES.get(run, f"Fusion, layer {run.split('_', 1)[1]}" if run.startswith("layer_") else run)
     if found and run in ("fusion_mean", "dff") and run in found:
         norm = next(iter(found[run].values())).get("config", {}).get("model", {}).get("feature_norm")
@@ -243,6 +258,29 @@ def main_table(found: dict) -> tuple[str, dict]:
             cells.append(f"{delta:+.4f} ({fmt_p(p)})")
         text += f"| {run_name(r)} | " + " | ".join(cells) + " |\n"
     return text, info
+
+
+def set_table(found: dict, kind: str) -> str | None:
+    """Tables 3 and 4: DFF on each extra feature set of `kind` against DFF on the hidden set (paired t-tests)."""
+    rows = sorted(r for r in found if set_kind(r) == kind)
+    if not rows or "dff" not in found:
+        return None
+    text = table(
+        found, ["dff", *rows], label=lambda r: run_name(r, found) + (" — the `hidden` set" if r == "dff" else "")
+    )
+    text += "\nPaired t-test against DFF on the `hidden` set (two-sided, over the seeds both finished; "
+    text += f"* = p < {ALPHA}; a positive Δ means this set is better):\n\n"
+    text += (
+        "| feature set | " + " | ".join(f"Δ{m} (p)" for m in MAIN_METRICS) + " |\n|---|" + "---|" * len(MAIN_METRICS)
+    )
+    for r in rows:
+        cells = []
+        for m in MAIN_METRICS:
+            a, b = values(found, r, m), values(found, "dff", m)
+            delta = mean_std(a.values())[0] - mean_std(b.values())[0]
+            cells.append(f"{delta:+.4f} ({fmt_p(paired_p(a, b))})")
+        text += f"\n| `{r.removeprefix('set_')}` | " + " | ".join(cells) + " |"
+    return text + "\n"
 
 
 def cold_tables(found: dict, runs: list[str]) -> str:
@@ -465,11 +503,20 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
         md.append(table(found, layer_runs + extra, KEY_METRICS, label=lambda r: run_name(r, found)))
         if (out / "plots" / "layers.png").is_file():
             md.append("\n![layers](plots/layers.png)\n")
+    for kind, title in (
+        ("prompt", "Table 3 — prompt (recommendation prompt = the `hidden` set)"),
+        ("modality", "Table 4 — input modality"),
+        ("other", "Other feature sets"),
+    ):
+        section = set_table(found, kind)
+        if section:
+            md.append(f"\n## {title}\n")
+            md.append(section)
     md.append("\n## Table 2 — main comparison\n")
     main_text, _ = main_table(found)
     md.append(main_text)
     md.append("\n## Cold start — metrics by the target item's train interaction count\n")
-    md.append(cold_tables(found, [r for r in order if not r.startswith("layer_")]))
+    md.append(cold_tables(found, [r for r in order if not r.startswith(("layer_", "set_"))]))
     md.append("\n## DFF layer weights and gate\n")
     md.append(alpha_text)
     md.append("\n" + gate_summary(found, order))

@@ -16,6 +16,9 @@ Rows of the grid (paper sections 4-5), each a named run:
   dff_raw      the same over the raw stored layers (Eq. 5 exactly)
   layer_<k>    fusion of stored layer k alone (Figure 3's sweep; the last layer is fusion_last, not trained twice)
   caption      fusion of the one-layer caption-style feature set (Figure 2 "CC"), when `--features caption=DIR`
+  set_<name>   DFF on any further hidden-state set `--features <name>=DIR`: a prompt set (a name with "prompt",
+               e.g. plain_prompt: paper Table 3) or a modality set (title, cover, video: paper Table 4), each
+               compared in the report with DFF on the `hidden` set by paired t-tests
 
 `--config FILE[:variant]` and its `--config.x.y=value` overrides are parsed by ml-collections exactly as
 `python -m dff_jax.train` parses them (locked: an undeclared field is an error), so one override syntax serves both.
@@ -100,7 +103,12 @@ def load_config(config_args: list[str]) -> ml_collections.ConfigDict:
 
 
 def parse_features(pairs: list[str]) -> dict[str, Path]:
-    """`NAME=DIR` pairs -> {"hidden": dir, "caption": dir}: the one named hidden (else the first) is the hidden set."""
+    """`NAME=DIR` pairs -> {"hidden": dir, ["caption": dir], other names: dir, ...}.
+
+    The set named hidden (else the first that is not caption) is the hidden-state set of the main grid; caption is
+    the caption-centric set; every other name is an extra hidden-state set that gets its own DFF row (`set_<name>`,
+    paper Tables 3 and 4), in the order given.
+    """
     named = {}
     for pair in pairs:
         name, sep, directory = pair.partition("=")
@@ -108,6 +116,8 @@ def parse_features(pairs: list[str]) -> dict[str, Path]:
             raise StudyError(f"--features {pair!r}: expected NAME=DIR, e.g. hidden=/data/features")
         if name in named:
             raise StudyError(f"--features: the name {name!r} is given twice")
+        if not name.replace("_", "").isalnum():
+            raise StudyError(f"--features {pair!r}: a set name is letters, digits and underscores")
         named[name] = Path(directory)
     out = {}
     if named:
@@ -116,15 +126,16 @@ def parse_features(pairs: list[str]) -> dict[str, Path]:
         if hidden is None:
             raise StudyError("--features: only a caption set is given; the study needs a hidden-state set too")
         out["hidden"] = named[hidden]
-        if "caption" in named:
-            out["caption"] = named["caption"]
-        extra = sorted(set(named) - {hidden, "caption"})
-        if extra:
-            raise StudyError(f"--features: unused feature sets {extra}; give one hidden-state set and one caption set")
+        out.update({n: d for n, d in named.items() if n != hidden})
     for name, d in out.items():
         if not (d / records.SCHEMA_FILE).is_file():
             raise StudyError(f"--features {name}={d}: no {records.SCHEMA_FILE} there (is the extraction finished?)")
     return out
+
+
+def extra_sets(feats: dict[str, Path]) -> list[str]:
+    """The names of the extra hidden-state sets (neither hidden nor caption), in the order given."""
+    return [n for n in feats if n not in ("hidden", "caption")]
 
 
 # ------------------------------------------------------------------------------------------------------ plan
@@ -143,10 +154,12 @@ def layer_list(num_layers: int, layers: str | None, step: int | None) -> list[in
     return list(range(num_layers))
 
 
-def plan_runs(num_layers: int, sweep: list[int], has_caption: bool, runs: str | None) -> list[str]:
+def plan_runs(
+    num_layers: int, sweep: list[int], has_caption: bool, runs: str | None, sets: list[str] = ()
+) -> list[str]:
     """Run names of the grid, in report order; `runs` (comma-separated) picks a subset and must name known rows."""
     # layer_<last> is exactly fusion_last (same rows, same seeds): it is not trained twice; the report reuses fusion_last
-    grid = list(BASE_RUNS) + (["caption"] if has_caption else [])
+    grid = list(BASE_RUNS) + (["caption"] if has_caption else []) + [f"set_{name}" for name in sets]
     grid += [f"layer_{k}" for k in sweep if k != num_layers - 1]
     if not runs:
         return grid
@@ -167,6 +180,9 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
         defaults.apply_variant(c, "fusion_layer")
         c.model.content = "layer"
         c.model.layer = int(run.split("_", 1)[1])
+    elif run.startswith("set_"):
+        defaults.apply_variant(c, "dff")
+        c.features.dir = str(feats[run.removeprefix("set_")])
     elif run in RAW_ROWS:
         defaults.apply_variant(c, RAW_ROWS[run])
         c.model.feature_norm = "none"
@@ -177,7 +193,7 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
         c.model.layer = -1
     elif run == "id":
         c.features.dir = ""  # the ID-only encoder reads no features
-    elif "hidden" in feats:
+    elif "hidden" in feats and not run.startswith("set_"):
         c.features.dir = str(feats["hidden"])
     c.seed = seed
     c.train.progress_bar = False
@@ -223,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         epilog="--config FILE[:variant] and --config.x.y=value overrides as in python -m dff_jax.train",
     )
-    p.add_argument("--features", nargs="*", default=[], help="NAME=DIR feature sets: hidden=DIR [caption=DIR]")
+    p.add_argument(
+        "--features",
+        nargs="*",
+        default=[],
+        help="NAME=DIR feature sets: hidden=DIR [caption=DIR] [plain_prompt=DIR title=DIR cover=DIR ...]",
+    )
     p.add_argument("--out", required=True, help="study folder: runs/, results.csv, report.md, plots/")
     p.add_argument("--seeds", type=int, default=5, help="seeds per run: config.seed + 0..seeds-1 (paper: 5)")
     p.add_argument("--runs", default=None, help="comma-separated rows, e.g. id,dff,layer_3 (default: the full grid)")
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     feats["hidden"] = hidden_dir
     num_layers = records.read_schema(hidden_dir).layers
     sweep = layer_list(num_layers, args.layers, args.layer_step)
-    runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs)
+    runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs, extra_sets(feats))
     jobs = [Job(r, s) for s in range(args.seeds) for r in runs]  # seed-major: early seeds complete first
     shard_i, shard_n = parse_shard(args.shard)
     stats = {"skipped": 0, "trained": 0, "seconds": {}}

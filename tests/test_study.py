@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dff_jax import report, study, train
+from dff_jax import records, report, study, train
 from tests.conftest import REPO
 
 # the default grid with a two-layer sweep: layer_3 (the last of smoke's 4 stored rows) is fusion_last, not retrained
@@ -228,3 +228,49 @@ def test_choices_follow_validation_and_findings_need_significance():
     assert "best single layer (0, by validation)" in report.findings(noisy, 3)
     dff_line = next(line for line in report.findings(noisy, 3).splitlines() if line.startswith("- DFF"))
     assert "n.s." in dff_line and "**holds**" not in dff_line
+
+
+def _noisy_copy(src, dst, scale, seed):
+    """A feature set like `src` with every value scaled and perturbed: another 'prompt' or 'modality'."""
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True)
+    with records.ShardWriter(dst / f"part-0{records.SHARD_SUFFIX}") as w:
+        for shard in records.shard_files(src):
+            for payload in records.iter_records(shard):
+                item, array = records.decode_item(payload)
+                noise = rng.normal(size=array.shape).astype(np.float32)
+                w.write(item, (array.astype(np.float32) * scale + noise).astype(array.dtype))
+    (dst / records.SCHEMA_FILE).write_text((src / records.SCHEMA_FILE).read_text())
+
+
+@pytest.mark.slow  # 4 rows x 2 seeds of 1 epoch
+def test_tables_3_and_4_compare_extra_feature_sets_with_paired_tests(finished, tmp_path):
+    root, _, _ = finished
+    hidden = root / "data" / "features"
+    sets = {"plain_prompt": 0.5, "title": 0.2, "cover": 2.0}
+    for i, (name, scale) in enumerate(sets.items()):
+        _noisy_copy(hidden, tmp_path / name, scale, seed=i)
+    args = study_args(root / "data", tmp_path / "out", "--runs", "dff,set_plain_prompt,set_title,set_cover")
+    args += ["--features", f"hidden={hidden}", *(f"{n}={tmp_path / n}" for n in sets)]
+    assert study.main(args) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    t3 = md.split("## Table 3")[1].split("## ")[0]
+    t4 = md.split("## Table 4")[1].split("## ")[0]
+    assert "`plain_prompt`" in t3 and "`title`" not in t3 and "`title`" in t4 and "`cover`" in t4
+    raw = json.loads((tmp_path / "out" / "runs" / "set_title" / "seed0" / "results.json").read_text())
+    assert (
+        raw["config"]["features"]["dir"] == str(tmp_path / "title") and raw["config"]["model"]["content"] == "learned"
+    )
+    rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
+    for table_text, name in ((t3, "plain_prompt"), (t4, "cover")):
+        x = {s: json.loads((tmp_path / "out" / "runs" / f"set_{name}" / f"seed{s}" / "results.json").read_text())
+             for s in (0, 1)}  # fmt: skip
+        y = {
+            s: json.loads((tmp_path / "out" / "runs" / "dff" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)
+        }
+        a = {s: x[s]["test"]["NDCG@10"] for s in x}
+        b = {s: y[s]["test"]["NDCG@10"] for s in y}
+        line = next(line for line in table_text.splitlines() if line.startswith(f"| `{name}` |"))
+        delta = np.mean(list(a.values())) - np.mean(list(b.values()))
+        assert line.split("|")[3].strip() == f"{delta:+.4f} ({report.fmt_p(report.paired_p(a, b))})"
+    assert "set_cover" in rows
