@@ -166,6 +166,11 @@ def cold_start_slices(ranks: np.ndarray, target_counts: np.ndarray, eval_cfg) ->
     return out
 
 
+def gate_mean(static, params, frozen) -> float:
+    """The fusion gate g (the ID embedding's share, Eq. 6) averaged over items and dimensions."""
+    return float(np.asarray(gate_table(params, frozen["features"], graphdef=static["graphdef"]), np.float32).mean())
+
+
 def analysis(static, params, frozen, model_cfg) -> dict:
     """DFF's learned layer weights and the gate's distribution over items (fusion only)."""
     out = {}

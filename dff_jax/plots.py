@@ -113,10 +113,39 @@ def gate_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
     return path
 
 
+def gate_trajectory_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
+    """The mean fusion gate g (the ID embedding's share) after each epoch, mean over seeds, one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    drawn = 0
+    for run in runs:
+        curves = [
+            [h["gate_mean"] for h in r.get("valid_history", []) if "gate_mean" in h]
+            for r in found.get(run, {}).values()
+        ]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)  # early stopping ends seeds at different epochs
+        ax.plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0), marker=".", label=run)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean gate g (1 = only ID)")
+    ax.set_title("Fusion gate during training (mean over items and seeds)")
+    ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     plot_dir: Path, found: dict, layers: list[int], sweep: dict, lines: dict, weights: np.ndarray | None
 ) -> list[Path]:
-    """layers.png (when layers were swept), alpha.png (when DFF finished) and gate.png (when a fusion run finished)."""
+    """layers.png (when layers were swept), alpha.png (when DFF finished), gate.png and gate_epochs.png (when a fusion
+    run finished)."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     out = []
     if layers:
@@ -125,6 +154,9 @@ def write_plots(
         out.append(alpha_plot(plot_dir / "alpha.png", weights))
     gate_runs = [r for r in ("dff", "fusion_mean", "fusion_last", "caption") if r in found]
     g = gate_plot(plot_dir / "gate.png", found, gate_runs)
+    if g is not None:
+        out.append(g)
+    g = gate_trajectory_plot(plot_dir / "gate_epochs.png", found, gate_runs)
     if g is not None:
         out.append(g)
     return out

@@ -484,6 +484,18 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
             )
             + ".\n"
         )
+    identical = {
+        r: max(res.get("features", {}).get("identical_items", 0) for res in found[r].values())
+        for r in order
+        if any(res.get("features") for res in found[r].values())
+    }
+    if identical:
+        tied = ", ".join(f"{run_name(r)} {n}" for r, n in identical.items() if n)
+        md.append(
+            "Items whose features are exactly those of another item (they tie in every content score): "
+            + (tied if tied else "none in any feature set")
+            + ".\n"
+        )
     if cfg:
         m, t, lo, o = cfg.get("model", {}), cfg.get("train", {}), cfg.get("loss", {}), cfg.get("optim", {})
         md.append(
@@ -520,7 +532,9 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     md.append("\n## DFF layer weights and gate\n")
     md.append(alpha_text)
     md.append("\n" + gate_summary(found, order))
-    images = [f"![{n}](plots/{n}.png)" for n in ("alpha", "gate") if (out / "plots" / f"{n}.png").is_file()]
+    images = [
+        f"![{n}](plots/{n}.png)" for n in ("alpha", "gate", "gate_epochs") if (out / "plots" / f"{n}.png").is_file()
+    ]
     if images:
         md.append("\n" + " ".join(images) + "\n")
     md.append("\n## Findings\n")

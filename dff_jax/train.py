@@ -99,6 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         train_seconds = time.time() - t0
         valid = evaluate.evaluate(static, state["params"], frozen, dataset, "valid", config.eval, config.seed)
         meta["history"].append({"epoch": epoch, "valid": valid, "train_seconds": train_seconds})
+        if config.model.item_encoder == "fusion":  # how the gate's share of ID vs content moves while training
+            meta["history"][-1]["gate_mean"] = evaluate.gate_mean(static, state["params"], frozen)
         meta["epoch_seconds"].append(train_seconds)
         improved = valid[t.select_metric] > meta["best_metric"]
         if improved:
@@ -126,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         "config": json.loads(config.to_json_best_effort()),
         "dataset": dataset.stats,
         "param_count": static["param_count"],
+        "features": static.get("features"),
         "epochs_run": meta["epoch"],
         "best_epoch": meta["best_epoch"],
         "best_valid": meta["history"][meta["best_epoch"] - 1]["valid"],

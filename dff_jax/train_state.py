@@ -41,8 +41,8 @@ from dff_jax.errors import TrainError, WriteError, write_failure_in
 # ----------------------------------------------------------------------------------------------------------- build
 
 
-def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> np.ndarray | None:
-    """The frozen feature table for the model, [N+1, rows it reads, H] in the stored dtype; None for `id`.
+def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> features_lib.FeatureTable | None:
+    """The frozen features for the model (`.table`: [N+1, rows it reads, H] in the stored dtype); None for `id`.
 
     Only the stored rows the model reads are loaded (`features.model_rows`), so a one-layer run of a 33 x 4096
     feature set holds 1/33 of it in memory.
@@ -72,7 +72,7 @@ def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> 
             f"features: warning: {len(loaded.identical)} items have exactly the features of an earlier item (e.g. "
             f"{item} = {same}); they tie in every content score (duplicate videos or zero-filled failures?)"
         )
-    return loaded.table
+    return loaded
 
 
 def decay_mask(params) -> object:
@@ -160,12 +160,19 @@ def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict
     Reads the data and features that exist; it never generates data (training calls
     `synthetic.ensure_synthetic_data` first). Call `parallel.initialize` before it.
     """
-    dataset = data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
-    table = load_table(config, dataset)
-    mesh = parallel.make_mesh(config.parallel)
+    mesh = parallel.make_mesh(config.parallel)  # device and batch-size errors before the data is read
     parallel.check_global_batch(config.train.batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh)
-    state, static, frozen = create_train_state(config, dataset, table, mesh)
+    dataset = data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+    loaded = load_table(config, dataset)
+    state, static, frozen = create_train_state(config, dataset, None if loaded is None else loaded.table, mesh)
+    if loaded is not None:  # what the results should say about the features (results.json "features")
+        static["features"] = {
+            "rows": loaded.layers,
+            "missing_items": loaded.missing,
+            "identical_items": len(loaded.identical),
+            "unused_records": loaded.unused,
+        }
     return dataset, state, static, frozen
 
 

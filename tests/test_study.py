@@ -79,6 +79,7 @@ def test_report_tables_ttest_and_findings(finished):
     for section in ("## Table 1", "## Figure 3", "## Table 2", "## Cold start", "## DFF layer weights", "## Findings"):
         assert section in md
     assert "## Figure 2" not in md  # no caption feature set was given
+    assert "they tie in every content score): none in any feature set." in md  # the smoke features are distinct
     # the paper's exact Eq. 5 rows sit beside the standardised ones, and the labels say which is which
     raw = json.loads((out / "runs" / "dff_raw" / "seed0" / "results.json").read_text())
     assert raw["config"]["model"]["feature_norm"] == "none" and raw["config"]["model"]["content"] == "learned"
@@ -123,7 +124,7 @@ def test_report_tables_ttest_and_findings(finished):
 @pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_plots_are_real_images(finished):
     _, out, _ = finished
-    for name in ("layers", "alpha", "gate"):
+    for name in ("layers", "alpha", "gate", "gate_epochs"):
         path = out / "plots" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = matplotlib.image.imread(path)

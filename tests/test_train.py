@@ -54,6 +54,10 @@ def test_smoke_run_writes_results_and_checkpoints(smoke_run):
     weights = result["analysis"]["layer_weights"]
     assert len(weights) == 4 and abs(sum(weights) - 1.0) < 1e-4  # softmax alpha over the 4 stored rows
     assert 0.0 < result["analysis"]["gate_mean"] < 1.0
+    gates = [h["gate_mean"] for h in result["valid_history"]]  # the gate per epoch, ending at the analysed one
+    assert len(gates) == 2 and all(0.0 < g < 1.0 for g in gates)
+    assert gates[result["best_epoch"] - 1] == pytest.approx(result["analysis"]["gate_mean"], abs=1e-6)
+    assert result["features"] == {"rows": [0, 1, 2, 3], "missing_items": 0, "identical_items": 0, "unused_records": 0}
     assert sorted(int(p.name) for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()) == [
         result["best_epoch"]
     ]
@@ -225,7 +229,7 @@ def test_cold_id_zero_makes_unseen_items_content_only(tmp_path):
     dataset = data_lib.build_dataset(config.data)
     dataset.item_counts = dataset.item_counts.copy()
     dataset.item_counts[[3, 7]] = 0  # pretend two items were never trained on (smoke data has no cold item)
-    table = train_state.load_table(config, dataset)
+    table = train_state.load_table(config, dataset).table
     mesh = parallel.make_mesh(config.parallel)
     state, static, frozen = train_state.create_train_state(config, dataset, table, mesh)
     ids = np.asarray(state["params"]["items"]["item_id"][...])
