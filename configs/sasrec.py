@@ -3,7 +3,7 @@
   python -m dff_jax.train --config configs/sasrec.py --workdir runs/sasrec \
       --config.data.dir=DIR --config.data.interactions=ratings.csv
   python -m dff_jax.train --config configs/sasrec.py --workdir runs/ml100k-sasrec \
-      --config.data.dir=../shared/data/ml-100k --config.data.interactions=u.data --config.data.format=movielens
+      --config.data.dir=data/ml-100k --config.data.interactions=u.data --config.data.format=movielens
   python -m dff_jax.train --config configs/sasrec.py:microlens ...   # the same setting, MicroLens's architecture
 
 Data: a `user,item,timestamp` CSV (a header naming the columns is recognised; without one that order is assumed,
