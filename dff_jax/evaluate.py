@@ -63,14 +63,14 @@ def gate_table(params, features, *, graphdef):
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
-def ranks(static, params, frozen, dataset, split: str, eval_cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Full-ranking rank of every evaluation user's target in `split` (and the users' target items).
+def ranks(static, params, frozen, items, dataset, split: str, eval_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Full-ranking rank of every evaluation user's target in `split` (and the users' target items), against
+    `items` (`item_table`).
 
     Every process holds the whole dataset, so the global mask and targets are known on the host; each process
     feeds only its rows, and the device ranks are fetched once at the end (no host sync per batch).
     """
     mesh, graphdef = static["mesh"], static["graphdef"]
-    items = item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
     start, stop = parallel.process_rows(eval_cfg.batch_size, mesh)
     device_ranks, masks, targets = [], [], []
     for batch in data_lib.eval_batches(dataset, split, eval_cfg.batch_size):
@@ -97,12 +97,16 @@ def ranks(static, params, frozen, dataset, split: str, eval_cfg) -> tuple[np.nda
 def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
     """HR@K / NDCG@K by full ranking, cold-start slices by the target's train interaction count, and (with
     `eval_cfg.sampled_negatives` > 0) the sampled protocol seeded by `seed`."""
-    r, targets = ranks(static, params, frozen, dataset, split, eval_cfg)
+    # Every item's embedding once for both protocols (for a content encoder, the projection of the whole table).
+    items = item_table(
+        params, frozen["features"], graphdef=static["graphdef"], sharding=parallel.replicated(static["mesh"])
+    )
+    r, targets = ranks(static, params, frozen, items, dataset, split, eval_cfg)
     result = metrics.metrics_from_ranks(r, eval_cfg.ks)
     result["num_users"] = int(r.size)
     result["cold_start"] = cold_start_slices(r, dataset.item_counts[targets], eval_cfg)
     if eval_cfg.sampled_negatives > 0:
-        result.update(sampled_metrics(static, params, frozen, dataset, split, eval_cfg, seed))
+        result.update(sampled_metrics(static, params, frozen, items, dataset, split, eval_cfg, seed))
     return result
 
 
@@ -115,7 +119,7 @@ def sampled_batch_ranks(params, features, items, batch, *, graphdef, sharding):
     return jax.lax.with_sharding_constraint(ranks, sharding)
 
 
-def sampled_metrics(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
+def sampled_metrics(static, params, frozen, items, dataset, split: str, eval_cfg, seed: int) -> dict:
     """The sampled protocol (K uniform negatives), for comparison with older papers; keys say "sampled".
 
     The negatives are drawn on the host for every user at once (`metrics.sample_negatives`, the draws of
@@ -124,7 +128,6 @@ def sampled_metrics(static, params, frozen, dataset, split: str, eval_cfg, seed:
     if jax.process_count() > 1:
         raise TrainError("sampled metrics run in one process; evaluate the checkpoint with python -m dff_jax.evaluate")
     graphdef, mesh = static["graphdef"], static["mesh"]
-    items = item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
     ev = getattr(dataset, split)
     interacted = np.concatenate([ev["history"], ev["targets"][:, None]], axis=1)
     negatives = metrics.sample_negatives(
