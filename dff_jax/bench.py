@@ -167,6 +167,17 @@ def make_run(config, shape: dict, seed: int = 0, dataset=None, table=None):
     return dataset, state, static, frozen
 
 
+def _alternate(jax_round, torch_round, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of `rounds` rounds of the JAX and (unless None) the PyTorch step, alternating, so a burst of
+    load on a shared machine hits both rather than one."""
+    jax_s, torch_s = [], []
+    for _ in range(rounds):
+        jax_s.append(_timed(jax_round, 1) / steps)
+        if torch_round is not None:
+            torch_s.append(_timed(torch_round, 1) / steps)
+    return jax_s, torch_s
+
+
 def _timed(fn, repeats: int) -> float:
     """Best of `repeats` wall times of fn() (fn must block until its result is ready)."""
     best = float("inf")
@@ -270,10 +281,7 @@ def bench_torch(config, dataset, state, static, frozen, steps: int, rounds: int 
             torch_step(batches[i % len(batches)])
 
     jax_round()  # compiles this step function and settles caches
-    jax_s, torch_s = [], []
-    for _ in range(rounds):
-        jax_s.append(_timed(jax_round, 1) / steps)
-        torch_s.append(_timed(torch_round, 1) / steps)
+    jax_s, torch_s = _alternate(jax_round, torch_round, rounds, steps)
     jax_med, torch_med = float(np.median(jax_s)), float(np.median(torch_s))
     return {
         "first_step_s": round(first_s, 3),
@@ -377,11 +385,7 @@ def bench_sasrec(
         for i in range(steps):
             torch_step(batches[i % len(batches)])
 
-    jax_s, torch_s = [], []
-    for _ in range(rounds):
-        jax_s.append(_timed(jax_round, 1) / steps)
-        if torch_step is not None:
-            torch_s.append(_timed(torch_round, 1) / steps)
+    jax_s, torch_s = _alternate(jax_round, torch_round if torch_step is not None else None, rounds, steps)
     t = time.perf_counter()
     state = train.train_epoch(step, state, frozen, dataset, config, mesh, rng, 1)
     jax.block_until_ready(state)
