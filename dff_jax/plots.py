@@ -85,56 +85,49 @@ def alpha_plot(path: Path, weights: np.ndarray) -> Path:
 
 def gate_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
     """Per-item gate histograms (analysis.gate_histogram, 20 bins on [0, 1]) averaged over seeds, one line per run."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
     edges = np.linspace(0, 1, 21)
     centers = (edges[:-1] + edges[1:]) / 2
-    drawn = 0
+    series = {}
     for run in runs:
         hists = [
             r["analysis"]["gate_histogram"]
             for r in found.get(run, {}).values()
             if "gate_histogram" in r.get("analysis", {})
         ]
-        if not hists:
-            continue
-        h = np.mean(np.asarray(hists, np.float64), axis=0)
-        ax.plot(centers, h / max(h.sum(), 1), marker=".", label=run)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("gate g per item (1 = only ID, 0 = only content)")
-    ax.set_ylabel("fraction of items")
-    ax.set_title("Gate distribution over items (mean over seeds)")
-    ax.legend(fontsize=8)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+        if hists:
+            h = np.mean(np.asarray(hists, np.float64), axis=0)
+            series[run] = (centers, h / max(h.sum(), 1))
+    labels = ("gate g per item (1 = only ID, 0 = only content)", "fraction of items")
+    return _lines_plot(path, series, *labels, "Gate distribution over items (mean over seeds)")
 
 
 def gate_trajectory_plot(path: Path, found: dict, runs: list[str]) -> Path | None:
     """The mean fusion gate g (the ID embedding's share) after each epoch, mean over seeds, one line per run."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    drawn = 0
+    series = {}
     for run in runs:
         curves = [
             [h["gate_mean"] for h in r.get("valid_history", []) if "gate_mean" in h]
             for r in found.get(run, {}).values()
         ]
         curves = [c for c in curves if c]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)  # early stopping ends seeds at different epochs
-        ax.plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0), marker=".", label=run)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+        if curves:
+            length = min(len(c) for c in curves)  # early stopping ends seeds at different epochs
+            series[run] = (np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0))
+    labels = ("epoch", "mean gate g (1 = only ID)")
+    return _lines_plot(path, series, *labels, "Fusion gate during training (mean over items and seeds)")
+
+
+def _lines_plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> Path | None:
+    """One line per run of {run: (x, y)}; None (and no file) when there is nothing to draw."""
+    if not series:
         return None
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean gate g (1 = only ID)")
-    ax.set_title("Fusion gate during training (mean over items and seeds)")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for run, (x, y) in series.items():
+        ax.plot(x, y, marker=".", label=run)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     path = _save(fig, path)
     plt.close(fig)
