@@ -43,12 +43,21 @@ def user_table(params, features, inputs, *, graphdef):
     return nnx.merge(graphdef, params, features).user_embeddings(inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "mask_history", "chunk_size", "ties"))
-def batch_ranks(params, features, items, batch, *, graphdef, sharding, mask_history, chunk_size, ties):
-    """Full-ranking rank of each user's target in one batch (metrics.target_ranks), sharded like the batch."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "mask_history", "chunk_size", "ties", "tie_seed"))
+def batch_ranks(params, features, items, batch, *, graphdef, sharding, mask_history, chunk_size, ties, tie_seed):
+    """Full-ranking rank of each user's target in one batch (metrics.target_ranks), sharded like the batch; ties
+    as `ties` (the random policy draws per user from `tie_seed`)."""
     user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
+    draws = metrics.tie_draws(tie_seed, batch["users"]) if ties == "random" else None
     ranks = metrics.target_ranks(
-        user, items, batch["targets"], batch["history"], mask_history=mask_history, chunk_size=chunk_size, ties=ties
+        user,
+        items,
+        batch["targets"],
+        batch["history"],
+        mask_history=mask_history,
+        chunk_size=chunk_size,
+        ties=ties,
+        draws=draws,
     )
     return jax.lax.with_sharding_constraint(ranks, sharding)
 
@@ -63,7 +72,7 @@ def gate_table(params, features, *, graphdef):
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
-def ranks(static, params, frozen, items, dataset, split: str, eval_cfg) -> tuple[np.ndarray, np.ndarray]:
+def ranks(static, params, frozen, items, dataset, split: str, eval_cfg, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Full-ranking rank of every evaluation user's target in `split` (and the users' target items), against
     `items` (`item_table`).
 
@@ -87,6 +96,7 @@ def ranks(static, params, frozen, items, dataset, split: str, eval_cfg) -> tuple
             mask_history=eval_cfg.mask_history,
             chunk_size=eval_cfg.chunk_size,
             ties=eval_cfg.ties,
+            tie_seed=seed,
         )
         device_ranks.append(r)
     all_ranks = np.concatenate([parallel.to_host(r) for r in device_ranks])
@@ -101,7 +111,7 @@ def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -
     items = item_table(
         params, frozen["features"], graphdef=static["graphdef"], sharding=parallel.replicated(static["mesh"])
     )
-    r, targets = ranks(static, params, frozen, items, dataset, split, eval_cfg)
+    r, targets = ranks(static, params, frozen, items, dataset, split, eval_cfg, seed)
     result = metrics.metrics_from_ranks(r, eval_cfg.ks)
     result["num_users"] = int(r.size)
     result["cold_start"] = cold_start_slices(r, dataset.item_counts[targets], eval_cfg)
@@ -110,12 +120,13 @@ def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sharding"))
-def sampled_batch_ranks(params, features, items, batch, *, graphdef, sharding):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "ties", "tie_seed"))
+def sampled_batch_ranks(params, features, items, batch, *, graphdef, sharding, ties, tie_seed):
     """Rank of each user's target among itself and its negatives (batch["negatives"] [B, K]), sharded like the
-    batch: the scoring of `metrics.sampled_ranks` on the device (ties optimistic, as the numpy reference)."""
+    batch: the scoring of `metrics.sampled_ranks` on the device, ties as in full ranking."""
     user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
-    ranks = metrics.ranks_among(user, items, batch["targets"], batch["negatives"], ties="optimistic")
+    draws = metrics.tie_draws(tie_seed, batch["users"]) if ties == "random" else None
+    ranks = metrics.ranks_among(user, items, batch["targets"], batch["negatives"], ties=ties, draws=draws)
     return jax.lax.with_sharding_constraint(ranks, sharding)
 
 
@@ -144,10 +155,18 @@ def sampled_metrics(static, params, frozen, items, dataset, split: str, eval_cfg
         neg[: len(rows)] = rows
         neg[len(rows) :] = 1  # padding rows (mask False): any valid index
         masks.append(batch["mask"])
-        local = parallel.global_batch({"inputs": batch["inputs"], "targets": batch["targets"], "negatives": neg}, mesh)
+        local = {"inputs": batch["inputs"], "targets": batch["targets"], "users": batch["users"], "negatives": neg}
+        local = parallel.global_batch(local, mesh)
         device_ranks.append(
             sampled_batch_ranks(
-                params, frozen["features"], items, local, graphdef=graphdef, sharding=static["batch_sharding"]
+                params,
+                frozen["features"],
+                items,
+                local,
+                graphdef=graphdef,
+                sharding=static["batch_sharding"],
+                ties=eval_cfg.ties,
+                tie_seed=seed,
             )
         )
     r = np.concatenate([parallel.to_host(x) for x in device_ranks])[np.concatenate(masks)]

@@ -4,16 +4,19 @@ MicroLens (utils/metrics.py::eval_model) scores every item, sets the scores of t
 the padding column and takes the 1-based position of the target after a descending sort. We compute the same rank
 without the [B, N] score matrix and without a sort:
 
-    rank = 1 + #{items i in 1..N : i != target, i not in the masked history, score_i > score_target}
+    rank = 1 + #{items i in 1..N : i != target, i not in the masked history, score_i >= score_target}
 
 scoring the catalogue in chunks of `chunk_size` items, so memory is O(B * chunk_size).
 
-* Ties: by default ("optimistic") only strictly higher scores push the target down, i.e. a tie is resolved in the
-  target's favour; "pessimistic" counts every other item scoring >= the target. A sort-based rank falls between.
+* Ties (`eval.ties`, docs/protocol.md section 3): "pessimistic" (the default, as above) ranks the target below
+  every item with an equal score, so a tie never counts in its favour; "random" places it uniformly among them
+  (seeded per user, `tie_draws`); "optimistic" above them all (only strictly higher scores count). MicroLens's
+  argsort leaves the order of ties to the sort implementation.
 * A target inside its own masked history is masked too in MicroLens (a repeat consumption) and so can never be
   ranked in the top K: we return N + 1 for it, a miss at every K.
-* The target's own score is computed by a separate dot product, and the target item is excluded from the count by
-  its index, so rounding differences between the two products can never make the target outrank itself.
+* The target's own score is read from the same chunk product as every other item's (never from a separate dot
+  product, which may round differently), and the target is excluded from the counts by its index: an item with the
+  target's vector ties with it exactly, and the target can never outrank itself.
 * History masking never builds a [B, N] mask: each chunk counts every item above the target, then takes back the
   distinct history items of that chunk that were counted, reading their scores from the same chunk product.
 """
@@ -27,7 +30,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TIES = ("optimistic", "pessimistic")
+# Tie policies of the published numbers (docs/protocol.md section 3); "pessimistic" is the default (defaults.py).
+TIES = ("pessimistic", "random", "optimistic")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def tie_draws(seed: int, ids: jax.Array) -> jax.Array:
+    """[B] uniforms in [0, 1) for the "random" tie policy, one per id (the user's index): a user's draw depends on
+    the seed and the user alone, not on the batch size, the batch order or the sharding."""
+    key = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(ids.astype(jnp.uint32))
+
+
+def rank_from_counts(greater: jax.Array, equal: jax.Array, ties: str, draws: jax.Array | None = None) -> jax.Array:
+    """1-based rank of a target with `greater` other candidates scoring above it and `equal` level with it.
+
+    pessimistic: below every tied item (never credited for a tie); optimistic: above them all; random: at a uniform
+    position among them (`draws` [B] in [0, 1), `tie_draws`), what a sort that breaks ties at random gives.
+    """
+    if ties == "optimistic":
+        return 1 + greater
+    if ties == "pessimistic":
+        return 1 + greater + equal
+    if ties != "random":
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    if draws is None:
+        raise ValueError('ties="random" needs draws (metrics.tie_draws)')
+    above_in_tie = jnp.floor(draws * (equal + 1).astype(jnp.float32)).astype(jnp.int32)
+    return 1 + greater + jnp.minimum(above_in_tie, equal)
 
 
 @functools.partial(jax.jit, static_argnames=("mask_history", "chunk_size", "ties", "precision", "unroll_limit"))
@@ -39,8 +69,9 @@ def target_ranks(
     *,
     mask_history: bool = True,
     chunk_size: int = 4096,
-    ties: str = "optimistic",
-    precision=None,
+    ties: str = "pessimistic",
+    draws: jax.Array | None = None,
+    precision=HIGHEST,
     unroll_limit: int = 64,
 ) -> jax.Array:
     """1-based rank of each target among all real items (full ranking, protocol section 3).
@@ -52,8 +83,9 @@ def target_ranks(
       history: [B, H] item indices to mask (0 = padding; repeats allowed).
       mask_history: mask history items as MicroLens does; a target in its own history gets rank N + 1.
       chunk_size: items scored at once (static); memory is O(B * chunk_size).
-      ties: "optimistic" (count scores > target's) or "pessimistic" (count >=).
-      precision: passed to the score matmul (e.g. jax.lax.Precision.HIGHEST).
+      ties: "pessimistic" (count scores >= the target's), "optimistic" (count >) or "random" (`rank_from_counts`).
+      draws: [B] uniforms for ties="random" (`tie_draws`); unused otherwise.
+      precision: of the score matmul; HIGHEST keeps float32 products on GPUs (no TF32 rounding), a no-op on CPUs.
       unroll_limit: chunk loops up to this many iterations are unrolled (faster on GPU); longer ones use fori_loop.
 
     Returns:
@@ -68,8 +100,6 @@ def target_ranks(
     chunk = math.ceil(n_rows / n_chunks)
     targets = targets.astype(jnp.int32)
     history = history.astype(jnp.int32)
-    target_emb = jnp.take(item_emb, targets, axis=0)
-    target_score = jnp.einsum("bd,bd->b", user_emb, target_emb, preferred_element_type=jnp.float32)[:, None]
     if mask_history:
         # Each distinct real history item is subtracted once. Short rows (MicroLens: H <= 12): compare all pairs;
         # long ones: sort the row and keep the first of equal neighbours.
@@ -82,34 +112,62 @@ def target_ranks(
             distinct = jnp.concatenate([history[:, :1] > 0, history[:, 1:] != history[:, :-1]], axis=1)
         subtract = distinct & (history > 0) & (history != targets[:, None])
 
-    def count_chunk(c, count):
+    def chunk_scores(c):
         # The last chunk is shifted back to stay inside the table (no padded copy of a possibly sharded table);
-        # items it shares with the previous chunk are not counted twice (ids >= lo).
+        # chunk c owns the ids [lo, start + chunk), so items it shares with the previous chunk count once.
         lo = c * chunk
         start = jnp.minimum(lo, n_rows - chunk)
         block = jax.lax.dynamic_slice_in_dim(item_emb, start, chunk, axis=0)
         scores = jnp.einsum("bd,cd->bc", user_emb, block, preferred_element_type=jnp.float32, precision=precision)
+        return lo, start, scores
+
+    def with_target_score(c, target_score, scored=None):
+        # The target's score is read from the chunk product that also scores every other item (not from a separate
+        # dot product, which may round differently, e.g. under TF32): an item equal to the target ties exactly.
+        lo, start, scores = chunk_scores(c) if scored is None else scored
+        local = targets - start
+        here = (targets >= lo) & (local < chunk)
+        mine = jnp.take_along_axis(scores, jnp.clip(local, 0, chunk - 1)[:, None], axis=1)[:, 0]
+        return jnp.where(here, mine, target_score)
+
+    def count_chunk(c, counts, target_score, scored=None):
+        lo, start, scores = chunk_scores(c) if scored is None else scored
+        greater, equal = counts
+        t = target_score[:, None]
         ids = start + jnp.arange(chunk)
         counted = ((ids >= lo) & (ids >= 1))[None, :] & (ids[None, :] != targets[:, None])
-        above = (scores > target_score) if ties == "optimistic" else (scores >= target_score)
-        count = count + jnp.sum(counted & above, axis=1, dtype=jnp.int32)
+        greater = greater + jnp.sum(counted & (scores > t), axis=1, dtype=jnp.int32)
+        equal = equal + jnp.sum(counted & (scores == t), axis=1, dtype=jnp.int32)
         if mask_history:
-            # Masked history items were counted above if they score above the target: take them back out, reading
-            # their scores from this same product (so the two decisions can never disagree by rounding).
+            # Masked history items were counted above if they score at or above the target: take them back out,
+            # reading their scores from this same product (so the two decisions can never disagree by rounding).
             local = history - start
             here = subtract & (history >= lo) & (local < chunk)
             hist_scores = jnp.take_along_axis(scores, jnp.clip(local, 0, chunk - 1), axis=1)
-            hist_above = (hist_scores > target_score) if ties == "optimistic" else (hist_scores >= target_score)
-            count = count - jnp.sum(here & hist_above, axis=1, dtype=jnp.int32)
-        return count
+            greater = greater - jnp.sum(here & (hist_scores > t), axis=1, dtype=jnp.int32)
+            equal = equal - jnp.sum(here & (hist_scores == t), axis=1, dtype=jnp.int32)
+        return greater, equal
 
-    count = jnp.zeros(batch, jnp.int32)
-    if n_chunks <= unroll_limit:  # unrolled: no per-iteration loop overhead on GPU, and static slices
-        for c in range(n_chunks):
-            count = count_chunk(c, count)
+    zeros = jnp.zeros(batch, jnp.int32)
+    if n_chunks == 1:  # one product gives the target's score and every other score
+        scored = chunk_scores(0)
+        target_score = with_target_score(0, jnp.zeros(batch, jnp.float32), scored)
+        greater, equal = count_chunk(0, (zeros, zeros), target_score, scored)
     else:
-        count = jax.lax.fori_loop(0, n_chunks, count_chunk, count)
-    ranks = count + 1
+        # Two passes over the chunks: the targets' scores first, then the counts (the scores are computed twice,
+        # so memory stays O(B * chunk_size)). The first pass is a loop so that XLA cannot merge its products with
+        # the second pass's and keep every chunk's scores alive at once.
+        target_score = jax.lax.fori_loop(0, n_chunks, with_target_score, jnp.zeros(batch, jnp.float32))
+        if n_chunks <= unroll_limit:  # unrolled: no per-iteration loop overhead on GPU, and static slices
+            counts = (zeros, zeros)
+            for c in range(n_chunks):
+                counts = count_chunk(c, counts, target_score)
+            greater, equal = counts
+        else:
+            greater, equal = jax.lax.fori_loop(
+                0, n_chunks, lambda c, counts: count_chunk(c, counts, target_score), (zeros, zeros)
+            )
+    ranks = rank_from_counts(greater, equal, ties, draws)
     if mask_history:
         in_history = jnp.any((history == targets[:, None]) & (history > 0), axis=1)
         ranks = jnp.where(in_history, n_rows, ranks)  # n_rows == N + 1: a miss at every K
@@ -187,12 +245,16 @@ def sample_negatives(
 
 
 @functools.partial(jax.jit, static_argnames=("ties",))
-def ranks_among(user_emb: jax.Array, item_emb: jax.Array, targets: jax.Array, negatives: jax.Array, *, ties: str):
-    """[B] 1-based rank of each target among itself and its [B, K] ``negatives`` (on device; `sampled_ranks`)."""
-    target_score = jnp.einsum("bd,bd->b", user_emb, jnp.take(item_emb, targets, axis=0))[:, None]
-    neg_scores = jnp.einsum("bd,bkd->bk", user_emb, jnp.take(item_emb, negatives, axis=0))
-    above = neg_scores > target_score if ties == "optimistic" else neg_scores >= target_score
-    return 1 + jnp.sum(above, axis=1, dtype=jnp.int32)
+def ranks_among(user_emb, item_emb, targets, negatives, *, ties: str, draws=None):
+    """[B] 1-based rank of each target among itself and its [B, K] ``negatives`` (on device; `sampled_ranks`).
+
+    The target and its negatives are scored by one product, so a negative equal to the target ties exactly."""
+    candidates = jnp.concatenate([targets[:, None], negatives], axis=1)
+    scores = jnp.einsum("bd,bkd->bk", user_emb, jnp.take(item_emb, candidates, axis=0), precision=HIGHEST)
+    target, others = scores[:, :1], scores[:, 1:]
+    greater = jnp.sum(others > target, axis=1, dtype=jnp.int32)
+    equal = jnp.sum(others == target, axis=1, dtype=jnp.int32)
+    return rank_from_counts(greater, equal, ties, draws)
 
 
 def sampled_ranks(
@@ -203,7 +265,7 @@ def sampled_ranks(
     *,
     num_negatives: int = 100,
     rng: np.random.Generator | None = None,
-    ties: str = "optimistic",
+    ties: str = "pessimistic",
 ) -> np.ndarray:
     """Rank of each target among itself and `num_negatives` sampled items (the original SASRec protocol).
 
@@ -215,7 +277,7 @@ def sampled_ranks(
       user_emb: [B, d]; item_emb: [N + 1, d]; targets: [B].
       interacted: [B, H] 0-padded item indices, or a sequence of B iterables of item indices.
       num_negatives: K negatives per user.
-      rng: numpy Generator (default: seeded with 0).
+      rng: numpy Generator (default: seeded with 0); with ties="random" it also draws the tie positions.
       ties: as in `target_ranks`.
 
     Returns:
@@ -223,11 +285,16 @@ def sampled_ranks(
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    rng = rng if rng is not None else np.random.default_rng(0)
     user = np.asarray(user_emb, dtype=np.float32)
     items = np.asarray(item_emb, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)
     draws = sample_negatives(targets, interacted, items.shape[0] - 1, num_negatives=num_negatives, rng=rng)
-    target_score = np.einsum("bd,bd->b", user, items[targets])[:, None]
-    neg_scores = np.einsum("bd,bkd->bk", user, items[draws])
-    above = neg_scores > target_score if ties == "optimistic" else neg_scores >= target_score
-    return 1 + above.sum(axis=1)
+    scores = np.einsum("bd,bkd->bk", user, items[np.concatenate([targets[:, None], draws], axis=1)])
+    greater = (scores[:, 1:] > scores[:, :1]).sum(axis=1)
+    equal = (scores[:, 1:] == scores[:, :1]).sum(axis=1)
+    if ties == "optimistic":
+        return 1 + greater
+    if ties == "pessimistic":
+        return 1 + greater + equal
+    return 1 + greater + np.minimum(np.floor(rng.random(len(targets)) * (equal + 1)).astype(np.int64), equal)

@@ -64,7 +64,7 @@ def finished(tmp_path_factory):
     [
         ("train.select_metric", "NDCG@5", "one of the computed metrics"),
         ("eval.ks", (0, 10), "positive integers"),
-        ("eval.ties", "random", "'optimistic'"),
+        ("eval.ties", "arbitrary", "'pessimistic'"),
         ("optim.lr", -1e-3, "> 0"),
         ("model.dropout", 1.5, "in [0, 1)"),
         ("model.cold_id", "zeros", "'zero'"),

@@ -8,7 +8,7 @@ import pytest
 from dff_jax import metrics
 
 
-def brute_force_ranks(user, items, targets, history, mask_history=True, ties="optimistic"):
+def brute_force_ranks(user, items, targets, history, mask_history=True, ties="pessimistic"):
     """MicroLens's recipe: score everything, history -> -inf, drop the padding column, rank the target."""
     n = items.shape[0] - 1
     ranks = []
@@ -22,7 +22,7 @@ def brute_force_ranks(user, items, targets, history, mask_history=True, ties="op
         others = [i for i in range(1, n + 1) if i != t and i not in hist]
         if ties == "optimistic":
             ranks.append(1 + sum(scores[i] > scores[t] for i in others))
-        else:
+        else:  # pessimistic: every tied item above the target
             ranks.append(1 + sum(scores[i] >= scores[t] for i in others))
     return np.array(ranks)
 
@@ -66,8 +66,8 @@ def test_target_ranks_match_brute_force(ties, mask_history, chunk_size, unroll_l
 
 def test_ties_actually_occur_and_rules_differ():
     user, items, targets, history = tie_heavy_case(0)
-    opt = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8))
-    pes = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8, ties="pessimistic"))
+    opt = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8, ties="optimistic"))
+    pes = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=8))  # the default
     assert (pes >= opt).all() and (pes > opt).any()
 
 
@@ -79,7 +79,7 @@ def test_masked_target_is_a_miss_and_padding_never_counts():
     user = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
     targets = np.array([3, 3, 5])
     history = np.array([[1, 1, 0], [3, 0, 0], [0, 0, 0]])
-    ranks = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=4))
+    ranks = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=4))  # no ties here
     # user 0: items 1, 2 above item 3, item 1 masked (twice) -> rank 2; user 1: target in history -> N+1.
     np.testing.assert_array_equal(ranks, [2, n + 1, 5])
     unmasked = np.asarray(metrics.target_ranks(user, items, targets, history, mask_history=False, chunk_size=4))
@@ -136,7 +136,7 @@ def test_sampled_ranks_avoid_interacted_items_and_match_brute_force():
         forbidden = set(history[i][history[i] > 0].tolist()) | {int(targets[i])}
         assert not forbidden & set(negs[i].tolist())
         s = items @ user[i]
-        assert ranks[i] == 1 + int((s[negs[i]] > s[targets[i]]).sum())
+        assert ranks[i] == 1 + int((s[negs[i]] >= s[targets[i]]).sum())  # pessimistic ties, the default
         drawn.extend(negs[i].tolist())
     assert len(set(drawn)) > 5
     # The list-of-sets form gives the same answer as the padded form.
@@ -175,3 +175,78 @@ def test_long_history_rows_use_the_sorted_dedupe():
     np.testing.assert_array_equal(got, brute_force_ranks(user, items, targets, history))
     assert got[1] == 38  # N + 1
     assert (got[2:] < 38).all() and (got[2:] > 1).any()  # informative rows, not all misses
+
+
+def duplicate_rows_case(dim=64, n_items=300, copies=4, batch=24, seed=0):
+    """A `replace`-style item table: a random projection of feature rows where each target's feature row appears
+    `copies` more times (items whose content is identical), in other chunks too; continuous scores otherwise."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n_items + 1, 32)).astype(np.float32)
+    targets = rng.choice(np.arange(1, n_items + 1), batch, replace=False)
+    free = np.setdiff1d(np.arange(1, n_items + 1), targets)
+    dups = rng.choice(free, (batch, copies), replace=False)
+    feats[dups] = feats[targets][:, None, :]
+    proj = rng.normal(size=(32, dim)).astype(np.float32) / np.sqrt(32)
+    items = feats @ proj + rng.normal(size=dim).astype(np.float32)
+    user = rng.normal(size=(batch, dim)).astype(np.float32)
+    history = np.zeros((batch, 3), np.int64)
+    history[0, 0] = dups[0, 0]  # a masked duplicate is not a tie any more
+    return user, items, targets, history, dups
+
+
+@pytest.mark.parametrize("chunk_size", [301, 64])  # one chunk (one product) and five (two passes)
+def test_identical_items_tie_exactly_and_the_policies_order_them(chunk_size):
+    user, items, targets, history, dups = duplicate_rows_case()
+    ties_of_target = np.array([len(set(d.tolist()) - set(h.tolist())) for d, h in zip(dups, history, strict=True)])
+
+    def ranks(ties, seed=0):
+        draws = metrics.tie_draws(seed, np.arange(len(targets))) if ties == "random" else None
+        return np.asarray(
+            metrics.target_ranks(user, items, targets, history, chunk_size=chunk_size, ties=ties, draws=draws)
+        )
+
+    opt, pes = ranks("optimistic"), ranks("pessimistic")
+    default = np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=chunk_size))
+    # Every duplicate of the target scores exactly the target's score (the same product), so the policies differ by
+    # exactly the number of unmasked duplicates; the default never credits the target for a tie.
+    np.testing.assert_array_equal(pes - opt, ties_of_target)
+    np.testing.assert_array_equal(default, pes)
+    want = brute_force_ranks(user.astype(np.float64), items.astype(np.float64), targets, history, ties="optimistic")
+    np.testing.assert_array_equal(opt, want)  # the non-tied items rank as in float64
+    rand = [ranks("random", seed) for seed in range(40)]
+    assert all(((opt <= r) & (r <= pes)).all() for r in rand)
+    np.testing.assert_array_equal(rand[0], ranks("random", 0))  # seeded: the same draws again
+    spread = np.stack(rand) - opt
+    assert set(np.unique(spread)) == set(range(ties_of_target.max() + 1))  # every position within a tie occurs
+    assert abs(spread[:, 1:].mean() - ties_of_target[1:].mean() / 2) < 0.3  # uniform: on average mid-tie
+
+
+def test_random_ties_do_not_depend_on_the_batch():
+    # A user's draw depends on the seed and the user's index, so splitting the users into batches changes nothing.
+    user, items, targets, history, _ = duplicate_rows_case()
+    ids = np.arange(len(targets)) + 1000
+    whole = metrics.target_ranks(user, items, targets, history, ties="random", draws=metrics.tie_draws(7, ids))
+    halves = [
+        metrics.target_ranks(user[s], items, targets[s], history[s], ties="random", draws=metrics.tie_draws(7, ids[s]))
+        for s in (slice(0, 10), slice(10, None))
+    ]
+    np.testing.assert_array_equal(np.asarray(whole), np.concatenate([np.asarray(h) for h in halves]))
+    with pytest.raises(ValueError, match="draws"):
+        metrics.target_ranks(user, items, targets, history, ties="random")
+
+
+def test_sampled_ranks_score_the_target_with_its_negatives():
+    # A negative identical to the target ties with it exactly, on the device and in the numpy reference.
+    user, items, targets, _, dups = duplicate_rows_case(copies=1)
+    negatives = np.concatenate([dups, np.ones((len(targets), 3), np.int64) * 5], axis=1)
+    negatives[negatives == targets[:, None]] = 6
+    dev = {
+        t: np.asarray(
+            metrics.ranks_among(
+                user, items, targets, negatives, ties=t, draws=metrics.tie_draws(0, np.arange(len(targets)))
+            )
+        )
+        for t in metrics.TIES
+    }
+    np.testing.assert_array_equal(dev["pessimistic"] - dev["optimistic"], np.ones(len(targets)))
+    assert ((dev["random"] == dev["optimistic"]) | (dev["random"] == dev["pessimistic"])).all()
