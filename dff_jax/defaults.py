@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.process_id = -1
     c.parallel.initialization_timeout = 300  # seconds to wait for every process before failing
     c.parallel.cpu_devices = 0  # >0: simulate this many CPU devices (tests)
+    c.parallel.deterministic_ops = False  # GPU: --xla_gpu_deterministic_ops (same bits per seed; the study sets it)
     return c
 
 

@@ -105,6 +105,27 @@ def _distributed_args(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def deterministic_gpu_ops() -> None:
+    """Makes XLA's GPU kernels deterministic (`config.parallel.deterministic_ops`, docs/protocol.md section 11):
+    scatter-adds (the embedding-table gradients) and reductions in a fixed order, and autotuning that picks the
+    same kernels, so one seed gives the same bits run after run. XLA reads XLA_FLAGS when the first backend starts:
+    a GPU backend already running without the flag is an error; on CPUs (deterministic anyway) it is a no-op."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" in flags:
+        return
+    if jax._src.xla_bridge.backends_are_initialized():
+        if any(d.platform == "gpu" for d in jax.devices()):
+            raise ConfigError(
+                "config.parallel.deterministic_ops=True: jax is already running on the GPU without "
+                f"{DETERMINISTIC_FLAG}; set XLA_FLAGS={DETERMINISTIC_FLAG} before the first jax operation"
+            )
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+
+
 def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     """Sets up devices and, for multi-process jobs, joins the job. Call once, before any other jax use.
 
@@ -119,6 +140,8 @@ def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     Raises:
       ValueError: incomplete explicit multi-process settings, or cpu_devices requested after jax started.
     """
+    if parallel_cfg.deterministic_ops:
+        deterministic_gpu_ops()
     cpu_devices = int(parallel_cfg.cpu_devices or 0)
     if cpu_devices > 0 and jax.config.jax_num_cpu_devices != cpu_devices:
         if jax._src.xla_bridge.backends_are_initialized():

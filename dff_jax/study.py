@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         raise StudyError(f"--seeds {args.seeds}: need at least 1")
     out = Path(args.out)
     config = load_config(config_args)
+    if not any(a.startswith("--config.parallel.deterministic_ops") for a in config_args):
+        # Paired t-tests over seeds need a seed to give the same numbers on a rerun: on a GPU that takes XLA's
+        # deterministic kernels (docs/protocol.md section 11; set before jax starts; no effect on CPUs).
+        config.parallel.deterministic_ops = True
     feats = parse_features(args.features)
     if not args.report_only:  # the sweep needs the layer count of the features, so the data must exist first
         from dff_jax import parallel, synthetic
