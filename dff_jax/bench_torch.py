@@ -239,9 +239,9 @@ class TorchRecommender(nn.Module):
     def __init__(self, num_items: int, table: np.ndarray | None = None, *, embed_dim, num_blocks, num_heads, dropout,
                  pre_ln, max_seq_len, item_encoder, content, feature_norm, alpha_softmax, proj_hidden, gate_hidden,
                  gate_dim, arch="microlens", layer=-1, layers=(), cold_id="random", dedup="auto",
-                 rng_impl="threefry2x32"):  # fmt: skip
+                 rng_impl="threefry2x32", content_init="default"):  # fmt: skip
         super().__init__()
-        del layer, layers, cold_id, dedup, rng_impl
+        del layer, layers, cold_id, dedup, rng_impl, content_init  # content_init: the weights come from JAX
         self.num_items, self.embed_dim = int(num_items), int(embed_dim)
         self.items = TorchItemEncoder(
             num_items,

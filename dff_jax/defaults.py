@@ -7,6 +7,8 @@ The modules take the fields as explicit arguments: `models.Recommender(num_items
 variants onto the model fields.
 """
 
+import itertools
+
 import ml_collections
 
 # The study's item-encoder variants (paper sections 4-5): name -> (item_encoder, content, layer).
@@ -59,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.proj_hidden = 0  # 0: one Linear projection of e_v into the behaviour space
     c.model.feature_norm = "standardize"  # none | layernorm | standardize (per stored layer, from the table)
     c.model.cold_id = "random"  # random (MicroLens init) | zero: ID rows of items unseen in training start (and stay) 0
+    c.model.content_init = "default"  # default (lecun projection) | match_id: content rows start at the ID rows' norm
     c.model.dedup = "auto"  # auto | none | unique: embed each distinct item of a batch once (models.ItemEncoder)
     c.model.arch = "microlens"  # microlens (the paper's SASRec baseline) | sasrec (Kang & McAuley, as the torch port)
     c.model.rng_impl = "threefry2x32"  # PRNG of dropout and negatives: threefry2x32 (jax default) | rbg | unsafe_rbg
@@ -139,6 +142,7 @@ def _choices() -> dict[str, tuple]:
         "model.gate_dim": models.GATE_DIMS,
         "model.feature_norm": models.FEATURE_NORMS,
         "model.cold_id": models.COLD_IDS,
+        "model.content_init": models.CONTENT_INITS,
         "model.dedup": models.DEDUP_MODES,
         "model.arch": models.ARCHS,
         "model.rng_impl": models.RNG_IMPLS,
@@ -227,7 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not e.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks):
         fail("eval.ks", e.ks, "a non-empty tuple of positive integers, e.g. (10, 20)")
     bins = list(e.cold_bins)
-    if not bins or bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:])):
+    if not bins or bins[0] != 0 or any(b <= a for a, b in itertools.pairwise(bins)):
         fail("eval.cold_bins", e.cold_bins, "increasing integers starting at 0, e.g. (0, 1, 5, 20)")
     if t.select_metric not in computed_metrics(e):
         fail("train.select_metric", t.select_metric, "one of the computed metrics " + ", ".join(computed_metrics(e)))

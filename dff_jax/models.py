@@ -62,6 +62,11 @@ FEATURE_NORMS = ("none", "layernorm", "standardize")
 GATE_DIMS = ("vector", "scalar")
 DEDUP_MODES = ("auto", "none", "unique")
 COLD_IDS = ("random", "zero")
+# Initial scale of the content projection (``model.content_init``, docs/protocol.md section 11): "default" is flax's
+# lecun-normal Linear; "match_id" rescales the projection so projected content rows start at the expected norm of an
+# xavier-normal ID row, sqrt(2 d / (N + 1 + d)).
+CONTENT_INITS = ("default", "match_id")
+INIT_SAMPLE = 1024  # items whose initial projected norm sets the "match_id" scale (evenly spaced)
 LN_EPS = 1e-6  # MicroLens SASRec LayerNorm eps (protocol section 4)
 ORIGINAL_LN_EPS = 1e-8  # the SASRec PyTorch port's LayerNorm eps (arch="sasrec")
 MASK_VALUE = -1e9  # finite, like MicroLens's additive -1e9 mask
@@ -204,6 +209,7 @@ class ContentEncoder(nnx.Module):
         alpha_softmax: bool,
         proj_hidden: int,
         rngs: nnx.Rngs,
+        init_norm: float | None = None,
     ):
         if content not in CONTENT_MODES:
             raise ValueError(f"model config: content must be one of {CONTENT_MODES}, got {content!r}")
@@ -224,6 +230,14 @@ class ContentEncoder(nnx.Module):
         else:
             self.proj = nnx.Linear(hidden, embed_dim, rngs=rngs)
             self.proj_out = None
+        if init_norm is not None:
+            # The last Linear has a zero bias at init, so scaling its kernel scales every projected row: measured on
+            # up to INIT_SAMPLE evenly spaced real items, the mean row norm becomes init_norm.
+            rows = np.unique(np.linspace(1, table.shape[0] - 1, min(INIT_SAMPLE, table.shape[0] - 1)).astype(int))
+            norm = float(jnp.mean(jnp.linalg.norm(self(jnp.asarray(rows)), axis=-1)))
+            last = self.proj_out if self.proj_out is not None else self.proj
+            if norm > 0:
+                last.kernel.value = last.kernel[...] * (init_norm / norm)
 
     def weights(self) -> jax.Array:
         """alpha [L_sel]: the layer weights of Eq. 5 (uniform for "mean", [1.] for "layer")."""
@@ -394,6 +408,7 @@ class ItemEncoder(nnx.Module):
         dedup: str,
         train_counts: np.ndarray | None,
         rngs: nnx.Rngs,
+        content_init: str = "default",
     ):
         if item_encoder not in ITEM_ENCODERS:
             raise ValueError(f"model config: item_encoder must be one of {ITEM_ENCODERS}, got {item_encoder!r}")
@@ -403,6 +418,8 @@ class ItemEncoder(nnx.Module):
             raise ValueError(f"model config: dedup must be one of {DEDUP_MODES}, got {dedup!r}")
         if cold_id not in COLD_IDS:
             raise ValueError(f"model config: cold_id must be one of {COLD_IDS}, got {cold_id!r}")
+        if content_init not in CONTENT_INITS:
+            raise ValueError(f"model config: content_init must be one of {CONTENT_INITS}, got {content_init!r}")
         self.kind, self.dedup = item_encoder, dedup
         self.num_items, self.embed_dim = int(num_items), int(embed_dim)
         d = self.embed_dim
@@ -431,6 +448,7 @@ class ItemEncoder(nnx.Module):
                 alpha_softmax=alpha_softmax,
                 proj_hidden=proj_hidden,
                 rngs=rngs,
+                init_norm=self._id_norm() if content_init == "match_id" else None,
             )
         if item_encoder == "fusion":
             gate_out = d if gate_dim == "vector" else 1
@@ -440,6 +458,27 @@ class ItemEncoder(nnx.Module):
             else:
                 self.gate_in = None
                 self.gate_out = nnx.Linear(2 * d, gate_out, rngs=rngs)
+
+    def _sample(self) -> jax.Array:
+        return jnp.asarray(np.unique(np.linspace(1, self.num_items, min(INIT_SAMPLE, self.num_items)).astype(int)))
+
+    def _id_norm(self) -> float:
+        """The mean norm of the ID rows of `_sample`; without an ID table (replace) what an xavier-normal one of
+        these shapes would have (``_xavier_normal``: std sqrt(2 / (N + 1 + d)) per entry)."""
+        if self.kind == "replace":
+            return math.sqrt(2.0 * self.embed_dim / (self.num_items + 1 + self.embed_dim))
+        return float(jnp.mean(jnp.linalg.norm(self.item_id[...][self._sample()], axis=-1)))
+
+    def row_norms(self) -> dict[str, float]:
+        """Mean L2 norm of the ID rows and of the projected content rows ("id", "content", where present) over up
+        to INIT_SAMPLE evenly spaced items: the two scales the gate mixes (``content_init``, docs/protocol.md 11)."""
+        items = self._sample()
+        out = {}
+        if self.kind != "replace":
+            out["id"] = self._id_norm()
+        if self.content is not None:
+            out["content"] = float(jnp.mean(jnp.linalg.norm(self.content(items), axis=-1)))
+        return out
 
     def gate(self, e_id: jax.Array, e_v: jax.Array) -> jax.Array:
         """g of Eq. 3/6: the weight on the ID embedding, [..., d] (vector gate) or [..., 1] (scalar gate)."""
@@ -656,6 +695,7 @@ class Recommender(nnx.Module):
         dedup: str,
         arch: str,
         rng_impl: str,
+        content_init: str = "default",
         train_counts: np.ndarray | None = None,
         rngs: nnx.Rngs,
     ):
@@ -678,6 +718,7 @@ class Recommender(nnx.Module):
             dedup=dedup,
             train_counts=train_counts,
             rngs=rngs,
+            content_init=content_init,
         )
         self.sasrec = SASRec(
             arch=arch,

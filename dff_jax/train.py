@@ -75,6 +75,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         data_lib.save_item_map(dataset, workdir / "item_map.json")
         m = config.model
         print(f"model: {m.item_encoder}/{m.content}, {static['param_count']:,} trainable parameters")
+    # The scales the gate starts from (model.content_init, docs/protocol.md section 11); the state is still the
+    # initial one here (a resumed run restores below). Eager, so one process only.
+    init_norms = None
+    if jax.process_count() == 1:
+        init_norms = train_state.model_of(static, state["params"], frozen).items.row_norms()
+        if main and len(init_norms) > 1:
+            print("initial mean row norm: " + ", ".join(f"{k} {v:.4g}" for k, v in init_norms.items()), flush=True)
 
     latest, best = train_state.checkpoint_managers(workdir, config.train.keep_checkpoints)
     meta = {"epoch": 0, "best_epoch": 0, "best_metric": -math.inf, "bad_epochs": 0, "history": [], "epoch_seconds": []}
@@ -136,6 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         "test": test,
         "seconds_per_epoch": float(np.mean(meta["epoch_seconds"])) if meta["epoch_seconds"] else None,
         "analysis": evaluate.analysis(static, best_state["params"], frozen, config.model),
+        "init_norms": init_norms,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
     }

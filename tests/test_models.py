@@ -1,5 +1,7 @@
 """dff_jax.models: shapes per encoder, fusion arithmetic, padding, causality, layer weights, split/merge."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -327,3 +329,22 @@ def test_rng_impl_default_keeps_the_key_and_others_rekey_deterministically():
         models.as_impl(key, "philox")
     with pytest.raises(ValueError, match="arch"):
         _sasrec(arch="bert4rec")
+
+
+@pytest.mark.parametrize("proj_hidden", [0, 7])
+def test_content_init_match_id_starts_content_at_the_id_rows_norm(proj_hidden):
+    # z-scored 64-d features through a lecun projection start ~sqrt(d) long, xavier ID rows ~sqrt(2d / (N + d)):
+    # match_id rescales the projection's last kernel so the two start equal, and changes nothing else.
+    n, d = 300, 16
+    feats = np.random.default_rng(0).normal(size=(n + 1, 1, 64)).astype(np.float32)
+    cfg = {"embed_dim": d, "content": "layer", "layer": 0, "gate_hidden": 0, "proj_hidden": proj_hidden}
+    default = Recommender(n, feats, **_cfg(**cfg), rngs=nnx.Rngs(3))
+    matched = Recommender(n, feats, **_cfg(**cfg, content_init="match_id"), rngs=nnx.Rngs(3))
+    before, after = default.items.row_norms(), matched.items.row_norms()
+    assert before["id"] == pytest.approx(math.sqrt(2 * d / (n + 1 + d)), rel=0.1)
+    assert before["content"] > 5 * before["id"]
+    assert after["content"] == pytest.approx(after["id"], rel=1e-4)
+    items = jnp.arange(1, n + 1)
+    e0, e1 = default.items.content(items), matched.items.content(items)
+    np.testing.assert_allclose(e1, e0 * (after["content"] / before["content"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(default.items.item_id[...], matched.items.item_id[...])
