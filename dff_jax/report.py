@@ -74,21 +74,66 @@ def bin_order(slices: dict) -> list[str]:
     return sorted(slices, key=lambda b: int(b.split("-")[0].rstrip("+")))
 
 
-def collect(out: Path, runs: list[str]) -> dict[str, dict[int, dict]]:
-    """{run: {seed_index: results.json}} for every finished (run, seed) under `out/runs` among `runs`."""
+def _seeds(run_dir: Path) -> dict[int, dict]:
+    """{seed_index: results.json} of the finished seeds in `run_dir` (`seed<k>/results.json`)."""
+    found = {}
+    for d in sorted(run_dir.glob("seed*")):
+        f = d / "results.json"
+        if not f.is_file() or not d.name[4:].isdigit():
+            continue
+        try:
+            found[int(d.name[4:])] = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{f}: not valid JSON ({e}); delete the run folder {d} to retrain it") from None
+    return found
+
+
+def collect(out: Path, runs: list[str], points: list[str] = (), metric: str = "NDCG@10") -> dict[str, dict[int, dict]]:
+    """{run: {seed_index: results.json}} for every finished (run, seed) under `out/runs` among `runs`.
+
+    With grid `points` (`study --grid`), each run's seeds are those of the point `select_points` picks on validation.
+    """
     found: dict[str, dict[int, dict]] = {}
     for run in runs:
-        for d in sorted((out / "runs" / run).glob("seed*")):
-            f = d / "results.json"
-            if not f.is_file() or not d.name[4:].isdigit():
-                continue
-            try:
-                found.setdefault(run, {})[int(d.name[4:])] = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ReportError(f"{f}: not valid JSON ({e}); delete the run folder {d} to retrain it") from None
+        if points:
+            per_point = {p: _seeds(out / "runs" / run / p) for p in points}
+            chosen = select_points({p: r for p, r in per_point.items() if r}, metric)
+            seeds = per_point[chosen] if chosen else {}
+        else:
+            seeds = _seeds(out / "runs" / run)
+        if seeds:
+            found[run] = seeds
     if not found:
         raise ReportError(f"{out}/runs: no finished run (results.json) among {', '.join(runs)}")
     return found
+
+
+def select_points(per_point: dict[str, dict[int, dict]], metric: str) -> str | None:
+    """The grid point with the best validation `metric` at the selected epoch, averaged over the point's finished
+    seeds (one setting per row: paper section 6.2 selects on validation; the test numbers are never looked at)."""
+    if not per_point:
+        return None
+    return max(per_point, key=lambda p: mean_std(r["best_valid"][metric] for r in per_point[p].values())[0])
+
+
+def grid_table(out: Path, runs: list[str], points: list[str], metric: str) -> str:
+    """Per row: the validation `metric` (mean over finished seeds) at every grid point, the selected one in bold."""
+    lines = ["| run | " + " | ".join(f"`{p}`" for p in points) + " | selected |", "|---|" + "---|" * (len(points) + 1)]
+    for run in runs:
+        per_point = {p: _seeds(out / "runs" / run / p) for p in points}
+        chosen = select_points({p: r for p, r in per_point.items() if r}, metric)
+        if chosen is None:
+            continue
+        cells = []
+        for p in points:
+            if not per_point[p]:
+                cells.append("–")
+                continue
+            m = mean_std(r["best_valid"][metric] for r in per_point[p].values())[0]
+            cell = f"{m:.4f} ({len(per_point[p])})"
+            cells.append(f"**{cell}**" if p == chosen else cell)
+        lines.append(f"| {run_name(run)} | " + " | ".join(cells) + f" | `{chosen}` |")
+    return "\n".join(lines) + "\n"
 
 
 def flat_row(run: str, seed: int, result: dict) -> dict:
@@ -445,9 +490,15 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     table and plot show fusion_last's results at that layer (results.csv lists them once, as fusion_last).
     """
     out = Path(out)
-    found = collect(out, runs)
+    points, metric = list(meta.get("grid") or ()), meta.get("select_metric", "NDCG@10")
+    found = collect(out, runs, points, metric)
     order = [r for r in runs if r in found]
     rows = [flat_row(r, s, found[r][s]) for r in order for s in sorted(found[r])]
+    if points:  # the selected grid point of each row
+        chosen = {
+            r: select_points({p: x for p in points if (x := _seeds(out / "runs" / r / p))}, metric) for r in order
+        }
+        rows = [{"run": row["run"], "grid_point": chosen[row["run"]], **row} for row in rows]
     write_csv(out / "results.csv", rows)
     if last_layer is not None and "fusion_last" in found and f"layer_{last_layer}" not in found:
         found[f"layer_{last_layer}"] = found["fusion_last"]
@@ -504,6 +555,13 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
             f"{t.get('batch_size')}, at most {t.get('num_epochs')} epochs, patience {t.get('patience')} on "
             f"valid {t.get('select_metric')}.\n"
         )
+    if points:
+        md.append(f"## Grid selection — valid {metric} per grid point (mean over the finished seeds, their count)\n")
+        md.append(
+            f"Every row was trained at each point of `--grid` ({len(points)} points); the point with the best mean "
+            f"validation {metric} is kept per row (bold), and every table below shows that point's test metrics.\n"
+        )
+        md.append(grid_table(out, order, points, metric))
     md.append("## Table 1 — ID vs replacement vs fusion\n")
     md.append(table(found, ["id", "replace", "fusion_last"]))
     if "caption" in found:

@@ -5,6 +5,7 @@
       --out study/ml100k --seeds 3 --config.train.num_epochs=50
   python -m dff_jax.study ... --shard 0/2 &  python -m dff_jax.study ... --shard 1/2 &  # spread over processes
   python -m dff_jax.study ... --report-only                                           # aggregate what finished
+  python -m dff_jax.study ... --grid lr=1e-4,1e-5 embed_dim=512,1024                  # select per row on valid
 
 Rows of the grid (paper sections 4-5), each a named run:
   id           ID embedding only (IDRec)
@@ -26,12 +27,21 @@ Rows of the grid (paper sections 4-5), each a named run:
 Every (run, seed) is its own work directory `<out>/runs/<run>/seed<k>/` trained by `train.train_and_evaluate`, which
 returns the stored results.json of a finished run: an interrupted study resumes by skipping what finished.
 The report (report.md, results.csv, plots/) is written by `dff_jax.report` from whatever results exist.
+
+`--grid FIELD=V1,V2 ...` (the paper's selection from {1e-4, 1e-5, 1e-6} x {512, 1024, 2048}, section 6.2) trains
+every row at every point of the grid's product, `<out>/runs/<run>/<point>/seed<k>/` (point e.g. `lr1e-05_embed_dim512`;
+FIELD is a config path, or a field name that is unique in the config such as lr or embed_dim). The report keeps, per
+row, the point with the best validation `train.select_metric` averaged over the row's seeds (one setting per row, so
+the seeds of a row stay paired with those of the other rows), and reports only that point's test numbers
+(docs/protocol.md section 11). The grid is saved as `<out>/grid.json` for `--report-only`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -52,13 +62,18 @@ class StudyError(UserError):
     """A study that cannot be planned (bad arguments, missing features); the message says what to fix."""
 
 
+GRID_FILE = "grid.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     run: str
     seed_index: int
+    point: str = ""  # the grid point's name ("" without --grid)
 
     def workdir(self, out: Path) -> Path:
-        return out / "runs" / self.run / f"seed{self.seed_index}"
+        run_dir = out / "runs" / self.run
+        return (run_dir / self.point if self.point else run_dir) / f"seed{self.seed_index}"
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -200,6 +215,74 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
     return c
 
 
+def parse_grid(pairs: list[str], config: ml_collections.ConfigDict) -> list[dict]:
+    """`FIELD=V1,V2 ...` -> the grid's points [{"name": "lr0.0001_embed_dim512", "set": {"optim.lr": 1e-4, ...}}]
+    in product order; [] without --grid. Values take the type of the field they set."""
+    leaves = _leaves(config.to_dict())
+    axes = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key or not text.strip(","):
+            raise StudyError(f"--grid {pair!r}: expected FIELD=V1,V2, e.g. lr=1e-4,1e-5")
+        matches = [p for p in leaves if p == key] or [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+        if len(matches) != 1:
+            raise StudyError(
+                f"--grid {pair!r}: {key!r} names {'no config field' if not matches else ', '.join(matches)}; "
+                "give the full path, e.g. optim.lr"
+            )
+        path, kind = matches[0], type(leaves[matches[0]])
+        if kind not in (int, float, str, bool):
+            raise StudyError(f"--grid {pair!r}: config.{path} is a {kind.__name__}; a grid sets numbers or strings")
+        try:
+            vals = [_typed(kind, v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise StudyError(f"--grid {pair!r}: config.{path} takes {kind.__name__} values") from None
+        if len(set(vals)) != len(vals):
+            raise StudyError(f"--grid {pair!r}: a value is given twice")
+        if any(path == a[0] for a in axes):
+            raise StudyError(f"--grid: config.{path} is given twice")
+        axes.append((path, key, vals))
+    points = []
+    for combo in itertools.product(*(vals for _, _, vals in axes)):
+        name = "_".join(f"{key}{value}" for (_, key, _), value in zip(axes, combo, strict=True))
+        points.append({"name": name, "set": {path: v for (path, _, _), v in zip(axes, combo, strict=True)}})
+    return points
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _typed(kind, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
+    if kind is int:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(text)
+        return int(value)
+    return kind(text)
+
+
+def apply_point(config: ml_collections.ConfigDict, point: dict | None) -> ml_collections.ConfigDict:
+    """`config` with the grid point's fields set (in place)."""
+    for path, value in (point or {}).get("set", {}).items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     if not text:
         return 0, 1
@@ -222,10 +305,11 @@ def run_jobs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out
         if (wd / "results.json").is_file():
             done += 1
             continue
-        print(f"[study] {n}/{len(jobs)} {job.run} seed{job.seed_index} -> {wd}", flush=True)
+        name = f"{job.run}{'/' + job.point if job.point else ''}/seed{job.seed_index}"
+        print(f"[study] {n}/{len(jobs)} {name} -> {wd}", flush=True)
         t0 = time.time()
         train.train_and_evaluate(configs[job], wd)
-        seconds[f"{job.run}/seed{job.seed_index}"] = round(time.time() - t0, 1)
+        seconds[name] = round(time.time() - t0, 1)
         trained += 1
     return {"skipped": done, "trained": trained, "seconds": seconds}
 
@@ -251,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="layer sweep subset, e.g. 0,3,6,-1 (default: every stored layer)")
     p.add_argument("--layer-step", type=int, default=None, help="sweep every N-th layer plus the last")
     p.add_argument("--shard", default=None, help="I/N: this process trains every N-th (run, seed) job from the I-th")
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        help="FIELD=V1,V2 ... (e.g. lr=1e-4,1e-5 embed_dim=512,1024): every row at every point, selected on validation",
+    )
     p.add_argument("--report-only", action="store_true", help="write the report from finished runs, train nothing")
     p.add_argument("--no-report", action="store_true", help="train only (e.g. in shards; report later)")
     return p
@@ -286,12 +376,27 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = records.read_schema(hidden_dir).layers
     sweep = layer_list(num_layers, args.layers, args.layer_step)
     runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs, extra_sets(feats))
-    jobs = [Job(r, s) for s in range(args.seeds) for r in runs]  # seed-major: early seeds complete first
+    grid_file = out / GRID_FILE
+    if args.grid:
+        points = parse_grid(args.grid, config)
+    elif args.report_only and grid_file.is_file():
+        points = json.loads(grid_file.read_text())["points"]
+    else:
+        points = []
+    by_name = {p["name"]: p for p in points}
+    # seed-major: early seeds complete first (for every grid point)
+    jobs = [Job(r, s, p["name"]) for s in range(args.seeds) for r in runs for p in points or [{"name": ""}]]
     shard_i, shard_n = parse_shard(args.shard)
     stats = {"skipped": 0, "trained": 0, "seconds": {}}
     if not args.report_only:
+        if points:
+            out.mkdir(parents=True, exist_ok=True)
+            records.write_json_atomic(grid_file, {"grid": args.grid, "points": points})
         mine = jobs[shard_i::shard_n]
-        configs = {j: run_config(config, j.run, config.seed + j.seed_index, feats) for j in mine}
+        configs = {
+            j: apply_point(run_config(config, j.run, config.seed + j.seed_index, feats), by_name.get(j.point))
+            for j in mine
+        }
         for c in configs.values():  # every row's config before the first run trains
             defaults.validate(c)
         t0 = time.time()
@@ -310,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             "base_seed": config.seed,
             "sets": [a.removeprefix("--") for a in config_args if a.startswith("--config.")],
             "command": "python -m dff_jax.study " + " ".join(argv),
+            "grid": [p["name"] for p in points],
+            "select_metric": config.train.select_metric,
         }
         paths = report.write_report(out, runs, meta, last_layer=num_layers - 1 if sweep[-1] == num_layers - 1 else None)
         print(f"[study] report: {', '.join(str(p) for p in paths)}", flush=True)

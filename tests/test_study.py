@@ -275,3 +275,37 @@ def test_tables_3_and_4_compare_extra_feature_sets_with_paired_tests(finished, t
         delta = np.mean(list(a.values())) - np.mean(list(b.values()))
         assert line.split("|")[3].strip() == f"{delta:+.4f} ({report.fmt_p(report.paired_p(a, b))})"
     assert "set_cover" in rows
+
+
+@pytest.mark.slow  # 4 tiny ID runs of 1 epoch
+def test_grid_trains_every_point_and_reports_the_one_selected_on_validation(tmp_path, capsys):
+    # A 2-point lr grid, 2 seeds: every (row, point, seed) is its own run; the point with the better mean validation
+    # NDCG@10 is kept, and the tables show that point's test numbers.
+    out = tmp_path / "out"
+    args = study_args(tmp_path / "data", out, "--runs", "id", "--grid", "lr=3e-3,1e-5")
+    assert study.main(args) == 0
+    points = ["lr0.003", "lr1e-05"]
+    assert json.loads((out / "grid.json").read_text())["points"][1] == {"name": "lr1e-05", "set": {"optim.lr": 1e-5}}
+    md = (out / "report.md").read_text()
+    rows = read_csv(out / "results.csv")
+    for run in ("id",):
+        res = {p: {s: json.loads((out / "runs" / run / p / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
+               for p in points}  # fmt: skip
+        assert res["lr1e-05"][0]["config"]["optim"]["lr"] == 1e-5 and res["lr0.003"][1]["config"]["seed"] == 43
+        valid = {p: np.mean([r["best_valid"]["NDCG@10"] for r in res[p].values()]) for p in points}
+        best = max(valid, key=valid.get)
+        mine = [r for r in rows if r["run"] == run]
+        assert {r["grid_point"] for r in mine} == {best}
+        assert sorted(float(r["NDCG@10"]) for r in mine) == sorted(r["test"]["NDCG@10"] for r in res[best].values())
+        line = next(
+            x for x in md.split("## Grid selection")[1].splitlines() if x.startswith(f"| {report.run_name(run)} |")
+        )
+        assert line.endswith(f"| `{best}` |") and f"**{valid[best]:.4f} (2)**" in line
+    # resume: nothing is trained again, and --report-only reads the grid back from grid.json
+    assert study.main(args) == 0 and "trained 0 runs, skipped 4" in capsys.readouterr().out
+    assert study.main([a for a in args if a not in ("--grid", "lr=3e-3,1e-5")] + ["--report-only"]) == 0
+    again = (out / "report.md").read_text()
+    assert again.split("\n", 3)[3] == md.split("\n", 3)[3]  # all but the title and the command line
+    with pytest.raises(SystemExit):
+        study.main(study_args(tmp_path / "data", out, "--grid", "max_seq_len=5,6"))  # data. or model.?
+    assert "data.max_seq_len, model.max_seq_len" in capsys.readouterr().err
