@@ -1,10 +1,10 @@
 """MovieLens-100k (real, offline) with the MicroLens protocol adapted to a small, long-history dataset.
 
   python -m dff_jax.train --config configs/ml100k.py:dff --workdir runs/ml100k-dff \
-      --config.features.dir=features/ml100k-smollm2-title
-  python -m dff_jax.study --config configs/ml100k.py \
-      --features hidden=features/ml100k-smollm2-title caption=features/ml100k-minilm-text \
-      --out study/ml100k --seeds 2 --layers 0,10,20,30
+      --config.features.dir=features/ml100k-smollm2-rec
+  python -m dff_jax.study --config configs/ml100k.py --features hidden=features/ml100k-smollm2-rec \
+      caption=features/ml100k-minilm-text plain_prompt=features/ml100k-smollm2-plain \
+      --out study/ml100k --seeds 5 --layers 0,10,20,30
 
 Data: `u.data` of MovieLens-100k (943 users, 1682 movies, 100,000 ratings; every user has >= 20 ratings) in
 `data/ml-100k` under the repository root (override with --config.data.dir). Ratings are used as implicit feedback
@@ -48,7 +48,7 @@ def get_config(variant: str | None = None):
     c.data.min_seq_len = 5
     c.data.window = 0
     c.data.max_seq_len = 50
-    c.features.dir = str(_ROOT / "features" / "ml100k-smollm2-title")
+    c.features.dir = str(_ROOT / "features" / "ml100k-smollm2-rec")
     c.model.embed_dim = 64
     c.model.gate_hidden = 64
     c.model.dropout = 0.2
