@@ -7,6 +7,9 @@ compiling 12 small models, so the end-to-end tests are marked slow (they still r
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -309,3 +312,26 @@ def test_grid_trains_every_point_and_reports_the_one_selected_on_validation(tmp_
     with pytest.raises(SystemExit):
         study.main(study_args(tmp_path / "data", out, "--grid", "max_seq_len=5,6"))  # data. or model.?
     assert "data.max_seq_len, model.max_seq_len" in capsys.readouterr().err
+
+
+def test_study_runs_use_deterministic_gpu_kernels(tmp_path, monkeypatch):
+    # The study turns parallel.deterministic_ops on unless the command line sets it; initialize() then puts XLA's
+    # flag into XLA_FLAGS before jax starts (checked in a fresh process: this one's backend is already running).
+    seen = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda cfg, wd: seen.append(cfg.parallel.deterministic_ops))
+    args = [*study_args(tmp_path / "data", tmp_path / "out", "--runs", "id", "--no-report"), "--seeds", "1"]
+    assert study.main(args) == 0
+    assert study.main([*args, "--config.parallel.deterministic_ops=false"]) == 0
+    assert seen == [True, False]
+    code = (
+        "import os; from dff_jax import defaults, parallel; c = defaults.base_config().parallel; "
+        "c.deterministic_ops = True; parallel.initialize(c); import jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+    )
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "PYTHONPATH": str(REPO),
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["--xla_force_host_platform_device_count=1", "--xla_gpu_deterministic_ops=true"]
