@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--decode-scale",
         type=float,
-        default=2.0,
-        help="shrink frames while decoding to at most this x (per side) the processor's frame size (0: full size)",
+        default=1.0,
+        help="shrink frames while decoding to at most this x (per side) the processor's frame size; 1: straight to "
+        "the processor's size where it allows (Qwen-VL), so it does not resize again; 0: full size",
     )
     p.add_argument(
         "--allow-failures",

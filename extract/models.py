@@ -373,6 +373,7 @@ class VisionLanguageBackend:
             raise ExtractError(f"{model}: the processor has no video processor; --modality video needs one")
         if modality == "cover" and getattr(processor, "image_processor", None) is None:
             raise ExtractError(f"{model}: the processor has no image processor; --modality cover needs one")
+        self.model_type = config.model_type
         self.frame_pixels = apply_token_budget(processor, config.model_type, num_frames, max_pixels, model)
         try:
             net = AutoModelForImageTextToText.from_pretrained(
@@ -391,6 +392,7 @@ class VisionLanguageBackend:
         """Wraps an already built model + processor (benchmarks at a real shape with random weights)."""
         self = cls.__new__(cls)
         self.modality, self.prompt, self.device = modality, prompt, device
+        self.model_type = model.config.model_type
         self.frame_pixels = apply_token_budget(processor, model.config.model_type, num_frames, max_pixels, "model")
         self._setup(model, processor, type(model).__name__)
         return self
@@ -416,6 +418,35 @@ class VisionLanguageBackend:
         # Each decode worker thread preprocesses with its own processor copy: a fast tokenizer's padding
         # settings are mutated on every call, which is not safe to share between threads.
         self._local = threading.local()
+        self._frame_sizes: dict[tuple[int, int, int], tuple[int, int] | None] = {}
+
+    def frame_size(self, height: int, width: int, frames: int) -> tuple[int, int] | None:
+        """The (height, width) the video processor resizes `frames` upright frames of this size to, when decoding
+        straight to it leaves the processor nothing to resize; None otherwise (decoding then only shrinks frames).
+
+        Only the Qwen-VL pixel budgets qualify: a plain aspect-keeping resize to multiples of patch x merge that
+        leaves its own output unchanged (checked: resizing the result again must give the same size). Fixed-size
+        families crop or slice, which a resize while decoding would not reproduce. The size is asked of the
+        processor itself (one black clip per distinct frame size and count, then cached), so it follows the
+        installed transformers' rounding and per-frame caps.
+        """
+        if self.modality != "video" or self.model_type not in QWEN_PIXEL_BUDGETS:
+            return None
+        key = (height, width, max(frames, self.min_frames))
+        if key not in self._frame_sizes:
+            size = self._resized_size(*key)
+            # A dict write is atomic under the GIL; two workers computing the same key at once agree.
+            self._frame_sizes[key] = size if size and self._resized_size(*size, key[2]) == size else None
+        return self._frame_sizes[key]
+
+    def _resized_size(self, height: int, width: int, frames: int) -> tuple[int, int] | None:
+        vp = self._processor().video_processor
+        out = vp(videos=[np.zeros((frames, height, width, 3), np.uint8)], do_sample_frames=False, return_tensors="pt")
+        grid = out.get("video_grid_thw")
+        if grid is None:
+            return None
+        patch = int(vp.patch_size)
+        return int(grid[0][1]) * patch, int(grid[0][2]) * patch
 
     def _processor(self):
         if threading.current_thread() is threading.main_thread():

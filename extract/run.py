@@ -74,7 +74,7 @@ class RunOptions:
     decode_workers: int = 2
     prefetch: int | None = None  # batches decoded + preprocessed ahead of the model (None: 2 x decode_workers)
     attn_implementation: str | None = None
-    decode_scale: float = 2.0  # frames are shrunk while decoding to at most this x (per side) the processor's size
+    decode_scale: float = 1.0  # frames are shrunk while decoding to this x (per side) the processor's size (see --help)
     progress: bool = True
     allow_failures: bool = False  # finalise the folder although items failed (listed in manifest.json)
     max_consecutive_failures: int = 20  # stop when this many items in a row fail (0: never)
@@ -257,6 +257,15 @@ def decode_pixels(backend, opts: RunOptions) -> int | None:
     return int(pixels * opts.decode_scale**2)
 
 
+def decode_size(backend, opts: RunOptions):
+    """`read_clip(size=...)` for --decode-scale 1 where the processor allows it (Qwen-VL budgets): frames are
+    converted straight to the size the processor resizes to. None otherwise (the pixel cap applies)."""
+    frame_size = getattr(backend, "frame_size", None)
+    if opts.modality != "video" or opts.decode_scale != 1 or frame_size is None:
+        return None
+    return frame_size if frame_size(1080, 1920, opts.frames) is not None else None  # also caches the 1080p size
+
+
 def preflight(backend, opts: RunOptions) -> dict | None:
     """Tokens of a worst-case item (a 1080p clip of --frames frames, or a 1080p cover) against the context."""
     import numpy as np
@@ -278,15 +287,16 @@ def preflight(backend, opts: RunOptions) -> dict | None:
     return backend.check_context([sample], f"{opts.model}: {what}")
 
 
-def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None):
-    """Reads one item's media into a models.Sample; MediaError when unusable."""
+def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None, size=None):
+    """Reads one item's media into a models.Sample; MediaError when unusable. `max_pixels`, `size`: read_clip's."""
     from extract.models import Sample
 
     if opts.modality == "title" or (opts.captions and opts.caption_source == "title"):
         return Sample(item)
     if opts.modality == "video":
         return Sample(
-            item, clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames, max_pixels=max_pixels)
+            item,
+            clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames, max_pixels=max_pixels, size=size),
         )
     return Sample(item, image=read_image(Path(opts.media) / f"{item.item_id}.jpg"))
 
@@ -484,8 +494,12 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
         captions_done = read_captions(captions_path)
         cfg["text_encoder_settings"] = encoder.settings
     pixels = decode_pixels(backend, opts) if opts.modality == "video" else None
+    size = decode_size(backend, opts)
     cfg["processor"] = getattr(backend, "settings", None)
     cfg["decode_max_pixels"] = pixels
+    if size is not None:
+        # Frames resampled by FFmpeg instead of the processor: other pixels, so another extraction.
+        cfg["decode_resize"] = "processor_size"
     _check_run_config(out, cfg, write=True)
     manifest["preflight"] = preflight(backend, opts)
     manifest["load_seconds"] = round(time.time() - t0, 3)
@@ -507,7 +521,7 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
         pending = deque()
         try:
             for batch in batches[: opts.prefetch]:
-                pending.append(pool.submit(_prepare_batch, batch, opts, pixels, prepare))
+                pending.append(pool.submit(_prepare_batch, batch, opts, (pixels, size), prepare))
             for k, batch in enumerate(batches):
                 try:
                     results, prepared = pending.popleft().result()
@@ -517,7 +531,9 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
                         "rerun the same command to resume (fewer --decode-workers / --prefetch need less memory)"
                     ) from None
                 if k + opts.prefetch < len(batches):
-                    pending.append(pool.submit(_prepare_batch, batches[k + opts.prefetch], opts, pixels, prepare))
+                    pending.append(
+                        pool.submit(_prepare_batch, batches[k + opts.prefetch], opts, (pixels, size), prepare)
+                    )
                 samples = []
                 for item, res in zip(batch, results):
                     if isinstance(res, MediaError):
@@ -551,14 +567,14 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
     bar.close()
 
 
-def _prepare_batch(batch, opts, pixels, prepare):
+def _prepare_batch(batch, opts, sizing, prepare):
     """Worker: decodes a batch's media and, where the backend allows, builds its model inputs.
 
     Returns (per item a Sample or a MediaError, the prepared inputs or None or the exception raised)."""
     results = []
     for item in batch:
         try:
-            results.append(decode_item(item, opts, pixels))
+            results.append(decode_item(item, opts, *sizing))
         except MediaError as e:
             results.append(e)
     samples = [r for r in results if not isinstance(r, MediaError)]

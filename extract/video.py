@@ -6,12 +6,18 @@ each target time takes the nearest real frame; for constant-frame-rate files thi
 `linspace(0, total - 1, n)` over frame indices, and variable-frame-rate files are not biased towards
 their dense parts. Display rotation (phone videos) is applied, frames of a stream that changes size
 are brought to the first frame's size, and clips shorter than the request give all their frames.
+
+Only the sampled frames and the frames they depend on are decoded (`_decode_seek`), and FFmpeg's scaler converts
+them to RGB at the size the model's processor wants (`read_clip(size=...)`): at 1080p these two decide the CPU
+cost of an item (extract/README.md, "CPU side: decode + preprocess").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,8 @@ class Clip:
       total_frames: frame count on the same grid (at least the number of decoded frames).
       duration: seconds from the first to the last frame plus one frame period.
       decoded_frames, method: how the frames were read (seek-based or the whole file).
+      cpu_seconds: CPU seconds of the calling thread (all of the work with `threads=1`) per step: "index"
+        (open + demux the packet index), "decode" (seeking, demuxing, decoding), "convert" (scaling to RGB).
     """
 
     frames: np.ndarray
@@ -44,6 +52,7 @@ class Clip:
     duration: float
     decoded_frames: int = 0  # frames the decoder produced to get these (the cost of the read)
     method: str = "full"  # "seek" or "full" (the whole file was decoded)
+    cpu_seconds: dict = dataclasses.field(default_factory=dict)
 
 
 def _open(path: Path):
@@ -83,12 +92,6 @@ def _choose_times(times: list[float], num_frames: int) -> list[float]:
     return [times[i] for i in sorted(set(picks.tolist()))]
 
 
-def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
-    # PyAV's VideoFrame.rotation: degrees the display matrix rotates the frame counter-clockwise.
-    quarter_turns = int(round(rotation / 90.0)) % 4
-    return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
-
-
 def scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
     """The (width, height) a frame is converted to: unchanged, or shrunk (aspect kept, even sides) to at most
     `max_pixels` pixels. FFmpeg's scaler does this during the RGB conversion, far cheaper than a processor
@@ -99,25 +102,60 @@ def scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, i
     return max(2, int(width * s) // 2 * 2), max(2, int(height * s) // 2 * 2)
 
 
-class _Decoder:
-    """Frames of one stream converted to RGB at the clip's size; counts what was decoded."""
+# A size function for read_clip: (upright height, width, frames) -> the (height, width) to convert frames to, or None.
+SizeFn = Callable[[int, int, int], "tuple[int, int] | None"]
 
-    def __init__(self, container, stream, max_pixels):
+
+class _Decoder:
+    """Frames of one stream converted to RGB at the clip's size; counts what was decoded and the conversion time."""
+
+    def __init__(self, container, stream, max_pixels, size_fn: SizeFn | None = None, frames: int = 0):
+        from av.video.reformatter import VideoReformatter
+
         self.container, self.stream, self.max_pixels = container, stream, max_pixels
+        self.size_fn, self.sampled = size_fn, frames
         self.tb = float(stream.time_base) if stream.time_base else 0.0
-        self.size = None
+        self.size = None  # (width, height) in the stream's (stored) orientation
+        self.exact = False  # converting straight to the processor's size
+        self.reformatter = VideoReformatter()  # one scaler context for the clip, not one per frame
         self.decoded = 0
         self.seeks = 0
+        self.convert_s = 0.0
+
+    def _choose_size(self, frame, quarter_turns: int) -> tuple[int, int]:
+        upright = (frame.width, frame.height) if quarter_turns % 2 else (frame.height, frame.width)
+        exact = self.size_fn(*upright, self.sampled) if self.size_fn is not None else None
+        if exact:
+            self.exact = True
+            h, w = exact
+            return (h, w) if quarter_turns % 2 else (w, h)
+        return scaled_size(frame.width, frame.height, self.max_pixels)
 
     def rgb(self, frame) -> np.ndarray:
+        t = time.thread_time()
+        # PyAV's VideoFrame.rotation (display side data, not carried over by reformat()): degrees the display
+        # matrix rotates the frame counter-clockwise.
+        quarter_turns = int(round(frame.rotation / 90.0)) % 4
         if self.size is None:
-            self.size = scaled_size(frame.width, frame.height, self.max_pixels)
-        rotation = frame.rotation  # display side data, not carried over by reformat()
-        if (frame.width, frame.height) != self.size:
+            self.size = self._choose_size(frame, quarter_turns)
+        w, h = self.size
+        if (frame.width, frame.height) == (w, h):
+            rgb = frame.to_ndarray(format="rgb24")
+        elif self.exact:
+            # Scale and convert in one pass, bicubic as the Qwen-VL processors resize. Planar RGB output: packed
+            # rgb24 from a scaled 4:2:0 frame keeps half the horizontal chroma resolution (without FFmpeg's
+            # full_chroma_int flag, which PyAV does not expose): 14.5 vs 5.2 mean pixel error against the processor's
+            # own resize on a colourful 8 px texture, the same on smooth content (extract/README.md).
+            rgb = self.reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation="BICUBIC")
+            rgb = rgb.to_ndarray()
+        else:
             # Scale in YUV first (4:2:0 has half the samples of RGB), then convert: ~2.5x cheaper than scaling
             # during the RGB conversion (measured at 1080p).
-            frame = frame.reformat(width=self.size[0], height=self.size[1], interpolation="AREA")
-        return _upright(frame.to_ndarray(format="rgb24"), rotation)
+            frame = self.reformatter.reformat(frame, width=w, height=h, interpolation="AREA")
+            rgb = frame.to_ndarray(format="rgb24")
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
+        self.convert_s += time.thread_time() - t
+        return rgb
 
     def frames(self):
         for frame in self.container.decode(self.stream):
@@ -126,52 +164,65 @@ class _Decoder:
 
 
 def _decode_seek(dec: _Decoder, wanted: list[float], keys: list[float]):
-    """The wanted frames by seeking to the keyframe before each one and decoding forward from there.
+    """The wanted frames by seeking to the keyframe before them and decoding forward from there.
 
-    Packets are fed to the decoder one by one: the wanted frame's packet is decoded in full, every other one
+    Packets are fed to the decoder one by one: the wanted frames' packets are decoded in full, every other one
     with `skip_frame="NONREF"`, so frames no later frame refers to (most B-frames) are not decoded at all, while
-    every reference frame the wanted one may need is. A keyframe is sought only when the next wanted frame lies
-    beyond the frames already decoded, so one GOP is decoded once. Returns None when the file's index or
-    timestamps do not allow this (a frame was passed over without meeting its time); the caller then decodes
-    the whole file.
+    every reference frame a wanted one may need is. Decoding goes on forward while the next wanted frame lies in
+    the GOP being decoded; otherwise a seek to its keyframe skips the rest of this GOP, so no GOP is decoded twice
+    and none for nothing. After a seek, packets before that keyframe (a demuxer may land on an earlier one: mp4's
+    index is in decode time) are demuxed but not decoded. Returns None when
+    the file's index or timestamps do not allow this (a wanted frame never came out of the decoder); the caller
+    then decodes the whole file.
     """
     ctx = dec.stream.codec_context
-    frames, stamps = [], []
-    packets, current = None, None  # the packet iterator and the pts (s) of the last packet fed to the decoder
+    want = set(wanted)
+    got: dict[float, np.ndarray] = {}
+    packets = None  # the packet iterator since the last seek
+    fed, last_fed, at_key = set(), float("-inf"), True  # times of the packets fed since that seek
     for target in wanted:
+        if target in got:
+            continue
         k = int(np.searchsorted(keys, target, side="right")) - 1
-        key = keys[k] if k >= 0 else 0.0
-        if packets is None or current is None or current >= target or key > current:
-            dec.container.seek(int(round(key / dec.tb)), stream=dec.stream, backward=True, any_frame=False)
+        key = keys[k] if k >= 0 else None  # None: before the first keyframe, decode from the start
+        if packets is None or (target not in fed and key is not None and key > last_fed):
+            dec.container.seek(int(round((key or 0.0) / dec.tb)), stream=dec.stream, backward=True, any_frame=False)
             ctx.flush_buffers()
             dec.seeks += 1
             packets = dec.container.demux(dec.stream)
-        found = None
+            fed, last_fed, at_key = set(), float("-inf"), key is None
         for packet in itertools.chain(packets, [None]):
             if packet is None:  # end of stream: drain the frames the decoder still holds
                 ctx.skip_frame = "DEFAULT"
                 out = ctx.decode(None)
                 packets = None
             else:
-                if packet.pts is None and packet.size > 0:
-                    return None
                 if packet.size == 0:
                     continue
-                current = float(packet.pts) * dec.tb
-                ctx.skip_frame = "DEFAULT" if current == target else "NONREF"
+                if packet.pts is None:
+                    return None
+                t = float(packet.pts) * dec.tb
+                if not at_key:
+                    if not (packet.is_keyframe and t == key):
+                        if packet.is_keyframe and t > key:
+                            return None  # the seek went past the keyframe
+                        continue
+                    at_key = True
+                fed.add(t)
+                last_fed = max(last_fed, t)
+                ctx.skip_frame = "DEFAULT" if t in want else "NONREF"
                 out = ctx.decode(packet)
             for frame in out:
                 dec.decoded += 1
-                if frame.pts is not None and float(frame.pts) * dec.tb == target:
-                    found = frame
-            if found is not None:
+                ft = float(frame.pts) * dec.tb if frame.pts is not None else None
+                if ft in want and ft not in got:
+                    got[ft] = dec.rgb(frame)
+            if target in got or packets is None:
                 break
-        if found is None:
+        if target not in got:
             return None
-        frames.append(dec.rgb(found))
-        stamps.append(target)
     ctx.skip_frame = "DEFAULT"
-    return frames, stamps
+    return [got[t] for t in wanted], list(wanted)
 
 
 def _decode_all(dec: _Decoder, wanted: set[float] | None):
@@ -194,6 +245,7 @@ def read_clip(
     *,
     method: str = "seek",
     max_pixels: int | None = None,
+    size: SizeFn | None = None,
     threads: int = 0,
 ) -> Clip:
     """Decodes up to `num_frames` frames sampled uniformly over the whole clip.
@@ -203,6 +255,9 @@ def read_clip(
         frame of the file (the reference; also what "seek" does when half the frames or more are wanted or the
         file's index does not allow seeking; `Clip.method` says which was used).
       max_pixels: frames larger than this are scaled down (aspect kept) while converted to RGB.
+      size: `size(height, width, frames)` of the upright first frame and the number of sampled frames gives the
+        (height, width) to convert every frame to (the model processor's own size, so it has nothing left to
+        resize), or None to use `max_pixels`.
       threads: FFmpeg decoding threads (0: FFmpeg's choice, 1: one core, as the benchmark measures).
 
     Raises:
@@ -215,6 +270,7 @@ def read_clip(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if method not in ("seek", "full"):
         raise ValueError(f"method must be seek or full, got {method!r}")
+    t_start = time.thread_time()
     container = _open(path)
     try:
         if not container.streams.video:
@@ -223,12 +279,14 @@ def read_clip(
         # Frame threading would apply the per-packet skip_frame of the seek path late; slice threading does not.
         stream.thread_type = "SLICE" if method == "seek" else "AUTO"
         stream.codec_context.thread_count = threads
-        dec = _Decoder(container, stream, max_pixels)
         try:
             times, keys = _packet_index(container, stream)
         except av.FFmpegError as e:
             raise MediaError(f"cannot demux {path}: {e}") from None
-        wanted = _choose_times(times, num_frames) if times and dec.tb > 0 else None
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        wanted = _choose_times(times, num_frames) if times and tb > 0 else None
+        t_index = time.thread_time()
+        dec = _Decoder(container, stream, max_pixels, size, len(wanted) if wanted else num_frames)
         used = method
         try:
             # Seeking pays off only for a sparse sample; half the frames or more are cheaper decoded in one pass.
@@ -250,6 +308,12 @@ def read_clip(
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 30.0
     finally:
         container.close()
+    t_end = time.thread_time()
+    cpu = {
+        "index": t_index - t_start,
+        "decode": t_end - t_index - dec.convert_s,
+        "convert": dec.convert_s,
+    }
     t0 = stamps[0]
     rel = [s - t0 for s in stamps]
     if wanted is None:
@@ -270,6 +334,7 @@ def read_clip(
         duration=total_span + 1.0 / fps,
         decoded_frames=dec.decoded,
         method=used,
+        cpu_seconds={k: round(v, 6) for k, v in cpu.items()},
     )
 
 
