@@ -326,7 +326,7 @@ def test_seek_to_the_processor_size_returns_the_sampled_frames(tmp_path, qwen_si
 def test_decoding_to_the_processor_size_feeds_the_processor_what_full_frames_do(tmp_path, qwen_sizes):
     """The fast path (seek, FFmpeg resizes to the processor's size) vs the path it replaces (every frame decoded,
     full-size RGB, the processor resizes): the same patch grid and, as a resampling difference, pixels within
-    2/255 on average (measured 0.3-1.1 on smooth and real content, 5 on a random 8 px block texture:
+    2/255 on average (measured: 1.1 on an upscaled real clip, 5.2 on a random 8 px block texture; see
     extract/README.md); frames in the wrong order are more than 5x further off."""
     be = qwen_sizes
     path = write_test_video(tmp_path / "hd.mp4", synth_frames(12, 1080, 1920, seed=2), fps=30, gop=4)
