@@ -434,9 +434,13 @@ class VisionLanguageBackend:
             return None
         key = (height, width, max(frames, self.min_frames))
         if key not in self._frame_sizes:
-            size = self._resized_size(*key)
+            try:
+                size = self._resized_size(*key)
+                size = size if size and self._resized_size(*size, key[2]) == size else None
+            except ValueError:  # e.g. an aspect ratio over 200: prepare() then reports it as this item's failure
+                size = None
             # A dict write is atomic under the GIL; two workers computing the same key at once agree.
-            self._frame_sizes[key] = size if size and self._resized_size(*size, key[2]) == size else None
+            self._frame_sizes[key] = size
         return self._frame_sizes[key]
 
     def _resized_size(self, height: int, width: int, frames: int) -> tuple[int, int] | None:

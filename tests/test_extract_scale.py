@@ -374,6 +374,7 @@ def test_only_qwen_budgets_decode_to_the_processor_size(tmp_path_factory, qwen_s
     h, w = qwen_sizes.frame_size(1080, 1920, 16)
     assert h % 28 == 0 and w % 28 == 0 and h * w <= qwen_sizes.frame_pixels
     assert qwen_sizes.frame_size(h, w, 16) == (h, w)  # the processor leaves that size as it is
+    assert qwen_sizes.frame_size(8, 2000, 16) is None  # the processor refuses it: that item fails later, alone
     assert vlm(tmp_path_factory, "qwen3_vl").frame_size(1080, 1920, 4) is not None
     llava = vlm(tmp_path_factory, "llava_onevision")
     assert llava.frame_size(1080, 1920, 4) is None  # fixed sizes: the processor's own resize (and crop) stays
