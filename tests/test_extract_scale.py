@@ -507,6 +507,9 @@ def test_a_host_with_other_versions_cannot_add_to_the_folder(media, tmp_path, tm
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["compute_dtype"] == "float32" and cfg["transformers"] and cfg["torch"]
     assert cfg["processor"]["video_processor"]["size"]["longest_edge"] == 256 * 28 * 28
+    assert cfg["decode_scale"] == 1 and cfg["decode_resize"] == "processor_size"  # other pixels: part of the identity
+    assert cli(media, model, out, "--shard", "1/2", "--decode-scale", "2") == 2
+    assert "decode_scale: 1.0 there vs 2.0 now" in capsys.readouterr().err
     cfg["transformers"] = "4.40.2"
     (out / "run_config.json").write_text(json.dumps(cfg))
     assert cli(media, model, out, "--shard", "1/2") == 2
