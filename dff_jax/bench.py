@@ -7,6 +7,7 @@
   python -m dff_jax.bench --preset sasrec       # the original SASRec setting at the held-out benchmark's shapes, vs torch
   python -m dff_jax.bench --preset cpu --shape embed_dim=256 --shape batch_size=512
   python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size
+  python -m dff_jax.bench --what features --sharded --items 200000 --layers 4 --hidden 128   # streamed placement
   python -m dff_jax.bench_scaling               # strong/weak scaling on simulated CPU devices (its own module)
 
 Everything is measured in one process, side by side, on random data of the given shapes (no files), through the
@@ -640,6 +641,151 @@ def bench_feature_load(
     }
 
 
+def _sharded_child(directory: str, num_items: int, model_axis: int, cache_dir: str) -> None:
+    """Runs in a fresh process (device count set by the parent, maybe one of several processes): streams the folder
+    into a table sharded over `model_axis` and prints JSON: time, peak RSS before (baseline: jax started, devices
+    up, one jit run) and after, the bytes of this process's shards."""
+    config = defaults.base_config().parallel
+    parallel.initialize(config)
+    import jax.numpy as jnp
+
+    from dff_jax import feature_cache
+
+    jax.jit(lambda x: x + 1)(jnp.zeros(4)).block_until_ready()
+    baseline = _peak_rss_bytes()
+    config.model_axis = model_axis
+    mesh = parallel.make_mesh(config)
+    schema = records.read_schema(directory)
+    rows = list(range(schema.layers))
+    shape = jax.ShapeDtypeStruct((num_items + 1, len(rows), schema.hidden_size), records.numpy_dtype(schema.dtype))
+    sharding = parallel.state_shardings(shape, mesh, True, num_items=num_items)
+    item_ids = [""] + [str(i) for i in range(num_items)]
+    said = []
+    start = time.perf_counter()
+    table, _ = feature_cache.load(
+        directory, item_ids, rows, sharding, standardize=True, cache_dir=cache_dir, say=said.append
+    )
+    table.block_until_ready()
+    seconds = time.perf_counter() - start
+    shards = feature_cache.shard_bytes(table)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "built_cache": bool(said),
+                "seconds": seconds,
+                "peak_rss_bytes": _peak_rss_bytes(),
+                "baseline_rss_bytes": baseline,
+                "table_bytes": int(table.nbytes),
+                "shard_bytes": shards,
+                "shard_shapes": [list(s.data.shape) for s in table.addressable_shards],
+                "spec": str(sharding.spec),
+            }
+        )
+    )
+
+
+def run_sharded_load(
+    directory: str | os.PathLike,
+    num_items: int,
+    *,
+    devices: int,
+    model_axis: int,
+    processes: int = 1,
+    cache_dir: str = "",
+) -> list[dict]:
+    """`_sharded_child` in `processes` fresh processes of `devices` simulated CPU devices each (one job); their
+    JSON lines, by process. A multi-process job uses a loopback coordinator."""
+    import socket
+
+    code = (
+        f"from dff_jax.bench import _sharded_child; "
+        f"_sharded_child({str(directory)!r}, {num_items}, {model_axis}, {str(cache_dir)!r})"
+    )
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{s.getsockname()[1]}", JAX_NUM_PROCESSES=str(processes))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=dict(env, JAX_PROCESS_ID=str(i)) if processes > 1 else env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outs = [child.communicate(timeout=1800) for child in children]
+    for child, (_, err) in zip(children, outs):
+        if child.returncode != 0:
+            raise RuntimeError(f"benchmark child failed:\n{err}")
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def bench_sharded_load(
+    num_items: int,
+    layers: int,
+    hidden: int,
+    dtype: str = "bfloat16",
+    tmpdir: str | None = None,
+    shards: int = 8,
+    setups: tuple = ((1, 1, 1), (4, 4, 1), (2, 2, 2)),
+) -> dict:
+    """Streamed, sharded placement (dff_jax/feature_cache.py) for each (devices per process, model_axis, processes)
+    of `setups`: the first load builds the cache, a second one (a restart) reads it; peak RSS, baseline RSS and
+    the bytes of each process's shards for both. `overhead` = (peak - baseline - own shards) / table bytes: what a
+    process holds beyond its devices' shards (on simulated CPU devices the shards themselves are host RAM)."""
+    itemsize = records.numpy_dtype(dtype).itemsize
+    needed = (num_items + 1) * layers * hidden * itemsize
+    parent = Path(tmpdir or tempfile.gettempdir())
+    free = shutil.disk_usage(parent).free
+    if free < 3 * needed:
+        raise RuntimeError(
+            f"{parent}: {free / 1e9:.1f} GB free, the benchmark needs {3 * needed / 1e9:.1f} GB (records + cache); "
+            "pass tmpdir= on a larger disk or smaller sizes"
+        )
+    work = Path(tempfile.mkdtemp(prefix="dff_sharded_bench_", dir=parent))
+    out = {"shape": [num_items + 1, layers, hidden], "dtype": dtype, "table_bytes": needed, "setups": []}
+    try:
+        (work / "features").mkdir()
+        _write_bench_features(work / "features", num_items, layers, hidden, dtype, shards)
+        for devices, model_axis, processes in setups:
+            cache = work / f"cache-{devices}x{model_axis}x{processes}"
+            for what in ("build", "restart"):
+                children = run_sharded_load(
+                    work / "features",
+                    num_items,
+                    devices=devices,
+                    model_axis=model_axis,
+                    processes=processes,
+                    cache_dir=str(cache),
+                )
+                for child in children:
+                    extra = child["peak_rss_bytes"] - child["baseline_rss_bytes"] - sum(child["shard_bytes"])
+                    child["overhead"] = round(extra / needed, 4)
+                out["setups"].append(
+                    {
+                        "devices": devices,
+                        "model_axis": model_axis,
+                        "processes": processes,
+                        "load": what,
+                        "processes_out": children,
+                    }
+                )
+            shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "features"], default="train")
@@ -661,9 +807,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=4096, help="--what features: hidden size")
     p.add_argument("--dtype", default="bfloat16", choices=records.DTYPES, help="--what features: stored dtype")
     p.add_argument("--tmpdir", default=None, help="--what features: where to write the temporary feature folder")
+    p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="--what features: the streamed sharded placement on 1 device, 4 devices (model_axis=4) and 2 processes x 2 "
+        "devices, first load (builds the cache) and restart",
+    )
     args = p.parse_args(argv)
     if args.what == "features":
-        result = bench_feature_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
+        if args.sharded:
+            result = bench_sharded_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
+        else:
+            result = bench_feature_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)
         print(json.dumps(result, indent=2))
         return
     if args.preset == "sasrec":

@@ -107,10 +107,9 @@ def ranks(static, params, frozen, items, dataset, split: str, eval_cfg, seed: in
 def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
     """HR@K / NDCG@K by full ranking, cold-start slices by the target's train interaction count, and (with
     `eval_cfg.sampled_negatives` > 0) the sampled protocol seeded by `seed`."""
-    # Every item's embedding once for both protocols (for a content encoder, the projection of the whole table).
-    items = item_table(
-        params, frozen["features"], graphdef=static["graphdef"], sharding=parallel.replicated(static["mesh"])
-    )
+    # Every item's embedding once for both protocols (for a content encoder, the projection of the whole table),
+    # split over "model" with shard_items (parallel.ranking_sharding).
+    items = item_table(params, frozen["features"], graphdef=static["graphdef"], sharding=static["ranking_sharding"])
     r, targets = ranks(static, params, frozen, items, dataset, split, eval_cfg, seed)
     result = metrics.metrics_from_ranks(r, eval_cfg.ks)
     result["num_users"] = int(r.size)

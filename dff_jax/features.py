@@ -70,7 +70,9 @@ class FeatureTable:
       records: records read in all shards.
       files: shards read.
       identical: (item, earlier item) pairs whose loaded rows are exactly equal (duplicate videos, zero-filled
-        extraction failures): such items tie in every score, so `replace` cannot tell them apart.
+        extraction failures): such items tie in every score, so `replace` cannot tell them apart. A table from the
+        feature cache keeps only the first `feature_cache.IDENTICAL_KEPT` pairs.
+      num_identical: how many such items there are (len(identical) unless the list was cut).
     """
 
     table: np.ndarray
@@ -81,6 +83,7 @@ class FeatureTable:
     records: int = 0
     files: int = 0
     identical: list = dataclasses.field(default_factory=list)
+    num_identical: int = 0
 
     def report(self) -> str:
         """One line saying what was loaded, for logs."""
@@ -108,7 +111,9 @@ def fingerprint(directory: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def standardize_stats(table: np.ndarray, chunk: int = 4096, sample: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def standardize_stats(
+    table: np.ndarray, chunk: int = 4096, sample: int = 1024, max_values: int = 1 << 23
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer, per-dimension mean and 1/std of a feature table over real items (rows 1..N), robust to outliers.
 
     The mean and standard deviation are taken over values clipped to [q1 - 3 s, q99 + 3 s] with s = q99 - q1, the
@@ -116,7 +121,10 @@ def standardize_stats(table: np.ndarray, chunk: int = 4096, sample: int = 1024) 
     value that far out (about 16 standard deviations for a Gaussian dimension) is an outlier no healthy item has, so
     one bad item adds at most ~(16 sigma)^2 / N to its dimension's variance instead of squashing every other item to ~0. For well-behaved features nothing is clipped and the result is the plain mean and
     standard deviation. Computed once at build time in float64, in chunks of items, so a large float16 table is never
-    copied whole.
+    copied whole. The sums go over blocks of `chunk` items, each read in pieces of at most `max_values` values (64 MB
+    of float64), and continue each block's row-by-row sum across its pieces (numpy sums an array's leading axis row by
+    row), so the numbers do not depend on `max_values`: a 33 x 4096 row set takes 62 items at a time, not 4096
+    (4.4 GB of float64), and `table` may be a file read piece by piece (feature_cache.RowFile).
 
     Returns:
         (mean [L, H] float32, inv_std [L, H] float32). The std is floored at 1e-3 of the layer's median std so
@@ -134,10 +142,19 @@ def standardize_stats(table: np.ndarray, chunk: int = 4096, sample: int = 1024) 
         lo[layer], hi[layer] = q1 - 3 * (q99 - q1), q99 + 3 * (q99 - q1)
     total = np.zeros(table.shape[1:], np.float64)
     total_sq = np.zeros(table.shape[1:], np.float64)
+    piece = max(1, min(chunk, max_values // max(1, int(np.prod(table.shape[1:])))))
     for start in range(1, table.shape[0], chunk):
-        block = np.clip(np.asarray(table[start : start + chunk], dtype=np.float64), lo, hi)
-        total += block.sum(0)
-        total_sq += np.square(block).sum(0)
+        stop = min(start + chunk, table.shape[0])
+        block_sum = block_sq = None
+        for lo_row in range(start, stop, piece):
+            part = np.clip(np.asarray(table[lo_row : min(lo_row + piece, stop)], dtype=np.float64), lo, hi)
+            if block_sum is None:
+                block_sum, block_sq = part.sum(0), np.square(part).sum(0)
+            else:  # the block's running sums as row 0: the same additions, in the same order, as one whole block
+                block_sum = np.concatenate([block_sum[None], part]).sum(0)
+                block_sq = np.concatenate([block_sq[None], np.square(part)]).sum(0)
+        total += block_sum
+        total_sq += block_sq
     mean = total / rows
     std = np.sqrt(np.maximum(total_sq / rows - np.square(mean), 0.0))
     floor = 1e-3 * np.median(std, axis=1, keepdims=True) + 1e-12
@@ -203,6 +220,7 @@ def load_features(
     layers: Sequence[int] | None = None,
     allow_missing: bool = False,
     expect_schema: dict | None = None,
+    allocate=np.zeros,
 ) -> FeatureTable:
     """Reads every shard of a feature folder into a table aligned with the dataset's item index.
 
@@ -214,6 +232,8 @@ def load_features(
         subset at load time keeps only that subset in memory.
       allow_missing: zero-fill items of the dataset that have no record (and count them) instead of failing.
       expect_schema: schema fields the caller relies on, e.g. `{"layers": 33, "hidden_size": 4096}`.
+      allocate: `allocate(shape, dtype)` gives the zero table the rows are written into: `np.zeros` (host RAM), or
+        a file-backed table (`feature_cache.RowFile`) supporting `table[row] = array` and `table[row]`.
 
     Returns:
       A `FeatureTable`.
@@ -254,7 +274,7 @@ def load_features(
     all_layers = kept == list(range(schema.layers))
     # One allocation for the whole table; np.zeros maps untouched pages lazily, so rows never
     # written (padding, zero-filled items) cost nothing until read.
-    table = np.zeros((len(item_ids), len(kept), schema.hidden_size), dtype)
+    table = allocate((len(item_ids), len(kept), schema.hidden_size), dtype)
     scratch = np.empty(expected_shape, bits_dtype)
     seen: dict[str, tuple[str, int]] = {}  # raw id -> (file, record) of its first record
     by_content: dict[bytes, int] = {}  # digest of a strided sample of a loaded row -> the first table row with it
@@ -287,15 +307,13 @@ def load_features(
                 if row is None:
                     unused += 1
                     continue
-                if all_layers:
-                    table[row] = array
-                else:
-                    np.take(array, kept, axis=0, out=table[row])
+                value = array if all_layers else array[kept]
+                table[row] = value
                 filled[row] = True
                 # Exact duplicates: hash every 16th value (cheap next to the copy above), confirm on the full row.
-                digest = hashlib.blake2b(table[row].reshape(-1)[::16].tobytes(), digest_size=16).digest()
+                digest = hashlib.blake2b(value.reshape(-1)[::16].tobytes(), digest_size=16).digest()
                 first = by_content.setdefault(digest, row)
-                if first != row and np.array_equal(table[row].view(bits_dtype), table[first].view(bits_dtype)):
+                if first != row and np.array_equal(value.view(bits_dtype), table[first].view(bits_dtype)):
                     identical.append((item_id, item_ids[first]))
         except records.RecordError as e:
             raise FeatureError(str(e)) from None
@@ -321,6 +339,7 @@ def load_features(
         records=num_records,
         files=len(shards),
         identical=identical,
+        num_identical=len(identical),
     )
     log.info(result.report())
     if identical:

@@ -217,8 +217,13 @@ class ContentEncoder(nnx.Module):
             raise ValueError(f"model config: feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
         self.content, self.feature_norm, self.alpha_softmax = content, feature_norm, bool(alpha_softmax)
         self.num_layers, hidden = int(table.shape[1]), int(table.shape[2])
-        # The stored dtype is kept (bf16/f16/f32); rows are cast to float32 on gather.
-        self.table = FrozenFeatures(standardized_table(table) if feature_norm == "standardize" else jnp.asarray(table))
+        # The stored dtype is kept (bf16/f16/f32); rows are cast to float32 on gather. A jax.Array is a table the
+        # caller has already placed and normalised (feature_cache.load: sharded, z-scored per shard when
+        # feature_norm is "standardize"), used as it is so no unsharded copy is ever made.
+        if isinstance(table, jax.Array):
+            self.table = FrozenFeatures(table)
+        else:
+            self.table = FrozenFeatures(standardized_table(table) if feature_norm == "standardize" else jnp.asarray(table))
         if content == "learned":
             init = 0.0 if self.alpha_softmax else 1.0 / self.num_layers
             self.layer_logits = nnx.Param(jnp.full((self.num_layers,), init, jnp.float32))
@@ -661,7 +666,8 @@ class Recommender(nnx.Module):
     Args:
         num_items: N; item indices are 1..N, 0 is padding.
         table: the frozen features [N+1, L_sel, H] (numpy, bf16/f16/f32), already cut to the rows the model reads
-            (``features.model_rows`` of ``content``/``layer``/``layers``); None for the ``id`` encoder.
+            (``features.model_rows`` of ``content``/``layer``/``layers``); None for the ``id`` encoder. A jax.Array
+            is taken as already placed and normalised (``feature_cache.load``), numpy is standardised here.
         layer, layers: which stored rows ``table`` holds (config.model); checked against its width here, so a table
             that was not cut to them cannot slip through.
         arch: the sequence architecture, "microlens" or "sasrec" (module docstring).
@@ -705,7 +711,7 @@ class Recommender(nnx.Module):
             _check_table(table, num_items, content, layer, layers)
         self.items = ItemEncoder(
             num_items,
-            None if item_encoder == "id" else np.asarray(table),
+            None if item_encoder == "id" else table if isinstance(table, jax.Array) else np.asarray(table),
             item_encoder=item_encoder,
             embed_dim=embed_dim,
             content=content,

@@ -8,11 +8,17 @@ Scores every item with the same fused item embeddings used in training and evalu
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dff_jax import evaluate, parallel
 from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
+
+
+@jax.jit
+def _scores(items: jax.Array, user: jax.Array) -> jax.Array:
+    return jnp.einsum("nd,d->n", items, user.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
 def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
@@ -31,10 +37,12 @@ def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
     inputs = np.zeros((1, L), np.int32)
     inputs[0, L - len(seq) :] = seq  # left padding, as in training
     static, params, features = run["static"], run["params"], run["frozen"]["features"]
-    mesh, graphdef = static["mesh"], static["graphdef"]
-    items = evaluate.item_table(params, features, graphdef=graphdef, sharding=parallel.replicated(mesh))
+    graphdef = static["graphdef"]
+    items = evaluate.item_table(params, features, graphdef=graphdef, sharding=static["ranking_sharding"])
     user = evaluate.user_table(params, features, jnp.asarray(inputs), graphdef=graphdef)
-    scores = np.asarray(items, np.float32) @ np.asarray(user, np.float32)[0]  # the same vectors evaluation ranks
+    # The same vectors evaluation ranks, scored on the devices (the item table may be sharded): only [N+1] scores
+    # come to the host.
+    scores = parallel.to_host(_scores(items, user[0])).astype(np.float32)
     scores[0] = -np.inf
     scores[[index[h] for h in history]] = -np.inf
     top = np.argpartition(-scores, k)[:k]

@@ -34,18 +34,23 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dff_jax import data as data_lib
+from dff_jax import feature_cache, losses, models, parallel, records
 from dff_jax import features as features_lib
-from dff_jax import losses, models, parallel, records
 from dff_jax.errors import TrainError, WriteError, write_failure_in
 
 # ----------------------------------------------------------------------------------------------------------- build
 
 
-def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> features_lib.FeatureTable | None:
-    """The frozen features for the model (`.table`: [N+1, rows it reads, H] in the stored dtype); None for `id`.
+def load_table(
+    config: ml_collections.ConfigDict, dataset: data_lib.Dataset, mesh=None
+) -> features_lib.FeatureTable | None:
+    """The frozen features for the model, placed on `mesh` (default `parallel.make_mesh`); None for `id`.
 
-    Only the stored rows the model reads are loaded (`features.model_rows`), so a one-layer run of a 33 x 4096
-    feature set holds 1/33 of it in memory.
+    `.table` is a jax.Array [N+1, rows it reads, H] in the stored dtype, laid out as the run's feature sharding
+    (`parallel.state_shardings`: rows or H on "model" with shard_items, else replicated) and already standardised
+    when `model.feature_norm` is "standardize". It is streamed from the feature cache into each device's shard
+    (`feature_cache`), so no process holds the whole table; only the stored rows the model reads are cached and
+    placed (`features.model_rows`), so a one-layer run of a 33 x 4096 feature set holds 1/33 of it.
     """
     if config.model.item_encoder == "id":
         return None
@@ -61,15 +66,46 @@ def load_table(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> 
     schema = records.read_schema(fdir)
     m = config.model
     rows = features_lib.model_rows(m.content, m.layer, m.layers, schema.layers, f"config.model (features {fdir})")
-    loaded = features_lib.load_features(
-        fdir, dataset.item_ids, layers=rows, allow_missing=config.features.allow_missing
+    mesh = parallel.make_mesh(config.parallel) if mesh is None else mesh
+    shape = jax.ShapeDtypeStruct(
+        (dataset.num_items + 1, len(rows), schema.hidden_size), records.numpy_dtype(schema.dtype)
     )
-    if loaded.missing and parallel.is_main_process():
-        print(f"features: {loaded.missing} of {dataset.num_items} items have no features and were zero-filled")
-    if loaded.identical and parallel.is_main_process():
+    sharding = parallel.state_shardings(shape, mesh, config.parallel.shard_items, num_items=dataset.num_items)
+    say = print if parallel.is_main_process() else (lambda *_: None)
+    table, cache = feature_cache.load(
+        fdir,
+        dataset.item_ids,
+        rows,
+        sharding,
+        standardize=m.feature_norm == "standardize",
+        cache_dir=config.features.cache_dir,
+        allow_missing=config.features.allow_missing,
+        say=say,
+    )
+    h = cache.header
+    per_device = feature_cache.shard_bytes(table)
+    say(
+        f"features: {table.shape[0] - 1} items x {table.shape[1]} rows x {table.shape[2]} {table.dtype} "
+        f"({table.nbytes / 1e6:.1f} MB) placed as {sharding.spec}: {max(per_device) / 1e6:.1f} MB on each of this "
+        f"process's {len(per_device)} devices"
+    )
+    loaded = features_lib.FeatureTable(
+        table=table,
+        schema=schema,
+        layers=rows,
+        missing=h["missing"],
+        unused=h["unused"],
+        records=h["records"],
+        files=h["files"],
+        identical=[tuple(pair) for pair in h["identical"]],
+        num_identical=h["num_identical"],
+    )
+    if loaded.missing:
+        say(f"features: {loaded.missing} of {dataset.num_items} items have no features and were zero-filled")
+    if loaded.identical:
         item, same = loaded.identical[0]
-        print(
-            f"features: warning: {len(loaded.identical)} items have exactly the features of an earlier item (e.g. "
+        say(
+            f"features: warning: {loaded.num_identical} items have exactly the features of an earlier item (e.g. "
             f"{item} = {same}); they tie in every content score (duplicate videos or zero-filled failures?)"
         )
     return loaded
@@ -116,8 +152,9 @@ def create_train_state(
 ) -> tuple[dict, dict, dict]:
     """(state, static, frozen) of a new run on `mesh` (module docstring), initialised from `config.seed`.
 
-    `table` is `load_table`'s output (or any array of that shape); cold-ID zeroing happens in the model's
-    construction from the dataset's train counts, the log-popularity comes from the data (`data.log_popularity`).
+    `table` is `load_table`'s placed table (or a numpy array of that shape, which the model standardises); cold-ID
+    zeroing happens in the model's construction from the dataset's train counts, the log-popularity comes from the
+    data (`data.log_popularity`).
     """
     model = models.Recommender(
         dataset.num_items, table, train_counts=dataset.item_counts, rngs=nnx.Rngs(config.seed), **config.model
@@ -149,6 +186,7 @@ def create_train_state(
         "state_sharding": state_sharding,
         "frozen_sharding": frozen_sharding,
         "batch_sharding": parallel.batch_sharding(mesh),
+        "ranking_sharding": parallel.ranking_sharding(mesh, shard_items, config.model.embed_dim),
         "param_count": int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
     }
     return state, static, frozen
@@ -164,13 +202,13 @@ def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict
     parallel.check_global_batch(config.train.batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh)
     dataset = data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
-    loaded = load_table(config, dataset)
+    loaded = load_table(config, dataset, mesh)
     state, static, frozen = create_train_state(config, dataset, None if loaded is None else loaded.table, mesh)
     if loaded is not None:  # what the results should say about the features (results.json "features")
         static["features"] = {
             "rows": loaded.layers,
             "missing_items": loaded.missing,
-            "identical_items": len(loaded.identical),
+            "identical_items": loaded.num_identical,
             "unused_records": loaded.unused,
         }
     return dataset, state, static, frozen
@@ -227,6 +265,7 @@ NOT_IDENTITY = (
     *BUDGET,
     "data.dir",
     "features.dir",
+    "features.cache_dir",
     "train.progress_bar",
     "train.log_every_steps",
     "train.keep_checkpoints",
