@@ -8,6 +8,8 @@
   python -m dff_jax.bench --preset cpu --shape embed_dim=256 --shape batch_size=512
   python -m dff_jax.bench --what features       # feature-table load: peak RSS vs table size
   python -m dff_jax.bench --what features --sharded --items 200000 --layers 4 --hidden 128   # streamed placement
+  python -m dff_jax.bench --what catalogue --out DIR --items 1000000 --users 2000 --layers 4 --hidden 64   # 1M items:
+                                                # writes DIR once, then loads, trains an epoch, ranks (4 CPU devices)
   python -m dff_jax.bench_scaling               # strong/weak scaling on simulated CPU devices (its own module)
 
 Everything is measured in one process, side by side, on random data of the given shapes (no files), through the
@@ -703,7 +705,10 @@ def run_sharded_load(
         f"_sharded_child({str(directory)!r}, {num_items}, {model_axis}, {str(cache_dir)!r})"
     )
     repo_root = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
+    # Not JAX_DISABLE_MOST_OPTIMIZATIONS (the tests' setting): without XLA's buffer assignment the in-place fill
+    # copies each shard once, which is not what a run does.
+    skip = ("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC", "JAX_DISABLE_MOST_OPTIMIZATIONS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -786,9 +791,134 @@ def bench_sharded_load(
     return out
 
 
+def write_catalogue(out: str | os.PathLike, num_items: int, num_users: int, layers: int, hidden: int) -> dict:
+    """A dataset whose index holds every one of `num_items` items, for the catalogue-scale run (docs/benchmarks.md).
+
+    `out/pairs.tsv` (microlens_tsv): a random permutation of the items dealt over `num_users` users (so each item is
+    interacted with once and the index has all of them; train with `data.window=0` to keep every interaction), and
+    `out/features/`: one record per item, `[layers, hidden]` bf16 standard-normal values, written in chunks (memory
+    stays at one chunk). Nothing here is meant to be learnable; it measures memory and time at scale.
+    """
+    out = Path(out)
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(num_items) + 1
+    with open(out / "pairs.tsv.tmp", "w") as f:
+        f.writelines(
+            f"u{user}\t" + " ".join(f"i{i}" for i in items) + "\n"
+            for user, items in enumerate(np.array_split(order, num_users))
+        )
+    os.replace(out / "pairs.tsv.tmp", out / "pairs.tsv")
+    bf16 = records.numpy_dtype("bfloat16")
+    shards, chunk = 8, 8192
+    per_shard = -(-num_items // shards)
+    for s in range(shards):
+        with records.ShardWriter(out / "features" / f"items-{s:05d}-of-{shards:05d}{records.SHARD_SUFFIX}") as w:
+            for lo in range(s * per_shard, min(num_items, (s + 1) * per_shard), chunk):
+                hi = min(lo + chunk, (s + 1) * per_shard, num_items)
+                values = rng.standard_normal((hi - lo, layers, hidden), np.float32).astype(bf16)
+                for i in range(lo, hi):
+                    w.write_bytes(f"i{i + 1}", values[i - lo].tobytes(), "bfloat16", (layers, hidden))
+    records.write_schema(
+        out / "features",
+        records.Schema(
+            model="catalogue",
+            layers=layers,
+            hidden_size=hidden,
+            dtype="bfloat16",
+            pooling="none",
+            prompt="",
+            modality="none",
+            num_frames=0,
+            extractor_version="dff_jax.bench",
+            num_items=num_items,
+        ),
+    )
+    return {"items": num_items, "users": num_users, "out": str(out)}
+
+
+def catalogue_config(out: str | os.PathLike, devices: int, model_axis: int):
+    """The DFF config of the catalogue-scale run on `write_catalogue`'s folder: the synthetic preset's model (d = 64),
+    one epoch, every interaction kept, the item tables sharded over `model_axis` of `devices` simulated CPU devices."""
+    from configs import synthetic
+
+    c = synthetic.get_config()
+    c.data.dir, c.data.interactions, c.data.generate, c.data.window = str(out), "pairs.tsv", "", 0
+    c.features.dir = str(Path(out) / "features")
+    c.train.num_epochs, c.train.batch_size, c.train.progress_bar = 1, 256, False
+    c.eval.batch_size = 1024
+    c.parallel.cpu_devices, c.parallel.model_axis, c.parallel.shard_items = devices, model_axis, True
+    return c
+
+
+def _device_bytes() -> dict:
+    """Bytes of all live jax arrays per device (the persistent footprint: state, frozen table, item tables)."""
+    out: dict[str, int] = {}
+    seen = set()  # a global array's shards are live arrays of their own too: count each buffer once
+    for array in jax.live_arrays():
+        for shard in array.addressable_shards:
+            key = (str(shard.device), shard.data.unsafe_buffer_pointer())
+            if key not in seen:
+                seen.add(key)
+                out[str(shard.device)] = out.get(str(shard.device), 0) + int(shard.data.nbytes)
+    return out
+
+
+def bench_catalogue(config) -> dict:
+    """Loads (building the feature cache on the first run), trains one epoch and evaluates the test split by full
+    ranking, in this process; per phase: seconds, host RSS after it, peak RSS so far, live bytes per device."""
+    parallel.initialize(config.parallel)
+    phases = {}
+    start = time.perf_counter()
+
+    def phase(name: str, began: float) -> None:
+        rss = {k: v for k, v in _proc_status().items() if k in ("VmRSS", "VmHWM")}
+        per_device = _device_bytes()
+        phases[name] = {
+            "seconds": round(time.perf_counter() - began, 2),
+            "rss_bytes": rss["VmRSS"],
+            "peak_rss_bytes": rss["VmHWM"],
+            "device_bytes_max": max(per_device.values(), default=0),
+            "device_bytes_min": min(per_device.values(), default=0),
+        }
+
+    phase("start", start)
+    t = time.perf_counter()
+    dataset, state, static, frozen = train_state.build_run(config)
+    phase("load", t)
+    step = train_state.jit_train_step(static)
+    batch = parallel.global_batch(
+        next(data_lib.train_batches(dataset, config.train.batch_size, config.data.max_seq_len, 0, 1)), static["mesh"]
+    )
+    compiled = step.lower(state, frozen, batch, jax.random.key(0)).compile().memory_analysis()
+    t = time.perf_counter()
+    state = train.train_epoch(step, state, frozen, dataset, config, static["mesh"], jax.random.key(config.seed), 1)
+    jax.block_until_ready(state)
+    phase("train_epoch", t)
+    t = time.perf_counter()
+    result = evaluate.evaluate(static, state["params"], frozen, dataset, "test", config.eval, config.seed)
+    phase("evaluate_test", t)
+    return {
+        "items": dataset.num_items,
+        "users": len(dataset.test["targets"]),
+        "mesh": dict(static["mesh"].shape),
+        "devices": jax.device_count(),
+        "features": static.get("features", {}).get("rows"),
+        "train_step_temp_bytes_per_device": int(compiled.temp_size_in_bytes) if compiled else None,
+        "phases": phases,
+        "test": {k: v for k, v in result.items() if k.startswith(("HR", "NDCG"))},
+        "total_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _proc_status() -> dict:
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith("Vm")}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--what", choices=["train", "features"], default="train")
+    p.add_argument("--what", choices=["train", "features", "catalogue"], default="train")
     p.add_argument("--preset", choices=sorted(PRESETS) + ["sasrec"], default="cpu")
     p.add_argument("--variant", default="dff", help="model variant (configs: id, replace, fusion_last, ..., dff)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
@@ -807,6 +937,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=4096, help="--what features: hidden size")
     p.add_argument("--dtype", default="bfloat16", choices=records.DTYPES, help="--what features: stored dtype")
     p.add_argument("--tmpdir", default=None, help="--what features: where to write the temporary feature folder")
+    p.add_argument("--out", default="", help="--what catalogue: folder to write the catalogue-scale dataset into")
+    p.add_argument("--users", type=int, default=2000, help="--what catalogue: users the items are dealt over")
+    p.add_argument("--devices", type=int, default=4, help="--what catalogue: simulated CPU devices")
+    p.add_argument("--model-axis", type=int, default=4, help="--what catalogue: config.parallel.model_axis")
     p.add_argument(
         "--sharded",
         action="store_true",
@@ -814,6 +948,14 @@ def main(argv: list[str] | None = None) -> None:
         "devices, first load (builds the cache) and restart",
     )
     args = p.parse_args(argv)
+    if args.what == "catalogue":
+        if not args.out:
+            p.error("--what catalogue needs --out DIR")
+        if not (Path(args.out) / "pairs.tsv").is_file():
+            print(json.dumps(write_catalogue(args.out, args.items, args.users, args.layers, args.hidden)))
+        config = catalogue_config(args.out, args.devices, args.model_axis)
+        print(json.dumps(bench_catalogue(config), indent=2))
+        return
     if args.what == "features":
         if args.sharded:
             result = bench_sharded_load(args.items, args.layers, args.hidden, args.dtype, tmpdir=args.tmpdir)

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.features = ml_collections.ConfigDict()
     c.features.dir = ""  # feature folder (*.tfrecord + schema.json); unused by the `id` encoder
     c.features.allow_missing = False  # zero-fill items without features (and report the count) instead of failing
-    c.features.cache_dir = ""  # item-aligned cache of the rows read (dff_jax/feature_cache.py); "" = features.dir/dff_cache
+    c.features.cache_dir = ""  # cache of the rows read (dff_jax/feature_cache.py); "" = <features.dir>/dff_cache
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 1024  # paper: selected from {512, 1024, 2048}; MicroLens: 1024

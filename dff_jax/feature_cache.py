@@ -18,7 +18,7 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    read or a file of the wrong size is rebuilt; a block whose checksum fails while loading is refused with an
    `error:` naming the file and block.
 2. The placement: for each of this process's devices, a zero array of its shard's shape is allocated on the device
-   and filled block by block from the cache file (read with `os.preadv` into one reused buffer, checksum-verified,
+   and filled chunk by chunk from the cache file (read with `os.preadv` into one reused buffer, checksum-verified,
    standardised on the device by the same jitted expression as `models.standardized_table`, written in place with
    a donated `dynamic_update_slice`); `jax.make_array_from_single_device_arrays` then assembles the global array.
    A block is read once and cut for every local device that holds part of it (the split-by-last-dimension fallback
@@ -44,6 +44,7 @@ import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from dff_jax import features as features_lib
 from dff_jax import records
@@ -51,9 +52,10 @@ from dff_jax.errors import UserError
 
 CACHE_VERSION = 1
 DEFAULT_SUBDIR = "dff_cache"
-# Rows per checksum block and per placement read: about 16 MiB of stored values, so a 33 x 4096 bf16 row set reads
-# 62 items at a time and a 4 x 64 one 32,768 (the "bounded chunk" a loading process holds beyond its shards).
-BLOCK_BYTES = 16 << 20
+# Rows per checksum block and per placement read: about 4 MiB of stored values, so a 33 x 4096 bf16 row set reads
+# 15 items at a time and a 4 x 64 one 8,192 (the "bounded chunk" a loading process holds beyond its shards: a
+# chunk, a block to verify, the chunk's copy to a device).
+BLOCK_BYTES = 4 << 20
 IDENTICAL_KEPT = 100  # example pairs of identical items the header keeps (the count is kept whole)
 
 
@@ -87,9 +89,6 @@ class RowFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __del__(self):
-        self.close()
 
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) as `[stop - start, ...]` (into `out`'s first rows when given)."""
@@ -134,26 +133,35 @@ class Cache:
     header: dict
     mean: np.ndarray  # [L, H] float32 (features.standardize_stats)
     inv_std: np.ndarray
+    _verified: set = dataclasses.field(default_factory=set)
+    _scratch: np.ndarray | None = None
 
     @property
     def block_rows(self) -> int:
         return int(self.header["block_rows"])
 
-    def blocks(self, start: int, stop: int):
-        """(first row, rows) of rows [start, stop), one checksum-verified block at a time, in one reused buffer."""
-        buffer = np.empty((self.block_rows,) + self.table.shape[1:], self.table.dtype)
+    def read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) into `out`'s first rows. Every checksum block they touch is verified the first time
+        it is read (the whole block, into a scratch buffer); rows of verified blocks are read directly."""
+        if self._scratch is None:
+            self._scratch = np.empty((self.block_rows,) + self.table.shape[1:], self.table.dtype)
         crcs = self.header["block_crc32c"]
         for block in range(start // self.block_rows, -(-stop // self.block_rows)):
             lo = block * self.block_rows
             hi = min(lo + self.block_rows, self.table.shape[0])
-            rows = self.table.read_rows(lo, hi, buffer)
+            a, b = max(lo, start), min(hi, stop)
+            if block in self._verified:
+                self.table.read_rows(a, b, out[a - start :])
+                continue
+            rows = self.table.read_rows(lo, hi, self._scratch)
             if _crc(rows) != crcs[block]:
                 raise CacheError(
                     f"{self.table.path}: block {block} (rows {lo}..{hi - 1}) fails its checksum: the cache is "
                     f"corrupt; delete {self.table.path} and its .json header, and the next run rebuilds it"
                 )
-            a, b = max(lo, start), min(hi, stop)
-            yield a, rows[a - lo : b - lo]
+            self._verified.add(block)
+            out[a - start : b - start] = rows[a - lo : b - lo]
+        return out[: stop - start]
 
 
 def _crc(rows: np.ndarray) -> int:
@@ -335,13 +343,21 @@ def place(cache: Cache, sharding: jax.sharding.Sharding, *, standardize: bool) -
             rest = tuple(index[1:])
             local = (stop - start,) + tuple(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:]))
             mean, inv_std = (jax.device_put(np.ascontiguousarray(a[rest]), device) for a in (cache.mean, cache.inv_std))
-            fills[device] = [jnp.zeros(local, dtype, device=device), rest, mean, inv_std]
-        for first, rows in cache.blocks(start, stop):
+            # made on the device itself: jnp.zeros(..., device=d) builds on the default device and copies
+            zeros = jax.jit(functools.partial(jnp.zeros, local, dtype), out_shardings=SingleDeviceSharding(device))()
+            fills[device] = [zeros, rest, mean, inv_std]
+        # Chunks of one shape (the last one shifted back to end at the shard's end, rewriting a few rows with the
+        # same values), so the fill compiles once per device, whatever the shard and block boundaries.
+        size = min(cache.block_rows, stop - start)
+        buffer = np.empty((size,) + shape[1:], dtype)
+        for lo in range(0, stop - start, size):
+            lo = min(lo, stop - start - size)
+            rows = cache.read(start + lo, start + lo + size, buffer)
             for device, fill in fills.items():
                 out, rest, mean, inv_std = fill
                 part = jax.device_put(np.ascontiguousarray(rows[(slice(None),) + rest]), device)
-                fill[0] = _fill(out, part, np.int32(first - start), mean, inv_std, standardize=standardize)
-            # the next block reuses the read buffer: finish this block's copies to the devices first
+                fill[0] = _fill(out, part, np.int32(lo), mean, inv_std, standardize=standardize)
+            # the next chunk reuses the read buffer: finish this chunk's copies to the devices first
             jax.block_until_ready([fill[0] for fill in fills.values()])
         for device, fill in fills.items():
             shards[device] = fill[0]

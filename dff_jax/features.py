@@ -112,7 +112,7 @@ def fingerprint(directory: str | os.PathLike) -> str:
 
 
 def standardize_stats(
-    table: np.ndarray, chunk: int = 4096, sample: int = 1024, max_values: int = 1 << 23
+    table: np.ndarray, chunk: int = 4096, sample: int = 1024, max_values: int = 1 << 20
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer, per-dimension mean and 1/std of a feature table over real items (rows 1..N), robust to outliers.
 
@@ -121,9 +121,9 @@ def standardize_stats(
     value that far out (about 16 standard deviations for a Gaussian dimension) is an outlier no healthy item has, so
     one bad item adds at most ~(16 sigma)^2 / N to its dimension's variance instead of squashing every other item to ~0. For well-behaved features nothing is clipped and the result is the plain mean and
     standard deviation. Computed once at build time in float64, in chunks of items, so a large float16 table is never
-    copied whole. The sums go over blocks of `chunk` items, each read in pieces of at most `max_values` values (64 MB
+    copied whole. The sums go over blocks of `chunk` items, each read in pieces of at most `max_values` values (8 MB
     of float64), and continue each block's row-by-row sum across its pieces (numpy sums an array's leading axis row by
-    row), so the numbers do not depend on `max_values`: a 33 x 4096 row set takes 62 items at a time, not 4096
+    row), so the numbers do not depend on `max_values`: a 33 x 4096 row set takes 7 items at a time, not 4096
     (4.4 GB of float64), and `table` may be a file read piece by piece (feature_cache.RowFile).
 
     Returns:

@@ -223,7 +223,9 @@ class ContentEncoder(nnx.Module):
         if isinstance(table, jax.Array):
             self.table = FrozenFeatures(table)
         else:
-            self.table = FrozenFeatures(standardized_table(table) if feature_norm == "standardize" else jnp.asarray(table))
+            self.table = FrozenFeatures(
+                standardized_table(table) if feature_norm == "standardize" else jnp.asarray(table)
+            )
         if content == "learned":
             init = 0.0 if self.alpha_softmax else 1.0 / self.num_layers
             self.layer_logits = nnx.Param(jnp.full((self.num_layers,), init, jnp.float32))

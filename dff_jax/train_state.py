@@ -86,7 +86,7 @@ def load_table(
     per_device = feature_cache.shard_bytes(table)
     say(
         f"features: {table.shape[0] - 1} items x {table.shape[1]} rows x {table.shape[2]} {table.dtype} "
-        f"({table.nbytes / 1e6:.1f} MB) placed as {sharding.spec}: {max(per_device) / 1e6:.1f} MB on each of this "
+        f"({table.nbytes / 1e6:.3f} MB) placed as {sharding.spec}: {max(per_device) / 1e6:.3f} MB on each of this "
         f"process's {len(per_device)} devices"
     )
     loaded = features_lib.FeatureTable(

@@ -247,6 +247,14 @@ def smoke8(root: str) -> dict:
         result = train.train_and_evaluate(config, Path(root, name))
         assert result["devices"] == 8, result["devices"]
         out[name] = str(Path(root, name, "results.json"))
+    # recommend from the sharded checkpoint: restored into the sharded layout, scored on the sharded item tables
+    from dff_jax import evaluate, recommend
+
+    run = evaluate.load_run(Path(root, "data4_model2_items"))
+    (table,) = jax.tree.leaves(run["frozen"]["features"])
+    out["feature_shards"] = [list(s.data.shape) for s in table.addressable_shards]
+    out["id_shards"] = [list(s.data.shape) for s in run["params"]["items"]["item_id"][...].addressable_shards]
+    out["recs"] = recommend.recommend(run, run["dataset"].item_ids[1:4], 5)
     return out
 
 

@@ -295,7 +295,9 @@ def assert_same_run(got: dict, ref: dict) -> None:
 
 @pytest.mark.slow
 def test_train_and_evaluate_on_8_devices_equals_one_device(one_device_run):
-    """train_and_evaluate with data=8, and data=4 x model=2 with item sharding, reproduces the 1-device run."""
+    """train_and_evaluate with data=8, and data=4 x model=2 with item sharding, reproduces the 1-device run; the
+    sharded run's frozen table and ID table hold half of the last dim per device (81 rows do not divide by 2), and
+    `recommend` from its sharded checkpoint gives the 1-device run's items."""
     root, ref = one_device_run
     proc = subprocess.run(
         [sys.executable, str(WORKER), "smoke8", str(root)],
@@ -311,6 +313,13 @@ def test_train_and_evaluate_on_8_devices_equals_one_device(one_device_run):
         got = json.loads(Path(paths[name]).read_text())
         assert got["devices"] == 8 and got["processes"] == 1
         assert_same_run(got, ref)
+    assert paths["feature_shards"] == [[81, 4, 8]] * 8 and paths["id_shards"] == [[81, 8]] * 8
+    from dff_jax import evaluate, recommend
+
+    run = evaluate.load_run(root / "one_device")
+    recs = recommend.recommend(run, run["dataset"].item_ids[1:4], 5)
+    assert [item for item, _ in recs] == [item for item, _ in paths["recs"]]
+    np.testing.assert_allclose([s for _, s in recs], [s for _, s in paths["recs"]], rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -340,6 +349,9 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run)
             assert json.loads((workdir / "results.json").read_text())["epochs_run"] == 1
             (workdir / "results.json").unlink()
     assert "[p0] resumed from" in logs[1] and "at epoch 1" in logs[1]
+    # streamed into the shards: each process placed only its 2 devices' halves (of H: 81 rows do not divide by 2)
+    placed = "80 items x 4 rows x 16 bfloat16 (0.010 MB) placed as P(None, None, 'model'): 0.005 MB on each of this"
+    assert f"[p0] features: {placed} process's 2 devices" in logs[0]
     assert "[p1] epoch" not in "".join(logs) and "[p0] epoch 2:" in logs[1]  # only process 0 logs
     got = json.loads((workdir / "results.json").read_text())
     assert got["devices"] == 4 and got["processes"] == 2

@@ -1,0 +1,171 @@
+"""The feature cache and the streamed, sharded placement of the frozen table (dff_jax/feature_cache.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dff_jax import bench, feature_cache, features, models, parallel, records
+from dff_jax.features import FeatureError
+
+
+def write_folder(path, num_items: int, layers: int, hidden: int, dtype: str = "bfloat16", shards: int = 3, seed=0):
+    """Random rows of very different scales per (layer, dim), and one outlier item: standardising matters."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    scale = np.exp(rng.normal(size=(layers, hidden)) * 2)
+    values = (rng.standard_normal((num_items, layers, hidden)) * scale + scale).astype(records.numpy_dtype(dtype))
+    values[num_items // 2, 0, 0] = 1e4
+    order = rng.permutation(num_items)
+    for s, part in enumerate(np.array_split(order, shards)):
+        with records.ShardWriter(path / f"part-{s}.tfrecord") as w:
+            for i in part:
+                w.write(f"i{i + 1}", values[i])
+    records.write_schema(
+        path,
+        records.Schema(
+            model="m",
+            layers=layers,
+            hidden_size=hidden,
+            dtype=dtype,
+            pooling="mean",
+            prompt="",
+            modality="video",
+            num_frames=4,
+            extractor_version="test",
+            num_items=num_items,
+        ),
+    )
+    return [""] + [f"i{i + 1}" for i in range(num_items)]
+
+
+def one_device():
+    mesh = parallel.make_mesh(parallel.ml_collections.ConfigDict({"model_axis": 1}))
+    return parallel.replicated(mesh)
+
+
+def load(fdir, item_ids, rows, **kw):
+    said = []
+    kw.setdefault("standardize", True)
+    table, _ = feature_cache.load(fdir, item_ids, rows, one_device(), say=said.append, **kw)
+    return np.asarray(table), said
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_placed_table_is_bit_identical_to_the_in_memory_path(tmp_path, dtype):
+    """The cache keeps the selected rows item-aligned, and the placed, standardised table is the one
+    models.standardized_table makes from load_features' table: the same statistics, the same bits."""
+    item_ids = write_folder(tmp_path / "f", 70, 3, 8, dtype)
+    order = [item_ids[0]] + item_ids[1:][::-1]  # another dataset order than the records'
+    in_memory = features.load_features(tmp_path / "f", order, layers=[2, 0])
+    # small blocks: several checksum blocks, a shard boundary inside one
+    feature_cache.BLOCK_BYTES, old = 13 * 2 * 8 * np.dtype(in_memory.table.dtype).itemsize, feature_cache.BLOCK_BYTES
+    try:
+        raw, said = load(tmp_path / "f", order, [2, 0], standardize=False)
+        placed, _ = load(tmp_path / "f", order, [2, 0])
+    finally:
+        feature_cache.BLOCK_BYTES = old
+    assert said and "building the cache" in said[0]
+    np.testing.assert_array_equal(raw.view(np.uint8), in_memory.table.view(np.uint8))
+    expected = np.asarray(models.standardized_table(in_memory.table))
+    assert placed.dtype == expected.dtype
+    np.testing.assert_array_equal(placed.view(np.uint8), expected.view(np.uint8))
+
+
+def test_stats_do_not_depend_on_the_piece_size():
+    rng = np.random.default_rng(1)
+    table = (rng.standard_normal((300, 3, 16)) * np.exp(rng.normal(size=(3, 16)))).astype(np.float32)
+    whole = features.standardize_stats(table, chunk=64)
+    pieces = features.standardize_stats(table, chunk=64, max_values=5 * 3 * 16)
+    for a, b in zip(whole, pieces):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
+    item_ids = write_folder(tmp_path / "f", 40, 2, 4)
+    first, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert len(said) == 1
+    again, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert said == [] and np.array_equal(first, again)  # a restart reads the cache, builds nothing
+    _, said = load(tmp_path / "f", item_ids, [1])  # other rows: a cache of their own
+    assert said and len(list((tmp_path / "f" / feature_cache.DEFAULT_SUBDIR).glob("*.bin"))) == 2
+
+    shard = tmp_path / "f" / "part-1.tfrecord"  # re-extracted: same bytes, new mtime
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    _, said = load(tmp_path / "f", item_ids, [0, 1])
+    stale = "shard part-1.tfrecord was added, removed or rewritten (size or mtime changed)"
+    assert said == [f"features: rebuilding the stale cache: {stale} in {tmp_path / 'f' / feature_cache.DEFAULT_SUBDIR}"]
+
+    key = feature_cache.cache_key(item_ids, [0, 1])
+    bin_path, header = feature_cache._paths(tmp_path / "f" / feature_cache.DEFAULT_SUBDIR, key)
+    with open(bin_path, "r+b") as f:  # one flipped bit inside the table
+        f.seek(41 * 2 * 4 * 2 // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(
+        feature_cache.CacheError, match=r"\.bin: block 0 \(rows 0\.\.40\) fails its checksum: the cache is corrupt"
+    ):
+        load(tmp_path / "f", item_ids, [0, 1])
+    bin_path.write_bytes(b"short")  # truncated: rebuilt
+    _, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert "is missing or not 656 bytes" in said[0]
+    header.write_text("{not json")
+    fixed, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert "header" in said[0] and "unreadable" in said[0] and np.array_equal(fixed, first)
+
+
+def test_a_bad_feature_set_leaves_no_partial_cache(tmp_path):
+    item_ids = write_folder(tmp_path / "f", 20, 2, 4)
+    with pytest.raises(FeatureError, match=r"1 of 21 items have no features, e.g. ids \['i99'\]"):
+        load(tmp_path / "f", item_ids + ["i99"], [0, 1])
+    assert [p.name for p in (tmp_path / "f" / feature_cache.DEFAULT_SUBDIR).iterdir()] == []
+    (tmp_path / "f" / "part-2.tfrecord").unlink()  # a missing shard: the record count disagrees with the schema
+    with pytest.raises(FeatureError, match=r"num_items is 20 but the 2 shards hold"):
+        load(tmp_path / "f", item_ids, [0, 1])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # (root can write anywhere)
+            with pytest.raises(feature_cache.CacheError, match=r"cannot write the feature cache .*features.cache_dir"):
+                load(tmp_path / "f", item_ids[:10], [0], cache_dir=ro / "c")
+    finally:
+        ro.chmod(0o700)
+
+
+def _check_quarters(child, rows, layers, hidden):
+    quarter_rows = rows % 4 == 0
+    expected = [rows // 4, layers, hidden] if quarter_rows else [rows, layers, hidden // 4]
+    assert child["shard_shapes"] == [expected] * 4
+    assert child["spec"] == ("P('model',)" if quarter_rows else "P(None, None, 'model')")
+    assert sum(child["shard_bytes"]) == child["table_bytes"]
+
+
+def test_four_devices_each_hold_a_quarter_and_the_load_holds_little_beyond_the_shards(tmp_path):
+    """model_axis=4 on 4 simulated devices: each device's shard is a quarter of the rows (or, when N+1 does not
+    divide by 4, of the last dim). What the loading process holds beyond its placed shards (host RAM on CPU devices)
+    and beyond a baseline (jax up, devices made, a jit run) is at most 0.35x the table plus a fixed part, both on
+    the first load (which builds the cache from the records) and on a restart. The fixed part (compiled fills,
+    the id list, allocator slack) is measured by the same load of a 16x smaller table. The old path held a whole
+    host copy and a whole default-device copy on top of the shards: 2x the table."""
+    layers, hidden = 8, 1024  # 16 KB rows (a 7B LVLM's 33 x 4096 are 270 KB): per-item bookkeeping stays small
+    big, small = 12_799, 799  # 12,800 x 8 x 1024 bf16 = 210 MB; 800 rows = 13 MB
+    runs = {}
+    for name, num_items in (("small", small), ("big", big)):
+        fdir = tmp_path / name
+        fdir.mkdir()
+        bench._write_bench_features(fdir, num_items, layers, hidden, "bfloat16", 4)
+        for what in ("build", "restart") if name == "big" else ("build",):
+            (child,) = bench.run_sharded_load(fdir, num_items, devices=4, model_axis=4, cache_dir=str(fdir / "c"))
+            assert child["built_cache"] == (what == "build")
+            _check_quarters(child, num_items + 1, layers, hidden)
+            runs[name, what] = child["peak_rss_bytes"] - child["baseline_rss_bytes"] - sum(child["shard_bytes"])
+    table_bytes = (big + 1) * layers * hidden * 2
+    for what in ("build", "restart"):
+        beyond = runs["big", what] - runs["small", "build"]
+        assert beyond <= 0.35 * table_bytes, (what, {k: v / 1e6 for k, v in runs.items()})
+    # rows that do not divide: the last dim is split, and each block is read once for all four devices
+    (child,) = bench.run_sharded_load(tmp_path / "small", small - 1, devices=4, model_axis=4, cache_dir=str(tmp_path))
+    _check_quarters(child, small, layers, hidden)
