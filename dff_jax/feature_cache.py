@@ -6,24 +6,24 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
 
 1. The cache: the selected rows of the feature set, item-aligned (row i = `item_ids[i]`, row 0 zeros), in the stored
    dtype, as one raw file `<key>.bin` beside a header `<key>.json` under the cache folder (config
-   `features.cache_dir`, default `<features.dir>/dff_cache`). `<key>` is a digest of the dataset's item order and
-   the rows, so runs reading other rows or another dataset keep their own caches. It is built once from the record
-   shards by `features.load_features` (every check it makes: CRCs, schema, dtypes, NaN/Inf, duplicates, missing
-   items) writing each record's row to the file with `os.pwrite`, so building holds one record in memory, not the
-   table. The header records what it was made from (schema, every shard's name, size and mtime, the item order,
-   the rows), a CRC32C per block of rows, and the standardisation statistics (`features.standardize_stats`, taken
-   once from the cache file in the same 4096-row chunks and the same <= 1024-item sample as from an in-memory
-   table, so the numbers are those of the single-device path; float64 chunks of 4096 rows are the largest
-   temporary). A cache whose sources changed is stale and is rebuilt (one line says why); a header that cannot be
-   read or a file of the wrong size is rebuilt; a block whose checksum fails while loading is refused with an
-   `error:` naming the file and block.
-2. The placement: for each of this process's devices, a zero array of its shard's shape is allocated on the device
-   and filled chunk by chunk from the cache file (read with `os.preadv` into one reused buffer, checksum-verified,
-   standardised on the device by the same jitted expression as `models.standardized_table`, written in place with
-   a donated `dynamic_update_slice`); `jax.make_array_from_single_device_arrays` then assembles the global array.
-   A block is read once and cut for every local device that holds part of it (the split-by-last-dimension fallback
-   and replication read each block once). So a process holds its devices' shards plus one block of rows (about
-   `BLOCK_BYTES`), and no device ever holds more than its shard; no process ever materialises the whole table.
+   `features.cache_dir`, default `<features.dir>/dff_cache`). `<key>` is a digest of the feature folder, the
+   dataset's item order and the rows, so runs reading other rows or another dataset keep their own caches. It is
+   built once from the record shards by `features.load_features` (every check it makes: CRCs, schema, dtypes,
+   NaN/Inf, duplicates, missing items) writing each record's row to the file with `os.pwrite`, so building holds
+   one record in memory, not the table. The header records what it was made from (the schema, every shard's name,
+   size and mtime), a CRC32C per block of rows, and the standardisation statistics (`features.standardize_stats`
+   read from the cache file: the same <= 1024-item sample and the same sums as from an in-memory table, so the
+   numbers are those of the single-device path, computed in float64 pieces of at most 8 MB). A cache whose sources
+   changed is stale and is rebuilt (one line says why); a header that cannot be read or a file of the wrong size is
+   rebuilt; a block whose checksum fails while loading is refused with an `error:` naming the file and block.
+2. The placement: for each of this process's devices, a zero array of its shard's shape is made on the device
+   itself and filled chunk by chunk (chunks of one shape, about `BLOCK_BYTES`) from the cache file: read with
+   `os.preadv` into one reused buffer, each block checksum-verified the first time it is read, standardised on the
+   device by the same expression as `models.standardized_table` (so the bits are the same), written in place by a
+   donated `dynamic_update_slice`; `jax.make_array_from_single_device_arrays` then assembles the global array. A
+   chunk is read once and cut for every local device that holds part of it (the split-by-last-dimension fallback
+   and replication read the file once). So a process holds its devices' shards plus a few chunks' worth of buffers,
+   no device ever holds more than its shard, and no process ever materialises the whole table.
 
 Multi-process: process 0 builds a missing or stale cache while the others wait at a barrier; a process that still
 finds no valid cache afterwards (a cache folder that is not shared between hosts) builds its own copy. Writes go to
@@ -173,9 +173,10 @@ def default_dir(features_dir: str | os.PathLike) -> Path:
     return Path(features_dir) / DEFAULT_SUBDIR
 
 
-def cache_key(item_ids: Sequence[str], rows: Sequence[int]) -> str:
-    """What the cache's content depends on besides the feature files: the item order and the stored rows kept."""
-    digest = hashlib.sha256(json.dumps([list(rows), len(item_ids)]).encode())
+def cache_key(features_dir: str | os.PathLike, item_ids: Sequence[str], rows: Sequence[int]) -> str:
+    """Which cache a load uses: the feature folder, the item order and the stored rows kept (so one cache folder can
+    serve several feature sets, datasets and row selections; what the files hold is checked by `open_cache`)."""
+    digest = hashlib.sha256(json.dumps([str(Path(features_dir).resolve()), list(rows), len(item_ids)]).encode())
     for item in item_ids:
         digest.update(item.encode() + b"\0")
     return digest.hexdigest()
@@ -298,7 +299,7 @@ def ensure(
     """The valid cache of `rows` of the feature set for this item order, built (or rebuilt) when needed."""
     features_dir = Path(features_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_dir(features_dir)
-    key = cache_key(item_ids, rows)
+    key = cache_key(features_dir, item_ids, rows)
     multi = jax.process_count() > 1
     cache = None
     if not multi or jax.process_index() == 0:

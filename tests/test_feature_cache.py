@@ -1,6 +1,5 @@
 """The feature cache and the streamed, sharded placement of the frozen table (dff_jax/feature_cache.py)."""
 
-import json
 import os
 
 import numpy as np
@@ -97,7 +96,7 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     stale = "shard part-1.tfrecord was added, removed or rewritten (size or mtime changed)"
     assert said == [f"features: rebuilding the stale cache: {stale} in {tmp_path / 'f' / feature_cache.DEFAULT_SUBDIR}"]
 
-    key = feature_cache.cache_key(item_ids, [0, 1])
+    key = feature_cache.cache_key(tmp_path / "f", item_ids, [0, 1])
     bin_path, header = feature_cache._paths(tmp_path / "f" / feature_cache.DEFAULT_SUBDIR, key)
     with open(bin_path, "r+b") as f:  # one flipped bit inside the table
         f.seek(41 * 2 * 4 * 2 // 2)
