@@ -32,6 +32,7 @@ temporary files renamed into place, so concurrent builders never see half a cach
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -69,7 +70,7 @@ class CacheError(UserError, ValueError):
 class RowFile:
     """A `[rows, layers, hidden]` table stored raw (C order) in a file, read and written without mapping it.
 
-    Reads and writes go through `os.pread` / `os.pwrite`, so what passes through here lands in the page cache and
+    Reads and writes go through `os.preadv` / `os.pwrite`, so what passes through here lands in the page cache and
     not in this process's resident memory (a memory map would count every touched page in the RSS). Supports what
     `features.load_features` (as `allocate`) and `features.standardize_stats` use: `t[row] = array`, `t[row]`,
     `t[start:stop]` and `t[int_array, layer]`.
@@ -122,7 +123,9 @@ class RowFile:
         data = np.ascontiguousarray(value, self.dtype)
         if data.size != self.row_values:
             raise ValueError(f"RowFile: row of {data.size} values, expected {self.row_values}")
-        os.pwrite(self.fd, data.tobytes(), int(row) * self.row_bytes)
+        written = os.pwrite(self.fd, data.tobytes(), int(row) * self.row_bytes)
+        if written != self.row_bytes:  # a full disk may write part of a row before it fails
+            raise OSError(f"wrote {written} of {self.row_bytes} bytes of row {row} to {self.path}")
 
 
 @dataclasses.dataclass
@@ -223,6 +226,11 @@ def open_cache(features_dir: Path, cache_dir: Path, key: str) -> tuple[Cache | N
     return Cache(RowFile(bin_path, shape, dtype), header, stats[0], stats[1]), ""
 
 
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def build(
     features_dir: Path, cache_dir: Path, key: str, item_ids: Sequence[str], rows: Sequence[int], allow_missing: bool
 ) -> Cache:
@@ -273,13 +281,13 @@ def build(
         os.replace(tmp, bin_path)
         records.write_json_atomic(header_path, header)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise CacheError(
-            f"{cache_dir}: cannot write the feature cache ({e.strerror or e}); set --config.features.cache_dir to a "
-            "writable folder"
+            f"{cache_dir}: cannot build the feature cache: {e} (if the folder is read-only, set "
+            "--config.features.cache_dir to a writable one)"
         ) from None
     except BaseException:  # a bad record (FeatureError) or an interrupt: leave no partial file behind
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     cache, why = open_cache(features_dir, cache_dir, key)
     if cache is None:

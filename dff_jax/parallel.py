@@ -265,8 +265,9 @@ def ranking_sharding(mesh: Mesh, shard_items: bool, embed_dim: int) -> NamedShar
     With `shard_items` the embeddings are split on "model" by their last dim, whatever the row count: every chunk of
     items is then a local slice on each device and the score matmul adds partial sums over "model", so a device
     holds d / model_axis columns of the table and O(users x chunk) scores. Rows would not do: the chunk loop slices
-    the table at traced offsets, and XLA gathers a row-sharded table whole onto every device for that (measured on
-    4 simulated devices: 324 MB of temporaries for 1M x 64 float32 rows, 68 MB split by columns; docs/benchmarks.md).
+    the table at traced offsets, and XLA gathers a row-sharded table whole onto every device for that (compiled on
+    4 simulated devices for 1,024 users against 1M x 64 float32 rows: 547 MB of temporaries per device with rows
+    split, 100 MB with columns split; docs/benchmarks.md).
     Replicated when d does not divide by the model axis, or without `shard_items`.
     """
     m = mesh.shape[MODEL_AXIS]

@@ -123,15 +123,10 @@ def test_a_bad_feature_set_leaves_no_partial_cache(tmp_path):
     (tmp_path / "f" / "part-2.tfrecord").unlink()  # a missing shard: the record count disagrees with the schema
     with pytest.raises(FeatureError, match=r"num_items is 20 but the 2 shards hold"):
         load(tmp_path / "f", item_ids, [0, 1])
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        if not os.access(ro, os.W_OK):  # (root can write anywhere)
-            with pytest.raises(feature_cache.CacheError, match=r"cannot write the feature cache .*features.cache_dir"):
-                load(tmp_path / "f", item_ids[:10], [0], cache_dir=ro / "c")
-    finally:
-        ro.chmod(0o700)
+    blocked = tmp_path / "a-file"  # a cache folder that cannot be made (even for root, unlike a read-only one)
+    blocked.write_text("")
+    with pytest.raises(feature_cache.CacheError, match=r"cannot build the feature cache: .*features.cache_dir"):
+        load(tmp_path / "f", item_ids[:10], [0], cache_dir=blocked / "c")
 
 
 def _check_quarters(child, rows, layers, hidden):
