@@ -322,6 +322,7 @@ def ensure(
         if cache is None:
             cache, why = open_cache(features_dir, cache_dir, key)
             if cache is None:  # a cache folder not shared with process 0
+                say(f"features: process {jax.process_index()} builds its own cache in {cache_dir} ({why or 'none'})")
                 cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing)
     return cache
 

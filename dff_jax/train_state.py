@@ -80,7 +80,7 @@ def load_table(
         standardize=m.feature_norm == "standardize",
         cache_dir=config.features.cache_dir,
         allow_missing=config.features.allow_missing,
-        say=say,
+        say=print,  # only process 0 speaks, except a process building a copy of its own
     )
     h = cache.header
     per_device = feature_cache.shard_bytes(table)

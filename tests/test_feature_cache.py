@@ -163,3 +163,16 @@ def test_four_devices_each_hold_a_quarter_and_the_load_holds_little_beyond_the_s
     # rows that do not divide: the last dim is split, and each block is read once for all four devices
     (child,) = bench.run_sharded_load(tmp_path / "small", small - 1, devices=4, model_axis=4, cache_dir=str(tmp_path))
     _check_quarters(child, small, layers, hidden)
+
+
+def test_two_processes_one_builds_the_cache_the_other_waits_and_both_place_their_shards(tmp_path):
+    """2 processes x 2 simulated devices, model_axis=2 (mesh data=2 x model=2): process 0 builds the missing cache,
+    process 1 waits at the barrier and reads it; each places only its own two devices' halves of the rows."""
+    fdir = tmp_path / "features"
+    fdir.mkdir()
+    bench._write_bench_features(fdir, 799, 4, 64, "bfloat16", 2)
+    children = bench.run_sharded_load(fdir, 799, devices=2, model_axis=2, processes=2, cache_dir=str(tmp_path / "c"))
+    assert [c["process"] for c in children] == [0, 1]
+    assert [c["built_cache"] for c in children] == [True, False]
+    for child in children:
+        assert child["spec"] == "P('model',)" and child["shard_shapes"] == [[400, 4, 64]] * 2
