@@ -118,11 +118,43 @@ def dropout_keeps(key: jax.Array | None, rate: float, shapes: list[tuple[int, ..
     return out
 
 
-# arch="sasrec" draws its dropout masks as 16-bit words, at most this many 32-bit words per jax.random call: on the
-# 2-core CPU one threefry call over the ~2.2 M mask entries of a step at the SASRec shapes took ~45 ms, the same bits
-# in calls of 2^19 words ~5 ms (docs/benchmarks.md, "The original SASRec"; the cost grows faster than the size).
+# arch="sasrec" draws its dropout masks as 16-bit words, at most this many 32-bit words per key (the stream these
+# masks have had since they were introduced; docs/benchmarks.md, "The original SASRec").
 MASK_WORDS_PER_CALL = 1 << 19
 MASK_LEVELS = 1 << 16
+# Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"): 20 rounds, these rotations
+# alternating every 4 rounds, a key injection after every 4 rounds with the parity word below.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def threefry_bits(key: jax.Array, n: int) -> jax.Array:
+    """uint32[n], equal to ``jax.random.bits(key, (n,), jnp.uint32)`` for a threefry2x32 ``key``, with the 20 rounds
+    written out.
+
+    On CPU jax lowers threefry to a 5-iteration loop that writes the whole [n] state to memory every iteration (plus
+    copies of it); written out, the hash is one elementwise fusion. For the ~1.1 M mask words of an arch="sasrec" step
+    that is ~5 ms of CPU instead of ~15 (docs/benchmarks.md). jax draws the words with counter (hi, lo) = (0, index)
+    and returns the xor of the two output words; so do we (checked against jax.random.bits in tests/test_models.py).
+    """
+    k = jax.random.key_data(key).astype(jnp.uint32)
+    ks = (k[0], k[1], k[0] ^ k[1] ^ np.uint32(_THREEFRY_PARITY))
+    x0 = jnp.zeros((n,), jnp.uint32) + ks[0]
+    x1 = jnp.arange(n, dtype=jnp.uint32) + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0 ^ x1
+
+
+def _random_words(key: jax.Array, n: int) -> jax.Array:
+    """``jax.random.bits(key, (n,), uint32)``, through ``threefry_bits`` for threefry keys (the same words)."""
+    if str(jax.random.key_impl(key)) == "threefry2x32" and jax.config.jax_threefry_partitionable:
+        return threefry_bits(key, n)
+    return jax.random.bits(key, (n,), jnp.uint32)
 
 
 def mask_rate(rate: float) -> float:
@@ -131,8 +163,8 @@ def mask_rate(rate: float) -> float:
 
 
 def dropout_keeps_16(key: jax.Array | None, rate: float, shapes: list[tuple[int, ...]]) -> list[jax.Array | None]:
-    """Keep-masks like ``dropout_keeps`` from 16-bit uniform integers: each 32-bit word of ``jax.random.bits`` gives
-    two decisions, and the words come in calls of at most MASK_WORDS_PER_CALL. The drop probability is
+    """Keep-masks like ``dropout_keeps`` from 16-bit uniform integers: each 32-bit word gives two decisions, and the
+    words come from one key per MASK_WORDS_PER_CALL (``_random_words``). The drop probability is
     ``mask_rate(rate)`` (0.2 -> 13107 / 65536 = 0.199997); divide the kept values by 1 - mask_rate(rate)."""
     if key is None or rate <= 0.0:
         return [None] * len(shapes)
@@ -140,10 +172,7 @@ def dropout_keeps_16(key: jax.Array | None, rate: float, shapes: list[tuple[int,
     words = -(-sum(sizes) // 2)
     calls = -(-words // MASK_WORDS_PER_CALL)
     keys = jax.random.split(key, calls)
-    parts = [
-        jax.random.bits(keys[i], (min(MASK_WORDS_PER_CALL, words - i * MASK_WORDS_PER_CALL),), jnp.uint32)
-        for i in range(calls)
-    ]
+    parts = [_random_words(keys[i], min(MASK_WORDS_PER_CALL, words - i * MASK_WORDS_PER_CALL)) for i in range(calls)]
     halves = jax.lax.bitcast_convert_type(jnp.concatenate(parts), jnp.uint16).reshape(-1)
     keep = halves >= round(rate * MASK_LEVELS)
     out, start = [], 0
