@@ -14,7 +14,8 @@ second-to-last item, test = the last, users with fewer than 3 items train only. 
 Model and training, as the port's defaults for its published runs: the "sasrec" architecture (dff_jax/models.py),
 ID embeddings only, d = 50, 2 blocks, 1 head, dropout 0.2, post-LN; BCE with one uniform negative per position
 outside the user's window; Adam (no weight decay) lr 1e-3, betas (0.9, 0.98), no gradient clipping; batch 128; 20
-epochs, no early stopping, the best validation epoch tested.
+epochs, no early stopping, the best validation epoch tested. 32 training steps run per jitted call
+(train.steps_per_call: the same steps, fewer calls).
 
 Evaluation: full ranking over all items with the history masked (the project's protocol, docs/protocol.md section
 3) and, labelled "sampled100/...", the port's protocol: the target among 100 uniform negatives the user has not
@@ -59,6 +60,9 @@ def get_config(variant: str | None = None):
     c.train.patience = 0
     c.train.select_metric = "sampled100/NDCG@10"
     c.train.log_every_steps = 50
+    # 32 steps per jitted call: at d = 50 a step's arithmetic is small next to what every call costs on a CPU (a
+    # fresh 68 MB temporary buffer to fault in, the dispatch); the same steps either way (docs/benchmarks.md).
+    c.train.steps_per_call = 32
     c.eval.sampled_negatives = 100
     c.eval.batch_size = 1024
     return c

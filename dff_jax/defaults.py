@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # latest checkpoints kept (the best is kept separately)
     c.train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     c.train.log_every_steps = 50
+    c.train.steps_per_call = 1  # train steps per jitted call (lax.scan over that many batches; train_state.py)
     c.train.progress_bar = True
 
     c.eval = ml_collections.ConfigDict()
@@ -179,6 +180,7 @@ RANGES = {
     "train.patience": (0, None, ">= 0 (0 = no early stopping)"),
     "train.keep_checkpoints": (1, None, ">= 1 (a run resumes from its latest checkpoint)"),
     "train.log_every_steps": (1, None, ">= 1"),
+    "train.steps_per_call": (1, None, ">= 1"),
     "eval.batch_size": (1, None, ">= 1"),
     "eval.chunk_size": (1, None, ">= 1"),
     "eval.sampled_negatives": (0, None, ">= 0 (0 = off)"),

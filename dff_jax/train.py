@@ -68,7 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if main:  # a workdir that cannot be made stops the run here, before the data is read
         workdir.mkdir(parents=True, exist_ok=True)
     dataset, state, static, frozen = train_state.build_run(config)
-    step = train_state.jit_train_step(static)
+    step = train_state.jit_train_step(static, config.train.steps_per_call)
     if main:
         records.write_json_atomic(workdir / train_state.IDENTITY_FILE, identity)
         records.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -161,12 +161,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
 
 def train_epoch(step, state, frozen, dataset, config, mesh, rng, epoch: int, writer=None):
-    """One pass over every training user with the jitted `step` (`train_state.jit_train_step`).
+    """One pass over every training user with the jitted `step` (`train_state.jit_train_step(static,
+    config.train.steps_per_call)`), `steps_per_call` batches per call.
 
     Losses are fetched only at log steps and checked for NaN/Inf there, so the host never waits on the device
     between steps.
     """
     steps = data_lib.num_train_batches(dataset, config.train.batch_size)
+    per_call = config.train.steps_per_call
     batches = data_lib.train_batches(
         dataset,
         config.train.batch_size,
@@ -181,32 +183,41 @@ def train_epoch(step, state, frozen, dataset, config, mesh, rng, epoch: int, wri
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, unit="step")
-    pending = []
-    for i, batch in enumerate(batches):
-        state, m = step(state, frozen, parallel.global_batch(batch, mesh), rng)
+    pending, done, group = [], 0, []
+    for batch in batches:
+        group.append(parallel.global_batch(batch, mesh))
+        if len(group) < per_call and done + len(group) < steps:
+            continue
+        if per_call == 1:
+            state, m = step(state, frozen, group[0], rng)
+        else:
+            state, m = step(state, frozen, tuple(group), rng)
         pending.append(m)
-        if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
-            _flush_metrics(pending, (epoch - 1) * steps + i + 2 - len(pending), writer)
+        first, done, group = done, done + len(group), []
+        if done // config.train.log_every_steps > first // config.train.log_every_steps or done == steps:
+            _flush_metrics(pending, (epoch - 1) * steps + done, writer)
             pending = []
         if bar is not None:
-            bar.update(1)
+            bar.update(done - first)
     if bar is not None:
         bar.close()
     return state
 
 
-def _flush_metrics(pending: list[dict], first_step: int, writer) -> None:
-    values = jax.device_get(pending)
-    for j, m in enumerate(values):
-        if not np.isfinite(m["loss"]):
-            raise TrainError(
-                f"non-finite loss {float(m['loss'])} at train step {first_step + j} (1-based); "
-                f"lower --config.optim.lr or check the features for extreme values"
-            )
+def _flush_metrics(pending: list[dict], last_step: int, writer) -> None:
+    """Checks and logs the metrics of the calls since the last flush (scalars, or [steps] from a multi-step call);
+    `last_step` is the 1-based global step of the last of them."""
+    values = [{k: np.atleast_1d(v) for k, v in m.items()} for m in jax.device_get(pending)]
+    losses = np.concatenate([m["loss"] for m in values])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise TrainError(
+            f"non-finite loss {float(losses[bad[0]])} at train step {last_step - len(losses) + 1 + bad[0]} (1-based); "
+            f"lower --config.optim.lr or check the features for extreme values"
+        )
     if writer is not None:
-        step = first_step + len(values) - 1
         for k in values[-1]:
-            writer.add_scalar(f"train/{k}", float(np.mean([float(m[k]) for m in values])), step)
+            writer.add_scalar(f"train/{k}", float(np.mean(np.concatenate([m[k] for m in values]))), last_step)
 
 
 def _summary_writer(workdir: Path):

@@ -10,7 +10,8 @@ A run is three things, built once by `create_train_state`:
   fields, the compute dtype) and how arrays are placed (mesh and shardings).
 
 `train_step(static, state, frozen, batch, rng)` is pure; `jit_train_step(static)` binds `static` with
-`functools.partial` and jits it once, with the state donated. Training (`train.py`), checkpoint evaluation
+`functools.partial` and jits it once, with the state donated (or, with `train.steps_per_call` > 1, `train_steps`:
+several steps per call). Training (`train.py`), checkpoint evaluation
 (`evaluate.py`), `recommend.py` and the benchmarks all build runs with `build_run` / `create_train_state`.
 
 This lives apart from train.py so that evaluate.py can rebuild a run from its workdir while train.py uses evaluate.py
@@ -240,12 +241,30 @@ def train_step(static: dict, state: dict, frozen: dict, batch: dict, rng: jax.Ar
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
 
 
-def jit_train_step(static: dict):
+def train_steps(static: dict, state: dict, frozen: dict, batches: tuple, rng: jax.Array) -> tuple[dict, dict]:
+    """`train_step` over a tuple of batches in order, in one program (`lax.scan`) -> (state, metrics [len(batches)]).
+
+    The same steps as calling `train_step` once per batch. On the CPU one call per step costs more than the step's
+    arithmetic at small shapes: XLA maps a fresh temporary buffer for every call (68 MB at the original-SASRec shapes,
+    whose first touches cost ~16,600 page faults, a third of the step's CPU time) and the host dispatches every call;
+    a scan pays both once per call (docs/benchmarks.md, "The original SASRec").
+    """
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    return jax.lax.scan(lambda s, b: train_step(static, s, frozen, b, rng), state, stacked)
+
+
+def jit_train_step(static: dict, steps_per_call: int = 1):
     """`step(state, frozen, batch, rng) -> (state, metrics)`: `train_step` with `static` bound, jitted once with
-    explicit shardings; `state` is donated (updated in place on the device)."""
+    explicit shardings; `state` is donated (updated in place on the device).
+
+    `steps_per_call` > 1 (`config.train.steps_per_call`): `step(state, frozen, batches, rng)` takes a tuple of up to
+    that many batches and runs them with `train_steps` (one compiled program per tuple length: the full groups and
+    an epoch's last, shorter one), returning metrics with a leading axis of steps.
+    """
     rep = parallel.replicated(static["mesh"])
+    fn = train_step if steps_per_call == 1 else train_steps
     return jax.jit(
-        functools.partial(train_step, static),
+        functools.partial(fn, static),
         in_shardings=(static["state_sharding"], static["frozen_sharding"], static["batch_sharding"], rep),
         out_shardings=(static["state_sharding"], rep),
         donate_argnums=(0,),
@@ -257,7 +276,8 @@ def jit_train_step(static: dict):
 IDENTITY_FILE = "identity.json"
 # Config fields that do not change what a run computes, left out of its identity: where the files are (their
 # contents are fingerprinted instead), how it logs, how many checkpoints it keeps, how evaluation is batched, how it
-# is spread over devices and hosts (a run resumes on another device count with the same global batch), and its
+# is spread over devices and hosts (a run resumes on another device count with the same global batch), how many
+# steps one call runs (the same steps in the same order), and its
 # epoch budget (an epoch's data order depends only on (seed, epoch), so a run resumed with a larger num_epochs or
 # patience goes on exactly as if it had been given them from the start; see BUDGET for finished runs).
 BUDGET = ("train.num_epochs", "train.patience")
@@ -271,6 +291,7 @@ NOT_IDENTITY = (
     "train.keep_checkpoints",
     "eval.batch_size",
     "eval.chunk_size",
+    "train.steps_per_call",
     "parallel.",
 )
 # What a run writes into its workdir; `--restart` removes exactly these and nothing else.

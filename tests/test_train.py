@@ -108,8 +108,10 @@ def test_bf16_compute_trains_with_float32_params_and_bf16_projection(tmp_path):
     assert model.items.content(jnp.asarray([1, 2, 3])).dtype == jnp.bfloat16
 
 
-def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch, steps_per_call):
     c = smoke_config(tmp_path, "id", train__num_epochs=1, train__log_every_steps=100)
+    c.train.steps_per_call = steps_per_call  # several steps per call: the step is still named exactly
     synthetic.ensure_synthetic_data(c)
     ds = data_lib.build_dataset(c.data)
     # the first train step (1-based) whose batch contains item 7: the patched loss turns NaN there
@@ -127,6 +129,44 @@ def test_nan_loss_stops_with_the_step_named(tmp_path, monkeypatch):
     monkeypatch.setattr(train_state.losses, "compute_loss", poisoned)
     with pytest.raises(train.TrainError, match=f"at train step {first} "):
         train.train_and_evaluate(c, tmp_path / "nan")
+
+
+def test_steps_per_call_runs_the_same_steps(tmp_path):
+    """train.steps_per_call > 1 scans several steps in one call (the last call of an epoch shorter): the same steps
+    in the same order, so the same state, bit for bit, and the same logged metrics."""
+    c = smoke_config(tmp_path, "dff", train__log_every_steps=2)
+    synthetic.ensure_synthetic_data(c)
+    ds = data_lib.build_dataset(c.data)
+    table = train_state.load_table(c, ds).table
+    mesh = parallel.make_mesh(c.parallel)
+    steps = data_lib.num_train_batches(ds, c.train.batch_size)
+    assert steps % 3, "the smoke data must leave a shorter last call"
+    final, logged = [], []
+    for per_call in (1, 3):
+        c.train.steps_per_call = per_call
+        state, static, frozen = train_state.create_train_state(c, ds, table, mesh)
+        step = train_state.jit_train_step(static, per_call)
+
+        class Writer:
+            def __init__(self):
+                self.rows = []
+
+            def add_scalar(self, name, value, at):
+                self.rows.append((name, at, round(value, 5)))
+
+        writer = Writer()
+        for epoch in (1, 2):
+            state = train.train_epoch(step, state, frozen, ds, c, mesh, jax.random.key(0), epoch, writer)
+        final.append(jax.device_get(state))
+        logged.append(writer.rows)
+    assert int(final[1]["step"]) == 2 * steps
+    for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # metrics are flushed after the first call that reaches a multiple of log_every_steps, and at the epoch's end
+    for per_call, rows in zip((1, 3), logged):
+        ends = [min(e, steps) for e in range(per_call, steps + per_call, per_call)]
+        flushed = [e for i, e in enumerate(ends) if e == steps or e // 2 > (ends[i - 1] if i else 0) // 2]
+        assert sorted({at for _, at, _ in rows}) == flushed + [steps + e for e in flushed]
 
 
 def _cli(args):
