@@ -72,7 +72,7 @@ def target_ranks(
     ties: str = "pessimistic",
     draws: jax.Array | None = None,
     precision=HIGHEST,
-    unroll_limit: int = 64,
+    unroll_limit: int | None = None,
 ) -> jax.Array:
     """1-based rank of each target among all real items (full ranking, protocol section 3).
 
@@ -87,6 +87,9 @@ def target_ranks(
       draws: [B] uniforms for ties="random" (`tie_draws`); unused otherwise.
       precision: of the score matmul; HIGHEST keeps float32 products on GPUs (no TF32 rounding), a no-op on CPUs.
       unroll_limit: chunk loops up to this many iterations are unrolled (faster on GPU); longer ones use fori_loop.
+        None: 64 on an accelerator, 0 (always the loop) on the CPU, where XLA schedules the unrolled chunks' score
+        products side by side: ~195 MB of temporaries at 1,024 users x 23,716 items whatever the chunk size, against
+        one chunk's in the loop, and 5x the CPU time (docs/benchmarks.md, "The original SASRec").
 
     Returns:
       [B] int32 ranks in 1..N+1.
@@ -158,6 +161,8 @@ def target_ranks(
         # so memory stays O(B * chunk_size)). The first pass is a loop so that XLA cannot merge its products with
         # the second pass's and keep every chunk's scores alive at once.
         target_score = jax.lax.fori_loop(0, n_chunks, with_target_score, jnp.zeros(batch, jnp.float32))
+        if unroll_limit is None:
+            unroll_limit = 0 if jax.default_backend() == "cpu" else 64
         if n_chunks <= unroll_limit:  # unrolled: no per-iteration loop overhead on GPU, and static slices
             counts = (zeros, zeros)
             for c in range(n_chunks):

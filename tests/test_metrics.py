@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,6 +64,26 @@ def test_target_ranks_match_brute_force(ties, mask_history, chunk_size, unroll_l
         )
         want = brute_force_ranks(user, items, targets, history, mask_history, ties)
         np.testing.assert_array_equal(got, want)
+
+
+def test_target_ranks_on_cpu_hold_one_chunk_of_scores():
+    # The default on the CPU is the chunk loop: the unrolled form let XLA keep every chunk's [B, chunk] scores alive
+    # at once (~195 MB at 1,024 x 23,716 whatever the chunk size), each call faulting in fresh pages.
+    user = jax.random.normal(jax.random.key(0), (256, 16))
+    items = jax.random.normal(jax.random.key(1), (20_001, 16))
+    targets = jnp.arange(1, 257, dtype=jnp.int32)
+    history = jax.random.randint(jax.random.key(2), (256, 12), 0, 20_001)
+
+    def temp_bytes(**kw):
+        fn = jax.jit(lambda u, t, h: metrics.target_ranks(u, items, t, h, chunk_size=1000, **kw))
+        return fn.lower(user, targets, history).compile().memory_analysis().temp_size_in_bytes
+
+    chunk_scores = 256 * 1000 * 4
+    assert jax.default_backend() != "cpu" or temp_bytes() < 4 * chunk_scores < temp_bytes(unroll_limit=64)
+    np.testing.assert_array_equal(
+        np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=1000)),
+        np.asarray(metrics.target_ranks(user, items, targets, history, chunk_size=1000, unroll_limit=64)),
+    )
 
 
 def test_ties_actually_occur_and_rules_differ():
