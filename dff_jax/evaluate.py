@@ -46,7 +46,9 @@ def user_table(params, features, inputs, *, graphdef):
 @functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "mask_history", "chunk_size", "ties", "tie_seed"))
 def batch_ranks(params, features, items, batch, *, graphdef, sharding, mask_history, chunk_size, ties, tie_seed):
     """Full-ranking rank of each user's target in one batch (metrics.target_ranks), sharded like the batch; ties
-    as `ties` (the random policy draws per user from `tie_seed`)."""
+    as `ties` (the random policy draws per user from `tie_seed`). With batch["negatives"] [B, K] also the target's
+    rank among itself and those negatives (the sampled protocol, `metrics.ranks_among`), from the same user vectors:
+    (full, sampled)."""
     user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
     draws = metrics.tie_draws(tie_seed, batch["users"]) if ties == "random" else None
     ranks = metrics.target_ranks(
@@ -59,7 +61,11 @@ def batch_ranks(params, features, items, batch, *, graphdef, sharding, mask_hist
         ties=ties,
         draws=draws,
     )
-    return jax.lax.with_sharding_constraint(ranks, sharding)
+    ranks = jax.lax.with_sharding_constraint(ranks, sharding)
+    if "negatives" not in batch:
+        return ranks
+    sampled = metrics.ranks_among(user, items, batch["targets"], batch["negatives"], ties=ties, draws=draws)
+    return ranks, jax.lax.with_sharding_constraint(sampled, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -72,19 +78,26 @@ def gate_table(params, features, *, graphdef):
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
-def ranks(static, params, frozen, items, dataset, split: str, eval_cfg, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Full-ranking rank of every evaluation user's target in `split` (and the users' target items), against
-    `items` (`item_table`).
+def ranks(
+    static, params, frozen, items, dataset, split: str, eval_cfg, seed: int, negatives: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Full-ranking rank of every evaluation user's target in `split`, the users' target items, and (given the
+    users' sampled-protocol `negatives` [U, K]) the target's rank among those, against `items` (`item_table`).
 
     Every process holds the whole dataset, so the global mask and targets are known on the host; each process
-    feeds only its rows, and the device ranks are fetched once at the end (no host sync per batch).
+    feeds only its rows, and the device ranks are fetched once at the end (no host sync per batch). Both protocols
+    rank from one computation of each batch's user vectors.
     """
-    mesh, graphdef = static["mesh"], static["graphdef"]
-    start, stop = parallel.process_rows(eval_cfg.batch_size, mesh)
+    mesh, graphdef, bs = static["mesh"], static["graphdef"], eval_cfg.batch_size
+    start, stop = parallel.process_rows(bs, mesh)
     device_ranks, masks, targets = [], [], []
-    for batch in data_lib.eval_batches(dataset, split, eval_cfg.batch_size):
+    for i, batch in enumerate(data_lib.eval_batches(dataset, split, bs)):
         masks.append(batch.pop("mask"))
         targets.append(batch["targets"])
+        if negatives is not None:
+            batch["negatives"] = np.ones((bs, negatives.shape[1]), np.int32)  # padding rows: any valid index
+            rows = negatives[i * bs : (i + 1) * bs]
+            batch["negatives"][: len(rows)] = rows
         local = parallel.global_batch({k: v[start:stop] for k, v in batch.items()}, mesh)
         r = batch_ranks(
             params,
@@ -98,78 +111,51 @@ def ranks(static, params, frozen, items, dataset, split: str, eval_cfg, seed: in
             ties=eval_cfg.ties,
             tie_seed=seed,
         )
-        device_ranks.append(r)
-    all_ranks = np.concatenate([parallel.to_host(r) for r in device_ranks])
+        device_ranks.append(r if negatives is not None else (r,))
     mask = np.concatenate(masks)
-    return all_ranks[mask], np.concatenate(targets)[mask]
+    fetched = [
+        np.concatenate([parallel.to_host(r[j]) for r in device_ranks])[mask] for j in range(len(device_ranks[0]))
+    ]
+    return fetched[0], np.concatenate(targets)[mask], fetched[1] if negatives is not None else None
+
+
+def sampled_negatives(dataset, split: str, eval_cfg, seed: int) -> np.ndarray:
+    """[U, K] int32 negatives of the sampled protocol for every user of `split` (K = eval.sampled_negatives),
+    drawn on the host for all users at once: the draws `metrics.sampled_ranks` makes for `seed`. They depend on
+    nothing that training changes, so they are drawn once per (split, seed, K) and kept with the dataset (the
+    draw took ~0.3 s of every validation at 30,901 users)."""
+    if jax.process_count() > 1:
+        raise TrainError("sampled metrics run in one process; evaluate the checkpoint with python -m dff_jax.evaluate")
+    key = ("sampled_negatives", split, seed, eval_cfg.sampled_negatives)
+    if key not in dataset._cache:
+        ev = getattr(dataset, split)
+        interacted = np.concatenate([ev["history"], ev["targets"][:, None]], axis=1)
+        dataset._cache[key] = metrics.sample_negatives(
+            ev["targets"],
+            interacted,
+            dataset.num_items,
+            num_negatives=eval_cfg.sampled_negatives,
+            rng=np.random.default_rng(seed),
+        ).astype(np.int32)
+    return dataset._cache[key]
 
 
 def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -> dict:
     """HR@K / NDCG@K by full ranking, cold-start slices by the target's train interaction count, and (with
-    `eval_cfg.sampled_negatives` > 0) the sampled protocol seeded by `seed`."""
+    `eval_cfg.sampled_negatives` > 0) the sampled protocol seeded by `seed` (keys "sampled<K>/...", for comparison
+    with older papers)."""
     # Every item's embedding once for both protocols (for a content encoder, the projection of the whole table),
     # split over "model" with shard_items (parallel.ranking_sharding).
     items = item_table(params, frozen["features"], graphdef=static["graphdef"], sharding=static["ranking_sharding"])
-    r, targets = ranks(static, params, frozen, items, dataset, split, eval_cfg, seed)
+    k = eval_cfg.sampled_negatives
+    negatives = sampled_negatives(dataset, split, eval_cfg, seed) if k > 0 else None
+    r, targets, sampled = ranks(static, params, frozen, items, dataset, split, eval_cfg, seed, negatives)
     result = metrics.metrics_from_ranks(r, eval_cfg.ks)
     result["num_users"] = int(r.size)
     result["cold_start"] = cold_start_slices(r, dataset.item_counts[targets], eval_cfg)
-    if eval_cfg.sampled_negatives > 0:
-        result.update(sampled_metrics(static, params, frozen, items, dataset, split, eval_cfg, seed))
+    if k > 0:
+        result.update(metrics.metrics_from_ranks(sampled, eval_cfg.ks, sampled_negatives=k))
     return result
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "ties", "tie_seed"))
-def sampled_batch_ranks(params, features, items, batch, *, graphdef, sharding, ties, tie_seed):
-    """Rank of each user's target among itself and its negatives (batch["negatives"] [B, K]), sharded like the
-    batch: the scoring of `metrics.sampled_ranks` on the device, ties as in full ranking."""
-    user = nnx.merge(graphdef, params, features).user_embeddings(batch["inputs"]).astype(jnp.float32)
-    draws = metrics.tie_draws(tie_seed, batch["users"]) if ties == "random" else None
-    ranks = metrics.ranks_among(user, items, batch["targets"], batch["negatives"], ties=ties, draws=draws)
-    return jax.lax.with_sharding_constraint(ranks, sharding)
-
-
-def sampled_metrics(static, params, frozen, items, dataset, split: str, eval_cfg, seed: int) -> dict:
-    """The sampled protocol (K uniform negatives), for comparison with older papers; keys say "sampled".
-
-    The negatives are drawn on the host for every user at once (`metrics.sample_negatives`, the draws of
-    `metrics.sampled_ranks` for `seed`); users and scores stay on the device, and the ranks are fetched once.
-    """
-    if jax.process_count() > 1:
-        raise TrainError("sampled metrics run in one process; evaluate the checkpoint with python -m dff_jax.evaluate")
-    graphdef, mesh = static["graphdef"], static["mesh"]
-    ev = getattr(dataset, split)
-    interacted = np.concatenate([ev["history"], ev["targets"][:, None]], axis=1)
-    negatives = metrics.sample_negatives(
-        ev["targets"],
-        interacted,
-        dataset.num_items,
-        num_negatives=eval_cfg.sampled_negatives,
-        rng=np.random.default_rng(seed),
-    ).astype(np.int32)
-    device_ranks, masks, bs = [], [], eval_cfg.batch_size
-    for i, batch in enumerate(data_lib.eval_batches(dataset, split, bs)):
-        rows = negatives[i * bs : (i + 1) * bs]
-        neg = np.zeros((bs, negatives.shape[1]), np.int32)
-        neg[: len(rows)] = rows
-        neg[len(rows) :] = 1  # padding rows (mask False): any valid index
-        masks.append(batch["mask"])
-        local = {"inputs": batch["inputs"], "targets": batch["targets"], "users": batch["users"], "negatives": neg}
-        local = parallel.global_batch(local, mesh)
-        device_ranks.append(
-            sampled_batch_ranks(
-                params,
-                frozen["features"],
-                items,
-                local,
-                graphdef=graphdef,
-                sharding=static["batch_sharding"],
-                ties=eval_cfg.ties,
-                tie_seed=seed,
-            )
-        )
-    r = np.concatenate([parallel.to_host(x) for x in device_ranks])[np.concatenate(masks)]
-    return metrics.metrics_from_ranks(r, eval_cfg.ks, sampled_negatives=eval_cfg.sampled_negatives)
 
 
 def cold_start_slices(ranks: np.ndarray, target_counts: np.ndarray, eval_cfg) -> dict:

@@ -133,22 +133,29 @@ def target_ranks(
         mine = jnp.take_along_axis(scores, jnp.clip(local, 0, chunk - 1)[:, None], axis=1)[:, 0]
         return jnp.where(here, mine, target_score)
 
+    def above(scores, t):
+        # Only the random policy needs the ties apart: the others count them with `greater` (pessimistic: scores >=
+        # the target's, `equal` stays 0) or not at all, one pass over each chunk's scores instead of two.
+        return scores >= t if ties == "pessimistic" else scores > t
+
     def count_chunk(c, counts, target_score, scored=None):
         lo, start, scores = chunk_scores(c) if scored is None else scored
         greater, equal = counts
         t = target_score[:, None]
         ids = start + jnp.arange(chunk)
         counted = ((ids >= lo) & (ids >= 1))[None, :] & (ids[None, :] != targets[:, None])
-        greater = greater + jnp.sum(counted & (scores > t), axis=1, dtype=jnp.int32)
-        equal = equal + jnp.sum(counted & (scores == t), axis=1, dtype=jnp.int32)
+        greater = greater + jnp.sum(counted & above(scores, t), axis=1, dtype=jnp.int32)
+        if ties == "random":
+            equal = equal + jnp.sum(counted & (scores == t), axis=1, dtype=jnp.int32)
         if mask_history:
             # Masked history items were counted above if they score at or above the target: take them back out,
             # reading their scores from this same product (so the two decisions can never disagree by rounding).
             local = history - start
             here = subtract & (history >= lo) & (local < chunk)
             hist_scores = jnp.take_along_axis(scores, jnp.clip(local, 0, chunk - 1), axis=1)
-            greater = greater - jnp.sum(here & (hist_scores > t), axis=1, dtype=jnp.int32)
-            equal = equal - jnp.sum(here & (hist_scores == t), axis=1, dtype=jnp.int32)
+            greater = greater - jnp.sum(here & above(hist_scores, t), axis=1, dtype=jnp.int32)
+            if ties == "random":
+                equal = equal - jnp.sum(here & (hist_scores == t), axis=1, dtype=jnp.int32)
         return greater, equal
 
     zeros = jnp.zeros(batch, jnp.int32)
