@@ -330,10 +330,14 @@ def bench_sasrec(
     """`--preset sasrec`: the original SASRec setting (configs/sasrec.py) at the held-out benchmark's shapes
     (SASREC_SHAPE, random data through the real reader and split), JAX against the PyTorch port side by side.
 
-    Measured in one process: the step (rounds of `steps` steps, alternating JAX and PyTorch, medians), one whole
-    training epoch each (JAX through `train.train_epoch`, PyTorch over the same `data.train_batches`), and one
-    validation of every validation user each (full ranking plus sampled-100; JAX through `evaluate.evaluate`, timed
-    after a first call that compiles, PyTorch through `bench_torch.torch_evaluate` on the same negatives).
+    Measured in one process: the step (rounds of `steps` steps rounded up to whole calls of the config's
+    `train.steps_per_call`, alternating JAX and PyTorch, medians), one whole training epoch each (JAX through
+    `train.train_epoch`: a first epoch, which also compiles the epoch's shorter last call, then the timed one;
+    PyTorch over the same `data.train_batches`), and one validation of every validation user each (full ranking plus
+    sampled-100; JAX through `evaluate.evaluate`, timed after a first call that compiles and draws the negatives,
+    PyTorch through `bench_torch.torch_evaluate` on the same negatives). CPU seconds of this process (`*_cpu_s`)
+    and the load average are printed beside the wall times: on a shared machine they say how much of a wall time
+    was other processes'.
     """
     config = sasrec_config(overrides)
     t = time.perf_counter()
@@ -359,10 +363,18 @@ def bench_sasrec(
         "param_count": static["param_count"],
         "data_s": round(data_s, 3),
     }
-    step = train_state.jit_train_step(static)
+    # The trainer's step: `steps_per_call` steps per jitted call (configs/sasrec.py), so a round is whole calls.
+    per_call = config.train.steps_per_call
+    steps = per_call * -(-steps // per_call)
+    step = train_state.jit_train_step(static, per_call)
     rng = jax.random.key(config.seed)
     batches = list(data_lib.train_batches(dataset, bs, length, config.seed, 1))
     gb = [parallel.global_batch(b, mesh) for b in batches[: max(2, steps)]]
+
+    def call(state, first):
+        group = [gb[(first + j) % len(gb)] for j in range(per_call)]
+        return step(state, frozen, group[0] if per_call == 1 else tuple(group), rng)
+
     torch_step = None
     if torch_compare:
         try:
@@ -374,14 +386,14 @@ def bench_sasrec(
         except ImportError:
             torch_step = None
     t = time.perf_counter()
-    state, m = step(state, frozen, gb[0], rng)
+    state, m = call(state, 0)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
 
     def jax_round():
         nonlocal state
-        for i in range(steps):
-            state, _ = step(state, frozen, gb[i % len(gb)], rng)
+        for i in range(0, steps, per_call):
+            state, _ = call(state, i)
         jax.block_until_ready(state)
 
     def torch_round():
@@ -389,32 +401,40 @@ def bench_sasrec(
             torch_step(batches[i % len(batches)])
 
     jax_s, torch_s = _alternate(jax_round, torch_round if torch_step is not None else None, rounds, steps)
-    t = time.perf_counter()
-    state = train.train_epoch(step, state, frozen, dataset, config, mesh, rng, 1)
-    jax.block_until_ready(state)
-    jax_epoch = time.perf_counter() - t
+    epochs = []
+    for epoch in (1, 2):  # the first also compiles the epoch's shorter last call (when per_call does not divide it)
+        t, cpu = time.perf_counter(), time.process_time()
+        state = train.train_epoch(step, state, frozen, dataset, config, mesh, rng, epoch)
+        jax.block_until_ready(state)
+        epochs.append((time.perf_counter() - t, time.process_time() - cpu))
+    jax_epoch = epochs[1][0]
     t = time.perf_counter()
     first = evaluate.evaluate(static, state["params"], frozen, dataset, "valid", config.eval, config.seed)
     jax_valid_first = time.perf_counter() - t
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     valid = evaluate.evaluate(static, state["params"], frozen, dataset, "valid", config.eval, config.seed)
-    jax_valid = time.perf_counter() - t
+    jax_valid, jax_valid_cpu = time.perf_counter() - t, time.process_time() - cpu
     assert valid == first, "validation must not depend on being run twice"
     result["jax"] = {
         "compile_s": round(compile_s, 3),
         "step_ms": round(1000 * float(np.median(jax_s)), 2),
         "step_ms_per_round": [round(1000 * x, 2) for x in jax_s],
+        "steps_per_round": steps,
+        "steps_per_call": per_call,
         "steps_per_epoch": len(batches),
+        "epoch_first_s": round(epochs[0][0], 3),
         "epoch_s": round(jax_epoch, 3),
+        "epoch_cpu_s": round(epochs[1][1], 3),
         "valid_first_s": round(jax_valid_first, 3),
         "valid_s": round(jax_valid, 3),
+        "valid_cpu_s": round(jax_valid_cpu, 3),
         "valid": {k: round(v, 4) for k, v in valid.items() if isinstance(v, float)},
     }
     if torch_step is not None:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for b in data_lib.train_batches(dataset, bs, length, config.seed, 1):
             torch_step(b)
-        torch_epoch = time.perf_counter() - t
+        torch_epoch, torch_epoch_cpu = time.perf_counter() - t, time.process_time() - cpu
         ev = dataset.valid
         negatives = metrics.sample_negatives(
             ev["targets"],
@@ -440,6 +460,7 @@ def bench_sasrec(
             "step_ms": round(1000 * torch_med, 2),
             "step_ms_per_round": [round(1000 * x, 2) for x in torch_s],
             "epoch_s": round(torch_epoch, 3),
+            "epoch_cpu_s": round(torch_epoch_cpu, 3),
             "valid_s": round(torch_valid, 3),
             "valid": {k: round(v, 4) for k, v in tv.items()},
         }
@@ -449,6 +470,7 @@ def bench_sasrec(
             "valid": round(torch_valid / jax_valid, 3),
         }
     result["memory"] = memory()
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)  # other processes' load: the timings' conditions
     return result
 
 

@@ -55,6 +55,9 @@ def test_sasrec_preset_reports_jax_and_torch_step_epoch_and_validation():
     assert r["arch"] == "sasrec" and r["shape"]["eval_users"] == 300 - 7
     j, t = r["jax"], r["torch_eager"]
     assert j["steps_per_epoch"] == math.ceil(300 / 64) and j["epoch_s"] > 0 and j["valid_s"] > 0
+    # the trainer's calls of configs/sasrec.py's steps_per_call steps: a round is whole calls
+    assert j["steps_per_call"] == 32 and j["steps_per_round"] == 32 and j["epoch_first_s"] > 0
+    assert j["epoch_cpu_s"] > 0 and j["valid_cpu_s"] > 0 and t["epoch_cpu_s"] > 0 and r["load_average_1min"] >= 0
     assert set(j["valid"]) == set(t["valid"]) and "sampled100/NDCG@10" in j["valid"] and "HR@10" in j["valid"]
     assert all(v > 0 for v in r["jax_over_torch"].values())
     # Both sides start from the same weights but train with their own dropout/negatives, so the metrics are close but
