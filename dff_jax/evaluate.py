@@ -201,9 +201,32 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise TrainError(f"{path}: missing; is {workdir} a dff_jax run directory (python -m dff_jax.train)?")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except ValueError as e:  # JSONDecodeError, or JSON that is not a config object
+        saved = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError
         raise TrainError(f"{path}: not a readable run config ({e}); is {workdir} a dff_jax run directory?") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: not a run config (a JSON object expected); is {workdir} a dff_jax run directory?")
+    # A run saved before a field existed gets that field's default (defaults.py adds fields with the behaviour
+    # they replace as their default; run identity treats such an absent field the same way).
+    config = ml_collections.ConfigDict(saved)
+    added = _add_missing_fields(config, defaults.base_config(), "")
+    if added and parallel.is_main_process():
+        print(f"{path}: saved before {', '.join(added[:6])}{' ...' if len(added) > 6 else ''} existed; using defaults")
+    return config
+
+
+def _add_missing_fields(node: ml_collections.ConfigDict, declared: ml_collections.ConfigDict, prefix: str) -> list:
+    """Adds to `node` the fields of `declared` it lacks (with their defaults); returns their names."""
+    added = []
+    for key in declared:
+        if key not in node:
+            node[key] = declared[key]
+            added.append(f"{prefix}{key}")
+        elif isinstance(declared[key], ml_collections.ConfigDict):
+            if not isinstance(node[key], ml_collections.ConfigDict):
+                raise TrainError(f"config field {prefix}{key} should be a group of fields, got {node[key]!r}")
+            added += _add_missing_fields(node[key], declared[key], f"{prefix}{key}.")
+    return added
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> dict:

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dff_jax import data as data_lib
-from dff_jax import feature_cache, losses, models, parallel, records
+from dff_jax import defaults, feature_cache, losses, models, parallel, records
 from dff_jax import features as features_lib
 from dff_jax.errors import TrainError, WriteError, write_failure_in
 
@@ -340,8 +340,11 @@ def identity_differences(recorded: dict, identity: dict) -> list[str]:
     """The fields and fingerprints on which two run identities differ, as `field: recorded -> now`."""
     out = []
     old, new = recorded.get("config", {}), identity["config"]
+    # A field the recorded run predates counts as its default: fields are added with the old behaviour as default.
+    declared = _flatten(json.loads(defaults.base_config().to_json_best_effort()))
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        was = old.get(key, declared.get(key)) if key in new else old.get(key)
+        if was != new.get(key):
             out.append(f"config.{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
     for what in ("interactions", "features"):
         if recorded.get(what) != identity.get(what):

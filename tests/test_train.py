@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from configs import smoke
-from conftest import REPO
 from dff_jax import data as data_lib
 from dff_jax import evaluate, parallel, recommend, synthetic, train, train_state
 
@@ -73,6 +74,24 @@ def test_evaluate_reproduces_the_test_metrics(smoke_run):
     assert valid["NDCG@10"] == pytest.approx(result["best_valid"]["NDCG@10"], abs=1e-7)
     with pytest.raises(train.TrainError, match="no checkpoint for epoch 7"):
         evaluate.load_run(workdir, step=7)
+
+
+def test_a_run_saved_before_a_field_existed_evaluates_with_its_default(smoke_run, tmp_path):
+    _, workdir, result = smoke_run
+    old = tmp_path / "old-run"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["model"]["content_init"]  # as a run saved before model.content_init existed
+    (old / "config.json").write_text(json.dumps(saved))
+    identity = json.loads((old / train_state.IDENTITY_FILE).read_text())
+    del identity["config"]["model.content_init"]
+    (old / train_state.IDENTITY_FILE).write_text(json.dumps(identity))
+    again = evaluate.evaluate_checkpoint(old, "test")
+    assert again["NDCG@10"] == pytest.approx(result["test"]["NDCG@10"], abs=1e-7)
+    saved["model"] = "broken"  # not a group of fields: one error line, no traceback
+    (old / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(train.TrainError, match="config field model should be a group of fields"):
+        evaluate.load_run(old)
 
 
 def test_recommend_excludes_history_and_orders_by_score(smoke_run):
