@@ -224,7 +224,9 @@ def bench_train(config, dataset, state, static, frozen, steps: int) -> tuple[dic
 def bench_eval(config, dataset, params, static, frozen, repeats: int = 3) -> dict:
     """Full-ranking evaluation of every test user vs the bare user x item score matmul over the same batches."""
     e, mesh, graphdef = config.eval, static["mesh"], static["graphdef"]
-    items = evaluate.item_table(params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh))
+    items = evaluate.item_table(
+        params, frozen["features"], graphdef=graphdef, sharding=parallel.replicated(mesh), chunk_size=e.chunk_size
+    )
     batches = [parallel.global_batch(b, mesh) for b in data_lib.eval_batches(dataset, "test", e.batch_size)]
     users = [evaluate.user_table(params, frozen["features"], b["inputs"], graphdef=graphdef) for b in batches]
     rank_fn = jax.jit(
@@ -926,6 +928,7 @@ def bench_catalogue(config) -> dict:
         "mesh": dict(static["mesh"].shape),
         "devices": jax.device_count(),
         "features": static.get("features", {}).get("rows"),
+        "init_bytes_per_device": static["init_bytes_per_device"],
         "train_step_temp_bytes_per_device": int(compiled.temp_size_in_bytes) if compiled else None,
         "phases": phases,
         "test": {k: v for k, v in result.items() if k.startswith(("HR", "NDCG"))},

@@ -74,8 +74,19 @@ KEYS_PER_BLOCK = 3
 # arch="sasrec" user vectors (``Recommender._short_first``): rows per group and the window widths a group may run at.
 USER_GROUP = 128
 USER_WIDTHS = (8, 16, 32)  # dropout sites per block: attention probabilities, attention output, FFN output
-# torch.nn.init.xavier_normal_ (untruncated normal, fan_avg), used by MicroLens for every Linear and Embedding.
-XAVIER_NORMAL = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+def _scaled_normal(key: jax.Array, shape: tuple[int, ...], std, dtype=jnp.float32) -> jax.Array:
+    """jax.random.normal(key, shape) * std with each op rounded on its own, as when run eagerly. The state is
+    initialised under jit (train_state.create_train_state), where XLA would fold std into normal's own sqrt(2)
+    factor and move some values by one ulp; the barrier keeps the values every run had before."""
+    return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * np.asarray(std, dtype)
+
+
+def XAVIER_NORMAL(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """torch.nn.init.xavier_normal_ (untruncated normal, fan_avg), used by MicroLens for every Linear and Embedding:
+    ``nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")``'s values (its f32 variance, then sqrt)."""
+    return _scaled_normal(key, shape, np.sqrt(np.float32(2.0 / (shape[-2] + shape[-1]))), dtype)
 
 
 class FrozenFeatures(nnx.Variable):
@@ -84,7 +95,7 @@ class FrozenFeatures(nnx.Variable):
 
 def _xavier_normal(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
     # torch.nn.init.xavier_normal_ on an [rows, cols] embedding: std = sqrt(2 / (rows + cols)).
-    return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / (shape[0] + shape[1]))
+    return _scaled_normal(key, shape, math.sqrt(2.0 / (shape[0] + shape[1])))
 
 
 def as_impl(key: jax.Array, impl: str) -> jax.Array:
@@ -268,12 +279,13 @@ class ContentEncoder(nnx.Module):
             self.proj_out = None
         if init_norm is not None:
             # The last Linear has a zero bias at init, so scaling its kernel scales every projected row: measured on
-            # up to INIT_SAMPLE evenly spaced real items, the mean row norm becomes init_norm.
+            # up to INIT_SAMPLE evenly spaced real items, the mean row norm becomes init_norm. Array arithmetic, no
+            # host round trip: the state is initialised under jit (train_state.create_train_state), the table sharded.
             rows = np.unique(np.linspace(1, table.shape[0] - 1, min(INIT_SAMPLE, table.shape[0] - 1)).astype(int))
-            norm = float(jnp.mean(jnp.linalg.norm(self(jnp.asarray(rows)), axis=-1)))
+            norm = jnp.mean(jnp.linalg.norm(self(jnp.asarray(rows)), axis=-1))
             last = self.proj_out if self.proj_out is not None else self.proj
-            if norm > 0:
-                last.kernel.value = last.kernel[...] * (init_norm / norm)
+            scale = jnp.where(norm > 0, init_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+            last.kernel.value = jax.lax.optimization_barrier(last.kernel[...]) * scale.astype(last.kernel.dtype)
 
     def weights(self) -> jax.Array:
         """alpha [L_sel]: the layer weights of Eq. 5 (uniform for "mean", [1.] for "layer")."""
@@ -347,7 +359,7 @@ class Block(nnx.Module):
 
 
 def _normal(std: float):
-    return nnx.initializers.normal(stddev=std)
+    return lambda key, shape, dtype=jnp.float32: _scaled_normal(key, shape, std, dtype)  # nnx.initializers.normal
 
 
 def _torch_bias(fan_in: int):
@@ -498,12 +510,12 @@ class ItemEncoder(nnx.Module):
     def _sample(self) -> jax.Array:
         return jnp.asarray(np.unique(np.linspace(1, self.num_items, min(INIT_SAMPLE, self.num_items)).astype(int)))
 
-    def _id_norm(self) -> float:
-        """The mean norm of the ID rows of `_sample`; without an ID table (replace) what an xavier-normal one of
-        these shapes would have (``_xavier_normal``: std sqrt(2 / (N + 1 + d)) per entry)."""
+    def _id_norm(self) -> float | jax.Array:
+        """The mean norm of the ID rows of `_sample` (a scalar array); without an ID table (replace) what an
+        xavier-normal one of these shapes would have (``_xavier_normal``: std sqrt(2 / (N + 1 + d)) per entry)."""
         if self.kind == "replace":
             return math.sqrt(2.0 * self.embed_dim / (self.num_items + 1 + self.embed_dim))
-        return float(jnp.mean(jnp.linalg.norm(self.item_id[...][self._sample()], axis=-1)))
+        return jnp.mean(jnp.linalg.norm(self.item_id[...][self._sample()], axis=-1))
 
     def row_norms(self) -> dict[str, float]:
         """Mean L2 norm of the ID rows and of the projected content rows ("id", "content", where present) over up
@@ -511,7 +523,7 @@ class ItemEncoder(nnx.Module):
         items = self._sample()
         out = {}
         if self.kind != "replace":
-            out["id"] = self._id_norm()
+            out["id"] = float(self._id_norm())
         if self.content is not None:
             out["content"] = float(jnp.mean(jnp.linalg.norm(self.content(items), axis=-1)))
         return out
@@ -606,7 +618,7 @@ class SASRec(nnx.Module):
             # The port's position table is [L+1, d] with row 0 (padding) zeroed; we keep rows 1..L, drawn with the
             # xavier std of the whole [L+1, d] table. seq_ln is its final LayerNorm (after the blocks, both LN modes).
             std = math.sqrt(2.0 / (int(max_seq_len) + 1 + d))
-            self.position = nnx.Param(jax.random.normal(rngs.params(), (int(max_seq_len), d), jnp.float32) * std)
+            self.position = nnx.Param(_scaled_normal(rngs.params(), (int(max_seq_len), d), std))
             self.seq_ln = nnx.LayerNorm(d, epsilon=ORIGINAL_LN_EPS, rngs=rngs)
             block = OriginalBlock
         # arch="sasrec" draws 16-bit dropout masks (dropout_keeps_16): kept values are scaled by the rate they realise.

@@ -149,35 +149,53 @@ def cast_floating(tree, dtype):
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, dataset: data_lib.Dataset, table: np.ndarray | None, mesh
+    config: ml_collections.ConfigDict, dataset: data_lib.Dataset, table: jax.Array | np.ndarray | None, mesh
 ) -> tuple[dict, dict, dict]:
     """(state, static, frozen) of a new run on `mesh` (module docstring), initialised from `config.seed`.
 
-    `table` is `load_table`'s placed table (or a numpy array of that shape, which the model standardises); cold-ID
-    zeroing happens in the model's construction from the dataset's train counts, the log-popularity comes from the
-    data (`data.log_popularity`).
+    `table` is `load_table`'s placed table (or a numpy array of that shape, which is standardised and placed here).
+    The model is built, and the state initialised, inside one `jax.jit` whose `out_shardings` are the run's state
+    shardings, so each device materialises only its shard of the ID table and of its AdamW moments, never the whole
+    table (the random streams are partitionable threefry: the same values however the arrays are split). What the
+    model computes from the table at init (`model.content_init="match_id"`'s norms of sampled items) runs in the same
+    program over the sharded table, and cold-ID zeroing reads the train counts from a replicated array. The
+    log-popularity comes from the data (`data.log_popularity`).
     """
-    model = models.Recommender(
-        dataset.num_items, table, train_counts=dataset.item_counts, rngs=nnx.Rngs(config.seed), **config.model
-    )
-    graphdef, params, features = nnx.split(model, nnx.Param, ...)
-    del model  # the frozen table lives on only in `frozen`: no unsharded copy is kept for the run
+    m, shard_items, rep = config.model, config.parallel.shard_items, parallel.replicated(mesh)
+    if table is not None and not isinstance(table, jax.Array):
+        table = models.standardized_table(table) if m.feature_norm == "standardize" else jnp.asarray(table)
     tx = make_optimizer(**config.optim)
-    abstract = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": jnp.zeros((), jnp.int32)}
-    shard_items, rep = config.parallel.shard_items, parallel.replicated(mesh)
-    state_sharding = parallel.state_shardings(abstract, mesh, shard_items, num_items=dataset.num_items)
+
+    def build(table, train_counts) -> models.Recommender:
+        return models.Recommender(
+            dataset.num_items, table, train_counts=train_counts, rngs=nnx.Rngs(config.seed), **config.model
+        )
+
+    def init(table, train_counts) -> dict:
+        _, params, _ = nnx.split(build(table, train_counts), nnx.Param, ...)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    train_counts = jax.device_put(np.asarray(dataset.item_counts), rep)
+    graphdef, _, abstract_features = nnx.split(nnx.eval_shape(build, table, train_counts), nnx.Param, ...)
     # The frozen feature table [N+1, L, H] is item-indexed like the ID table: the same rule shards it on "model"
-    # (rows, or H when N+1 does not divide).
+    # (rows, or H when N+1 does not divide); it is the only non-trainable leaf of the model.
     frozen_sharding = {
-        "features": parallel.state_shardings(features, mesh, shard_items, num_items=dataset.num_items),
+        "features": parallel.state_shardings(abstract_features, mesh, shard_items, num_items=dataset.num_items),
         "log_pop": rep,
     }
+    if len(jax.tree.leaves(abstract_features)) != (table is not None):
+        raise ValueError(
+            f"create_train_state: expected the feature table as the model's only non-Param state, got "
+            f"{jax.tree.map(lambda x: x.shape, abstract_features)}"
+        )
+    features = jax.tree.map(lambda _: table, abstract_features)
     frozen = jax.device_put({"features": features, "log_pop": data_lib.log_popularity(dataset)}, frozen_sharding)
-    params = jax.device_put(params, state_sharding["params"])
-    state = jax.jit(
-        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
-        out_shardings=state_sharding,
-    )(params)
+    table = None if table is None else jax.tree.leaves(frozen["features"])[0]
+    abstract = jax.eval_shape(init, table, train_counts)
+    state_sharding = parallel.state_shardings(abstract, mesh, shard_items, num_items=dataset.num_items)
+    program = jax.jit(init, out_shardings=state_sharding).lower(table, train_counts).compile()
+    state = program(table, train_counts)
+    params, memory = state["params"], program.memory_analysis()
     static = {
         "graphdef": graphdef,
         "tx": tx,
@@ -189,6 +207,11 @@ def create_train_state(
         "batch_sharding": parallel.batch_sharding(mesh),
         "ranking_sharding": parallel.ranking_sharding(mesh, shard_items, config.model.embed_dim),
         "param_count": int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
+        # what the init program allocates on each device (its shard of the state and its temporaries), where the
+        # backend says: O(state / model_axis) for the item tables, never a whole one
+        "init_bytes_per_device": None
+        if memory is None
+        else int(memory.temp_size_in_bytes + memory.output_size_in_bytes),
     }
     return state, static, frozen
 

@@ -293,6 +293,87 @@ def assert_same_run(got: dict, ref: dict) -> None:
     assert got["analysis"]["gate_mean"] == pytest.approx(ref["analysis"]["gate_mean"], abs=1e-5)
 
 
+INIT_CHILD = """
+import json, sys, types
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from configs import synthetic
+from dff_jax import models, parallel, train_state
+
+n = int(sys.argv[1])
+c = synthetic.get_config()
+c.model.content, c.model.layer, c.model.layers = "layer", 0, ()
+c.model.cold_id, c.model.content_init = "zero", "match_id"  # both read the data / the table at init
+c.parallel.shard_items = True
+dataset = types.SimpleNamespace(num_items=n, item_counts=np.arange(n + 1) % 5)  # every fifth item cold
+values = np.random.default_rng(0).standard_normal((n + 1, 1, 8)).astype(np.float32)
+out = {}
+for m in (1, 8):
+    c.parallel.model_axis = m
+    mesh = parallel.make_mesh(c.parallel, jax.devices()[:m])
+    sharding = parallel.state_shardings(jax.ShapeDtypeStruct(values.shape, values.dtype), mesh, True, num_items=n)
+    table = jax.device_put(values, sharding)
+    state, static, _ = train_state.create_train_state(c, dataset, table, mesh)
+    leaves = jax.tree.leaves(state)
+    out[m] = {
+        "init_bytes": static["init_bytes_per_device"],
+        "item_shards": [[list(s.data.shape) for s in x.addressable_shards] for x in leaves if x.shape[:1] == (n + 1,)],
+        # a whole [N+1, d] array on any one device, among everything alive after init
+        "whole": [list(a.shape) for a in jax.live_arrays() if a.shape == (n + 1, c.model.embed_dim)
+                  and any(s.data.shape == a.shape for s in a.addressable_shards)],
+    }
+    np.savez(sys.argv[2] + f"-{m}.npz", *[np.asarray(x) for x in leaves])
+    if m == 1:  # the model built eagerly, as before the state was initialised under jit
+        np.savez(sys.argv[2] + "-params.npz", *[np.asarray(x) for x in jax.tree.leaves(state["params"])])
+        eager = models.Recommender(n, table, train_counts=dataset.item_counts, rngs=nnx.Rngs(c.seed), **c.model)
+        np.savez(sys.argv[2] + "-eager.npz", *[np.asarray(x) for x in jax.tree.leaves(nnx.split(eager, nnx.Param, ...)[1])])
+        del eager
+print(json.dumps(out))
+"""
+
+
+def test_the_state_is_created_sharded_with_the_values_of_one_device(tmp_path):
+    """create_train_state builds the model and the optimizer state inside one jit whose outputs are sharded: on 8
+    devices with model_axis=8 the ID table and both AdamW moments come out split (40,001 rows do not divide: by
+    columns), the init program allocates on each device about 1/8 of what it allocates on one device, no device holds a whole [N+1, d] array afterwards, and the values are bit for bit
+    those of the model built eagerly and of one device (cold_id="zero" included), but for the last bits of
+    content_init="match_id"'s rescaled projection (its scale is now float32 arithmetic in the init program, and
+    its norms add H in another order when H is split)."""
+    n, d = 40_000, 64
+    proc = subprocess.run(
+        [sys.executable, "-c", INIT_CHILD, str(n), str(tmp_path / "state")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    one, eight = (np.load(tmp_path / f"state-{m}.npz") for m in (1, 8))
+    for key in one.files:
+        if one[key].shape == (8, d):  # match_id's scale: the sampled rows' projection sums H over the devices
+            np.testing.assert_allclose(one[key], eight[key], rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(one[key], eight[key])
+    eager, jitted = np.load(tmp_path / "state-eager.npz"), np.load(tmp_path / "state-params.npz")
+    params = [jitted[k] for k in jitted.files]
+    assert len(params) == len(eager.files)
+    for a, b in zip(params, (eager[k] for k in eager.files)):
+        if a.shape == (8, d):  # match_id's scale: float32 on the device, where it was a float64 division on the host
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(a, b)
+    ids = [p for p in params if p.shape == (n + 1, d)]
+    assert len(ids) == 1 and not ids[0][np.arange(n + 1) % 5 == 0].any() and np.abs(ids[0][1:5]).min() > 0
+    # the ID table and its two AdamW moments, split by columns over the 8 devices
+    assert out[8]["item_shards"] == [[[n + 1, d // 8]] * 8] * 3
+    assert out[8]["whole"] == [] and out[1]["whole"] != []
+    # per device: the state's shard and the random draws' temporaries (on CPU, about 3 shards' worth for the ID
+    # table), so about 1/8 of one device's plus the replicated parameters (0.145); one whole ID table adds 0.14
+    assert out[8]["init_bytes"] <= 0.2 * out[1]["init_bytes"], out
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_on_8_devices_equals_one_device(one_device_run):
     """train_and_evaluate with data=8, and data=4 x model=2 with item sharding, reproduces the 1-device run; the
