@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ks = (10, 20)
     c.eval.batch_size = 1024  # users per evaluation batch (global)
     c.eval.mask_history = True  # MicroLens: score[history] = -inf (valid: train items; test: train + valid)
-    c.eval.chunk_size = 8192  # items scored per chunk when ranking (bounded memory; 8192 keeps an H100 busy)
+    c.eval.chunk_size = 8192  # items embedded and scored per chunk when ranking (bounded memory; keeps an H100 busy)
     c.eval.ties = "pessimistic"  # pessimistic (tied items rank above the target) | random | optimistic (protocol 3)
     c.eval.sampled_negatives = 0  # >0: also report sampled metrics vs K random negatives (labelled "sampled")
     c.eval.cold_bins = (0, 1, 5, 20)  # lower edges of train-count bins for the cold-start slices

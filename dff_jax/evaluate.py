@@ -30,10 +30,12 @@ from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
 # ------------------------------------------------------------------------------------------------- device functions
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sharding"))
-def item_table(params, features, *, graphdef, sharding):
-    """[N+1, d] float32 embeddings of every item, laid out as `sharding` (replicated for ranking)."""
-    emb = nnx.merge(graphdef, params, features).all_item_embeddings().astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "chunk_size"))
+def item_table(params, features, *, graphdef, sharding, chunk_size):
+    """[N+1, d] float32 embeddings of every item, laid out as `sharding` (`parallel.ranking_sharding`), computed
+    `chunk_size` items at a time (`eval.chunk_size`, as ranking scores them): the gathered features and the fused
+    embeddings in flight are O(chunk_size x (L H + d)) per device, whatever the catalogue's size."""
+    emb = nnx.merge(graphdef, params, features).all_item_embeddings(chunk_size).astype(jnp.float32)
     return jax.lax.with_sharding_constraint(emb, sharding)
 
 
@@ -146,7 +148,13 @@ def evaluate(static, params, frozen, dataset, split: str, eval_cfg, seed: int) -
     with older papers)."""
     # Every item's embedding once for both protocols (for a content encoder, the projection of the whole table),
     # split over "model" with shard_items (parallel.ranking_sharding).
-    items = item_table(params, frozen["features"], graphdef=static["graphdef"], sharding=static["ranking_sharding"])
+    items = item_table(
+        params,
+        frozen["features"],
+        graphdef=static["graphdef"],
+        sharding=static["ranking_sharding"],
+        chunk_size=eval_cfg.chunk_size,
+    )
     k = eval_cfg.sampled_negatives
     negatives = sampled_negatives(dataset, split, eval_cfg, seed) if k > 0 else None
     r, targets, sampled = ranks(static, params, frozen, items, dataset, split, eval_cfg, seed, negatives)

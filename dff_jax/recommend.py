@@ -38,7 +38,13 @@ def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
     inputs[0, L - len(seq) :] = seq  # left padding, as in training
     static, params, features = run["static"], run["params"], run["frozen"]["features"]
     graphdef = static["graphdef"]
-    items = evaluate.item_table(params, features, graphdef=graphdef, sharding=static["ranking_sharding"])
+    items = evaluate.item_table(
+        params,
+        features,
+        graphdef=graphdef,
+        sharding=static["ranking_sharding"],
+        chunk_size=run["config"].eval.chunk_size,
+    )
     user = evaluate.user_table(params, features, jnp.asarray(inputs), graphdef=graphdef)
     # The same vectors evaluation ranks, scored on the devices (the item table may be sharded): only [N+1] scores
     # come to the host.
