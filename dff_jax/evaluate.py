@@ -35,7 +35,7 @@ def item_table(params, features, *, graphdef, sharding, chunk_size):
     """[N+1, d] float32 embeddings of every item, laid out as `sharding` (`parallel.ranking_sharding`), computed
     `chunk_size` items at a time (`eval.chunk_size`, as ranking scores them): the gathered features and the fused
     embeddings in flight are O(chunk_size x (L H + d)) per device, whatever the catalogue's size."""
-    emb = nnx.merge(graphdef, params, features).all_item_embeddings(chunk_size).astype(jnp.float32)
+    emb = nnx.merge(graphdef, params, features).all_item_embeddings(chunk_size, sharding).astype(jnp.float32)
     return jax.lax.with_sharding_constraint(emb, sharding)
 
 

@@ -569,11 +569,13 @@ class ItemEncoder(nnx.Module):
         # padding_idx=0: row 0 is zero and gets no gradient, whatever the encoder makes of it.
         return emb * (items != 0)[..., None].astype(emb.dtype)
 
-    def all_items(self, chunk_size: int | None = None) -> jax.Array:
+    def all_items(self, chunk_size: int | None = None, sharding=None) -> jax.Array:
         """[N+1, d] representations of every item (row 0 = zeros), for full ranking and full softmax.
 
-        Content encoders run in chunks (``jax.lax.map``) so the gathered feature rows stay bounded
-        (default: about 64 M float32 values per chunk).
+        Content encoders run in chunks of ``chunk_size`` items (``jax.lax.map``) so the gathered feature rows stay
+        bounded (evaluation passes ``eval.chunk_size``; default: about 64 M float32 values per chunk). ``sharding``
+        lays out each chunk's [chunk, d] embeddings as it is made (evaluation: ``parallel.ranking_sharding``), so
+        the stacked table is never whole on a device.
         """
         n = self.num_items + 1
         if self.kind == "id":
@@ -585,7 +587,12 @@ class ItemEncoder(nnx.Module):
         chunks = -(-n // chunk_size)
         ids = jnp.arange(chunks * chunk_size).reshape(chunks, chunk_size)
         ids = jnp.where(ids < n, ids, 0)
-        out = jax.lax.map(self.encode, ids).reshape(chunks * chunk_size, self.embed_dim)[:n]
+
+        def encode(chunk):
+            e = self.encode(chunk)
+            return e if sharding is None else jax.lax.with_sharding_constraint(e, sharding)
+
+        out = jax.lax.map(encode, ids).reshape(chunks * chunk_size, self.embed_dim)[:n]
         return out * (jnp.arange(n) != 0)[:, None].astype(out.dtype)
 
 
@@ -786,9 +793,9 @@ class Recommender(nnx.Module):
         """[...] item indices -> [..., d] (``ItemEncoder.__call__``)."""
         return self.items(items)
 
-    def all_item_embeddings(self, chunk_size: int | None = None) -> jax.Array:
+    def all_item_embeddings(self, chunk_size: int | None = None, sharding=None) -> jax.Array:
         """[N+1, d] for every item (``ItemEncoder.all_items``)."""
-        return self.items.all_items(chunk_size)
+        return self.items.all_items(chunk_size, sharding)
 
     def encode(
         self,
