@@ -919,6 +919,14 @@ def bench_catalogue(config) -> dict:
     state = train.train_epoch(step, state, frozen, dataset, config, static["mesh"], jax.random.key(config.seed), 1)
     jax.block_until_ready(state)
     phase("train_epoch", t)
+    items = evaluate.item_table.lower(
+        state["params"],
+        frozen["features"],
+        graphdef=static["graphdef"],
+        sharding=static["ranking_sharding"],
+        chunk_size=config.eval.chunk_size,
+    ).compile()
+    items = items.memory_analysis()
     t = time.perf_counter()
     result = evaluate.evaluate(static, state["params"], frozen, dataset, "test", config.eval, config.seed)
     phase("evaluate_test", t)
@@ -930,6 +938,7 @@ def bench_catalogue(config) -> dict:
         "features": static.get("features", {}).get("rows"),
         "init_bytes_per_device": static["init_bytes_per_device"],
         "train_step_temp_bytes_per_device": int(compiled.temp_size_in_bytes) if compiled else None,
+        "item_table_temp_bytes_per_device": int(items.temp_size_in_bytes) if items else None,
         "phases": phases,
         "test": {k: v for k, v in result.items() if k.startswith(("HR", "NDCG"))},
         "total_s": round(time.perf_counter() - start, 2),
