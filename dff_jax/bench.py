@@ -570,21 +570,23 @@ def _write_bench_features(directory: Path, num_items: int, layers: int, hidden: 
         with records.ShardWriter(directory / f"bench-{s:05d}-of-{shards:05d}{records.SHARD_SUFFIX}") as w:
             for i in range(s * per_shard, min(num_items, (s + 1) * per_shard)):
                 w.write_bytes(str(i), pool[i % len(pool)], dtype, (layers, hidden))
-    records.write_schema(
-        directory,
-        records.Schema(
-            model="bench",
-            layers=layers,
-            hidden_size=hidden,
-            dtype=dtype,
-            pooling="none",
-            prompt="",
-            modality="none",
-            num_frames=0,
-            extractor_version="dff_jax.bench",
-            num_items=num_items,
-        ),
+    _write_bench_schema(directory, "bench", num_items, layers, hidden, dtype)
+
+
+def _write_bench_schema(directory: Path, model: str, num_items: int, layers: int, hidden: int, dtype: str) -> None:
+    schema = records.Schema(
+        model=model,
+        layers=layers,
+        hidden_size=hidden,
+        dtype=dtype,
+        pooling="none",
+        prompt="",
+        modality="none",
+        num_frames=0,
+        extractor_version="dff_jax.bench",
+        num_items=num_items,
     )
+    records.write_schema(directory, schema)
 
 
 def _peak_rss_bytes() -> int:
@@ -843,21 +845,7 @@ def write_catalogue(out: str | os.PathLike, num_items: int, num_users: int, laye
                 values = rng.standard_normal((hi - lo, layers, hidden), np.float32).astype(bf16)
                 for i in range(lo, hi):
                     w.write_bytes(f"i{i + 1}", values[i - lo].tobytes(), "bfloat16", (layers, hidden))
-    records.write_schema(
-        out / "features",
-        records.Schema(
-            model="catalogue",
-            layers=layers,
-            hidden_size=hidden,
-            dtype="bfloat16",
-            pooling="none",
-            prompt="",
-            modality="none",
-            num_frames=0,
-            extractor_version="dff_jax.bench",
-            num_items=num_items,
-        ),
-    )
+    _write_bench_schema(out / "features", "catalogue", num_items, layers, hidden, "bfloat16")
     return {"items": num_items, "users": num_users, "out": str(out)}
 
 

@@ -23,6 +23,17 @@ VARIANTS = {
 }
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's `to_dict()` or JSON) as {"group.field": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42  # MicroLens seeds 42 + rank; the study varies it over runs

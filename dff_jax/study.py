@@ -218,7 +218,7 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
 def parse_grid(pairs: list[str], config: ml_collections.ConfigDict) -> list[dict]:
     """`FIELD=V1,V2 ...` -> the grid's points [{"name": "lr0.0001_embed_dim512", "set": {"optim.lr": 1e-4, ...}}]
     in product order; [] without --grid. Values take the type of the field they set."""
-    leaves = _leaves(config.to_dict())
+    leaves = defaults.flatten(config.to_dict())
     axes = []
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -247,16 +247,6 @@ def parse_grid(pairs: list[str], config: ml_collections.ConfigDict) -> list[dict
         name = "_".join(f"{key}{value}" for (_, key, _), value in zip(axes, combo, strict=True))
         points.append({"name": name, "set": {path: v for (path, _, _), v in zip(axes, combo, strict=True)}})
     return points
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _typed(kind, text: str):

@@ -324,7 +324,7 @@ RUN_FILES = (IDENTITY_FILE, "config.json", "item_map.json", "results.json", "che
 def run_identity(config: ml_collections.ConfigDict) -> dict:
     """What defines a run: its config minus `NOT_IDENTITY`, and fingerprints of the interaction file and of the
     feature folder it reads (`data.fingerprint`, `features.fingerprint`)."""
-    flat = _flatten(json.loads(config.to_json_best_effort()))
+    flat = defaults.flatten(json.loads(config.to_json_best_effort()))
     kept = {
         k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in NOT_IDENTITY)
     }
@@ -364,7 +364,7 @@ def identity_differences(recorded: dict, identity: dict) -> list[str]:
     out = []
     old, new = recorded.get("config", {}), identity["config"]
     # A field the recorded run predates counts as its default: fields are added with the old behaviour as default.
-    declared = _flatten(json.loads(defaults.base_config().to_json_best_effort()))
+    declared = defaults.flatten(json.loads(defaults.base_config().to_json_best_effort()))
     for key in sorted(set(old) | set(new)):
         was = old.get(key, declared.get(key)) if key in new else old.get(key)
         if was != new.get(key):
@@ -387,16 +387,6 @@ def discard_run(workdir: Path) -> None:
             target.unlink()
     for target in workdir.glob("eval-*-epoch*.json"):
         target.unlink()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
