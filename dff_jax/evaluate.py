@@ -217,13 +217,15 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
     # A run saved before a field existed gets that field's default (defaults.py adds fields with the behaviour
     # they replace as their default; run identity treats such an absent field the same way).
     config = ml_collections.ConfigDict(saved)
-    added = _add_missing_fields(config, defaults.base_config(), "")
+    added = _add_missing_fields(config, defaults.base_config(), path, "")
     if added and parallel.is_main_process():
         print(f"{path}: saved before {', '.join(added[:6])}{' ...' if len(added) > 6 else ''} existed; using defaults")
     return config
 
 
-def _add_missing_fields(node: ml_collections.ConfigDict, declared: ml_collections.ConfigDict, prefix: str) -> list:
+def _add_missing_fields(
+    node: ml_collections.ConfigDict, declared: ml_collections.ConfigDict, path: Path, prefix: str
+) -> list:
     """Adds to `node` the fields of `declared` it lacks (with their defaults); returns their names."""
     added = []
     for key in declared:
@@ -232,8 +234,8 @@ def _add_missing_fields(node: ml_collections.ConfigDict, declared: ml_collection
             added.append(f"{prefix}{key}")
         elif isinstance(declared[key], ml_collections.ConfigDict):
             if not isinstance(node[key], ml_collections.ConfigDict):
-                raise TrainError(f"config field {prefix}{key} should be a group of fields, got {node[key]!r}")
-            added += _add_missing_fields(node[key], declared[key], f"{prefix}{key}.")
+                raise TrainError(f"{path}: config field {prefix}{key} should be a group of fields, got {node[key]!r}")
+            added += _add_missing_fields(node[key], declared[key], path, f"{prefix}{key}.")
     return added
 
 

@@ -18,11 +18,11 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    rebuilt; a block whose checksum fails while loading is refused with an `error:` naming the file and block.
 2. The placement: for each of this process's devices, a zero array of its shard's shape is made on the device
    itself and filled chunk by chunk (chunks of one shape, about `BLOCK_BYTES`) from the cache file: read with
-   `os.preadv` into one reused buffer, each block checksum-verified the first time it is read, standardised on the
-   device by the same expression as `models.standardized_table` (so the bits are the same), written in place by a
-   donated `dynamic_update_slice`; `jax.make_array_from_single_device_arrays` then assembles the global array. A
-   chunk is read once and cut for every local device that holds part of it (the split-by-last-dimension fallback
-   and replication read the file once). So a process holds its devices' shards plus a few chunks' worth of buffers,
+   `os.preadv` into one reused buffer, each block checksum-verified the first time it is read, then standardised
+   and written in place on the device by `models.fill_rows` (a donated `dynamic_update_slice`), the function
+   `models.standardized_table` uses, so the bits are the same; `jax.make_array_from_single_device_arrays` then
+   assembles the global array. A chunk is read once and cut for every local device that holds part of it (the
+   split-by-last-dimension fallback and replication read the file once). So a process holds its devices' shards plus a few chunks' worth of buffers,
    no device ever holds more than its shard, and no process ever materialises the whole table.
 
 Multi-process: process 0 builds a missing or stale cache while the others wait at a barrier; a process that still
@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from dff_jax import features as features_lib
-from dff_jax import records
+from dff_jax import models, records
 from dff_jax.errors import UserError
 
 CACHE_VERSION = 1
@@ -330,14 +330,6 @@ def ensure(
 # --------------------------------------------------------------------------------------------------- placement
 
 
-@functools.partial(jax.jit, static_argnames="standardize", donate_argnums=0)
-def _fill(out, block, start, mean, inv_std, *, standardize: bool):
-    """Writes `block` (z-scored as in models.standardized_table when `standardize`) at row `start` of `out`."""
-    if standardize:
-        block = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
-
-
 def place(cache: Cache, sharding: jax.sharding.Sharding, *, standardize: bool) -> jax.Array:
     """The cached table as a global array laid out as `sharding`, each local shard filled block by block."""
     shape, dtype = cache.table.shape, cache.table.dtype
@@ -366,7 +358,7 @@ def place(cache: Cache, sharding: jax.sharding.Sharding, *, standardize: bool) -
             for device, fill in fills.items():
                 out, rest, mean, inv_std = fill
                 part = jax.device_put(np.ascontiguousarray(rows[(slice(None),) + rest]), device)
-                fill[0] = _fill(out, part, np.int32(lo), mean, inv_std, standardize=standardize)
+                fill[0] = models.fill_rows(out, part, np.int32(lo), mean, inv_std, standardize=standardize)
             # the next chunk reuses the read buffer: finish this chunk's copies to the devices first
             jax.block_until_ready([fill[0] for fill in fills.values()])
         for device, fill in fills.items():

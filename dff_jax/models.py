@@ -200,10 +200,14 @@ def dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _fill_standardized(out: jax.Array, block: jax.Array, start: jax.Array, mean: jax.Array, inv_std: jax.Array):
-    z = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, z, start, axis=0)
+@functools.partial(jax.jit, static_argnames="standardize", donate_argnums=0)
+def fill_rows(out, block, start, mean, inv_std, *, standardize: bool = True):
+    """Writes `block` at row `start` of `out` (donated), z-scored per (layer, dimension) when `standardize`; the one
+    expression of the standardised table, shared by `standardized_table` and the streamed placement
+    (`feature_cache.place`), so both give the same bits."""
+    if standardize:
+        block = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
 
 
 def standardized_table(table: np.ndarray, max_values: int = 1 << 26) -> jax.Array:
@@ -218,7 +222,7 @@ def standardized_table(table: np.ndarray, max_values: int = 1 << 26) -> jax.Arra
     chunk = max(1, max_values // int(np.prod(table.shape[1:])))
     out = jnp.zeros(table.shape, table.dtype)
     for start in range(0, table.shape[0], chunk):
-        out = _fill_standardized(out, np.asarray(table[start : start + chunk]), np.int32(start), mean, inv_std)
+        out = fill_rows(out, np.asarray(table[start : start + chunk]), np.int32(start), mean, inv_std)
     return out
 
 
