@@ -22,8 +22,9 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    and written in place on the device by `models.fill_rows` (a donated `dynamic_update_slice`), the function
    `models.standardized_table` uses, so the bits are the same; `jax.make_array_from_single_device_arrays` then
    assembles the global array. A chunk is read once and cut for every local device that holds part of it (the
-   split-by-last-dimension fallback and replication read the file once). So a process holds its devices' shards plus a few chunks' worth of buffers,
-   no device ever holds more than its shard, and no process ever materialises the whole table.
+   split-by-last-dimension fallback and replication read the file once). So a process holds its devices' shards
+   plus a few chunks' worth of buffers, no device ever holds more than its shard, and no process ever materialises
+   the whole table.
 
 Multi-process: process 0 builds a missing or stale cache while the others wait at a barrier; a process that still
 finds no valid cache afterwards (a cache folder that is not shared between hosts) builds its own copy. Writes go to
