@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the processor's size where it allows (Qwen-VL), so it does not resize again; 0: full size",
     )
     p.add_argument(
+        "--video-decoder",
+        default="cpu",
+        help="cpu (FFmpeg's software decoders) or a hardware device type of PyAV's FFmpeg, e.g. cuda (NVDEC: "
+        "the same frames, decoded on the GPU, extract/README.md)",
+    )
+    p.add_argument(
         "--allow-failures",
         action="store_true",
         help="finalise the folder although some items failed (no record for them; listed in manifest.json)",
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             prefetch=args.prefetch,
             attn_implementation=args.attn_implementation,
             decode_scale=args.decode_scale,
+            video_decoder=args.video_decoder,
             progress=not args.no_progress,
             allow_failures=args.allow_failures,
             max_consecutive_failures=args.max_consecutive_failures,

@@ -14,6 +14,8 @@ started; seek with frames shrunk to 2x the processor's size, `--decode-scale 2`;
 size, the default), on one core (one FFmpeg thread, one torch thread). It prints CPU seconds per item
 (`time.process_time`, best of `--repeats` alternating rounds) split into index / decode / convert / preprocess,
 the frames decoded, and how far each path's processor output is from the full-decode path's (0-255 pixel units).
+`--video-decoder cuda` adds a fourth path, the default one decoded by NVDEC, with whether its frames are
+bit-identical to the CPU's (its CPU seconds include the driver's threads: `process_time` counts the whole process).
 """
 
 from __future__ import annotations
@@ -197,6 +199,7 @@ PIPELINE_PATHS = {
     "full": "every frame decoded, full-size RGB, the processor resizes",
     "seek_x2": "seek + reference frames only, frames shrunk to 2x the processor's size per side while decoding",
     "seek": "seek + reference frames only, frames converted straight to the processor's size (the default)",
+    "seek_hw": "the default path decoded by --video-decoder (e.g. cuda: NVDEC); only the sampled frames leave the GPU",
 }
 
 
@@ -216,7 +219,7 @@ def pipeline(args) -> dict:
 
     import av
 
-    from extract.video import read_clip
+    from extract.video import DecoderError, hardware_decoders, read_clip
 
     torch.set_num_threads(1)
     h, w = (int(x) for x in args.size.split("x"))
@@ -230,12 +233,17 @@ def pipeline(args) -> dict:
         if codec not in av.codecs_available:
             raise SystemExit(f"error: --codecs: this PyAV's FFmpeg has no {codec} encoder")
     result = {"mode": "pipeline", "size": [h, w], "frames": args.frames, "seconds_per_clip": args.clip_seconds}
-    result.update(cpu=platform_cpu(), paths=PIPELINE_PATHS, size_probe_s=round(probe_s, 3))
     sizing = {
         "full": {"method": "full"},
         "seek_x2": {"max_pixels": int(be.frame_pixels * 4)},
         "seek": {"max_pixels": be.frame_pixels, "size": be.frame_size},
     }
+    if args.video_decoder != "cpu":
+        if args.video_decoder not in hardware_decoders():
+            raise SystemExit(f"error: --video-decoder {args.video_decoder}: not in this PyAV ({hardware_decoders()})")
+        sizing["seek_hw"] = {**sizing["seek"], "decoder": args.video_decoder}
+    paths = {k: v for k, v in PIPELINE_PATHS.items() if k in sizing}
+    result.update(cpu=platform_cpu(), paths=paths, size_probe_s=round(probe_s, 3), video_decoder=args.video_decoder)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.files:  # the user's own clips (e.g. MicroLens mp4 files) instead of synthetic ones
@@ -260,11 +268,15 @@ def pipeline(args) -> dict:
             row = {"gop": gop, "clip": c, "codec": codec, "mbytes": round(os.path.getsize(path) / 1e6, 2)}
             if gop == "file":
                 row["path"] = str(path)
-            ref = None
+            ref, cpu_frames = None, None
             # The paths take turns, `--repeats` rounds; each keeps its best round (CPU time only grows under load).
             for _ in range(max(args.repeats, 1)):
                 for name, kw in sizing.items():
-                    clip, dt = _cpu(lambda kw=kw, path=path: read_clip(path, args.frames, threads=1, **kw))
+                    try:
+                        clip, dt = _cpu(lambda kw=kw, path=path: read_clip(path, args.frames, threads=1, **kw))
+                    except DecoderError as e:
+                        raise SystemExit(f"error: --video-decoder {args.video_decoder}: {e}") from None
+                    cpu_frames = clip.frames if name == "seek" else cpu_frames
                     sample = Sample(Item(str(c), "", ""), clip=clip)
                     prepared, pt = _cpu(lambda sample=sample: be.prepare([sample]))
                     if name in row and row[name]["total_s"] <= dt + pt:
@@ -282,6 +294,10 @@ def pipeline(args) -> dict:
                         "visual_tokens": prepared.visual_tokens[0],
                         "pixel_diff_vs_full": _pixel_diff(pixels, ref, std),
                     }
+                    if name == "seek_hw":
+                        row[name]["decoder"] = clip.decoder
+                        row[name]["decoder_fallback"] = clip.decoder_fallback
+                        row[name]["frames_identical_to_seek"] = bool(np.array_equal(clip.frames, cpu_frames))
             rows.append(row)
             print(json.dumps(row), flush=True)
     keys = ("index_s", "decode_s", "convert_s", "preprocess_s", "total_s", "decoded_frames")
@@ -320,6 +336,7 @@ def main(argv=None) -> None:
     p.add_argument("--files", default=None, help="--pipeline: comma-separated mp4 files to measure instead")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="--pipeline: length of each clip (30 fps)")
     p.add_argument("--codecs", default=None, help="--pipeline: encoders, e.g. libx265,libx264 (default: HEVC if any)")
+    p.add_argument("--video-decoder", default="cpu", help="--pipeline: also measure this hardware decoder (cuda)")
     args = p.parse_args(argv)
     if args.pipeline:
         if args.size == "240x320":

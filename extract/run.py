@@ -42,7 +42,7 @@ from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
 from extract.lock import ShardLock
 from extract.merge import RUN_CONFIG, failures_message, finalize, scan_shards
-from extract.video import MediaError, read_clip, read_image
+from extract.video import CPU_DECODER, DecoderError, MediaError, hardware_decoders, read_clip, read_image
 
 
 @dataclasses.dataclass
@@ -75,6 +75,7 @@ class RunOptions:
     prefetch: int | None = None  # batches decoded + preprocessed ahead of the model (None: 2 x decode_workers)
     attn_implementation: str | None = None
     decode_scale: float = 1.0  # frames are shrunk while decoding to this x (per side) the processor's size (see --help)
+    video_decoder: str = CPU_DECODER  # or a hardware device type of PyAV's FFmpeg ("cuda": NVDEC), see --help
     progress: bool = True
     allow_failures: bool = False  # finalise the folder although items failed (listed in manifest.json)
     max_consecutive_failures: int = 20  # stop when this many items in a row fail (0: never)
@@ -139,6 +140,11 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise ExtractError(
             f"unknown --attn-implementation {opts.attn_implementation!r}; expected eager, sdpa, flash_attention_2, "
             "flash_attention_3 or flex_attention"
+        )
+    if opts.video_decoder != CPU_DECODER and opts.video_decoder not in hardware_decoders():
+        raise ExtractError(
+            f"unknown --video-decoder {opts.video_decoder!r}; expected cpu or a hardware device type this PyAV's "
+            f"FFmpeg has: {', '.join(hardware_decoders()) or 'none'}"
         )
     if opts.modality != "title" and not opts.media and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError(f"--modality {opts.modality} needs --media DIR holding <id>.mp4 / <id>.jpg")
@@ -287,6 +293,24 @@ def preflight(backend, opts: RunOptions) -> dict | None:
     return backend.check_context([sample], f"{opts.model}: {what}")
 
 
+def check_video_decoder(opts: RunOptions, items: list[Item]) -> None:
+    """With a hardware --video-decoder: opens the first of `items` whose mp4 exists on it, so that a missing device
+    or driver stops the run with one error instead of failing every item."""
+    if opts.modality != "video" or opts.video_decoder == CPU_DECODER:
+        return
+    for item in items:
+        path = Path(opts.media) / f"{item.item_id}.mp4"
+        if not path.is_file():
+            continue
+        try:
+            read_clip(path, 1, decoder=opts.video_decoder)
+        except DecoderError as e:
+            raise ExtractError(f"--video-decoder {opts.video_decoder}: {e}; use --video-decoder cpu") from None
+        except MediaError:
+            continue  # that file is damaged: the run records it; try the next one
+        return
+
+
 def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None, size=None):
     """Reads one item's media into a models.Sample; MediaError when unusable. `max_pixels`, `size`: read_clip's."""
     from extract.models import Sample
@@ -296,7 +320,13 @@ def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None, siz
     if opts.modality == "video":
         return Sample(
             item,
-            clip=read_clip(Path(opts.media) / f"{item.item_id}.mp4", opts.frames, max_pixels=max_pixels, size=size),
+            clip=read_clip(
+                Path(opts.media) / f"{item.item_id}.mp4",
+                opts.frames,
+                max_pixels=max_pixels,
+                size=size,
+                decoder=opts.video_decoder,
+            ),
         )
     return Sample(item, image=read_image(Path(opts.media) / f"{item.item_id}.jpg"))
 
@@ -362,6 +392,7 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     all_items = read_items(opts.items, opts.items_format)
     index, count = opts.shard
     mine = select_shard(all_items, index, count)
+    check_video_decoder(opts, mine)  # before loading a model for a run whose decoder cannot start
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = run_config(opts)
@@ -504,6 +535,8 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
     manifest["preflight"] = preflight(backend, opts)
     manifest["load_seconds"] = round(time.time() - t0, 3)
     manifest["batch_fallbacks"] = 0
+    manifest["video_decoder"] = opts.video_decoder if opts.modality == "video" else None
+    manifest["decoder_fallbacks"] = 0  # items the hardware decoder could not decode, decoded on the CPU instead
     tokens: list[int] = []
     t0 = time.time()
     batches = [todo[i : i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
@@ -538,8 +571,15 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
                 for item, res in zip(batch, results):
                     if isinstance(res, MediaError):
                         fail(item, "decode", str(res))
-                    else:
-                        samples.append(res)
+                        continue
+                    if res.clip is not None and res.clip.decoder_fallback:
+                        manifest["decoder_fallbacks"] += 1
+                        print(
+                            f"warning: item {item.item_id}: decoded on the CPU, the {res.clip.decoder_fallback}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    samples.append(res)
                 for sample, vectors in _vectors(
                     backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
                 ):

@@ -27,6 +27,22 @@ class MediaError(Exception):
     """A media file that cannot be used; `str(e)` is the reason recorded in failures.jsonl."""
 
 
+class DecoderError(Exception):
+    """The hardware decoder asked for cannot be used at all (no device, no driver): a problem of the run, not of
+    the file, which the CPU decoder reads."""
+
+
+# read_clip(decoder=...): "cpu" (FFmpeg's software decoders) or a PyAV hardware device type, e.g. "cuda" (NVDEC).
+CPU_DECODER = "cpu"
+
+
+def hardware_decoders() -> list[str]:
+    """The hardware device types this PyAV's FFmpeg was built with (a GPU and its driver are still needed)."""
+    from av.codec.hwaccel import hwdevices_available
+
+    return sorted(hwdevices_available())
+
+
 @dataclasses.dataclass
 class Clip:
     """Sampled frames of one video and the timing a processor needs (Qwen3-VL timestamps).
@@ -40,6 +56,8 @@ class Clip:
       total_frames: frame count on the same grid (at least the number of decoded frames).
       duration: seconds from the first to the last frame plus one frame period.
       decoded_frames, method: how the frames were read (seek-based or the whole file).
+      decoder: what decoded them: "cpu", a hardware decoder ("cuda"), or "cpu" after the hardware decoder failed
+        on this file (`decoder_fallback` then holds its error).
       cpu_seconds: CPU seconds of the calling thread (all of the work with `threads=1`) per step: "index"
         (open + demux the packet index), "decode" (seeking, demuxing, decoding), "convert" (scaling to RGB).
     """
@@ -53,19 +71,35 @@ class Clip:
     decoded_frames: int = 0  # frames the decoder produced to get these (the cost of the read)
     method: str = "full"  # "seek" or "full" (the whole file was decoded)
     cpu_seconds: dict = dataclasses.field(default_factory=dict)
+    decoder: str = CPU_DECODER
+    decoder_fallback: str | None = None
 
 
-def _open(path: Path):
+def _open(path: Path, decoder: str = CPU_DECODER):
     import av
+    from av.codec.hwaccel import HWAccel
 
     if not path.is_file():
         raise MediaError(f"missing file {path}")
     if path.stat().st_size == 0:
         raise MediaError(f"empty file {path} (0 bytes)")
     try:
-        return av.open(str(path))
+        if decoder == CPU_DECODER:
+            return av.open(str(path))
+        # Frames stay on the device (`is_hw_owned`): only the sampled ones are downloaded, by the reformat in
+        # `_Decoder.rgb`; the reference frames they need are decoded there and never copied.
+        hw = HWAccel(decoder, allow_software_fallback=False, is_hw_owned=True)
+        return av.open(str(path), hwaccel=hw)
     except Exception as e:  # av raises InvalidDataError, OSError, ... depending on the damage
-        raise MediaError(f"cannot open {path}: {type(e).__name__}: {e}") from None
+        reason = f"{type(e).__name__}: {e}"
+    if decoder != CPU_DECODER:
+        try:
+            av.open(str(path)).close()
+        except Exception:
+            pass  # the file itself is damaged: a media error like any other
+        else:
+            raise DecoderError(f"the {decoder} decoder cannot be opened ({reason}), while the CPU decoder reads {path}")
+    raise MediaError(f"cannot open {path}: {reason}")
 
 
 def _packet_index(container, stream) -> tuple[list[float], list[float]]:
@@ -247,6 +281,7 @@ def read_clip(
     max_pixels: int | None = None,
     size: SizeFn | None = None,
     threads: int = 0,
+    decoder: str = CPU_DECODER,
 ) -> Clip:
     """Decodes up to `num_frames` frames sampled uniformly over the whole clip.
 
@@ -259,19 +294,34 @@ def read_clip(
         (height, width) to convert every frame to (the model processor's own size, so it has nothing left to
         resize), or None to use `max_pixels`.
       threads: FFmpeg decoding threads (0: FFmpeg's choice, 1: one core, as the benchmark measures).
+      decoder: "cpu", or a hardware device type of `hardware_decoders()` ("cuda": NVDEC). The same seek and
+        skip logic applies (FFmpeg parses the stream on the CPU and hands the slices to the device); a file the
+        device cannot decode (a profile it lacks) is decoded again on the CPU and says so in `Clip.decoder_fallback`.
 
     Raises:
       MediaError: missing, empty, unreadable or frameless files, with the reason.
+      DecoderError: the hardware decoder cannot be opened at all (no device or driver).
     """
+    path = Path(path)
+    if decoder == CPU_DECODER:
+        return _read_clip(path, num_frames, method, max_pixels, size, threads, decoder)
+    try:
+        return _read_clip(path, num_frames, method, max_pixels, size, threads, decoder)
+    except MediaError as e:
+        clip = _read_clip(path, num_frames, method, max_pixels, size, threads, CPU_DECODER)
+        clip.decoder_fallback = f"{decoder}: {e}"
+        return clip
+
+
+def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decoder) -> Clip:
     import av
 
-    path = Path(path)
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if method not in ("seek", "full"):
         raise ValueError(f"method must be seek or full, got {method!r}")
     t_start = time.thread_time()
-    container = _open(path)
+    container = _open(path, decoder)
     try:
         if not container.streams.video:
             raise MediaError(f"no video stream in {path}")
@@ -335,6 +385,7 @@ def read_clip(
         decoded_frames=dec.decoded,
         method=used,
         cpu_seconds={k: round(v, 6) for k, v in cpu.items()},
+        decoder=decoder,
     )
 
 

@@ -532,3 +532,92 @@ def test_pipeline_bench_prints_both_paths(capsys):
     assert full["visual_tokens"] == x2["visual_tokens"] == seek["visual_tokens"] > 0 and full["total_s"] > 0
     assert full["pixel_diff_vs_full"]["mean"] == 0 and seek["pixel_diff_vs_full"]["mean"] < 10
     assert all(p[k] >= 0 for p in (full, x2, seek) for k in ("index_s", "decode_s", "convert_s", "preprocess_s"))
+
+
+# --- hardware decoding (NVDEC) -----------------------------------------------------------------------------------
+
+
+def _hevc_1080p(tmp_path, n=12, gop=4):
+    import av
+
+    from extract.bench import moving_frames
+
+    codec = "libx265" if "libx265" in av.codecs_available else "libx264"
+    opts = {"preset": "ultrafast", "x265-params": "log-level=error"} if codec == "libx265" else {}
+    return write_test_video(
+        tmp_path / "hd.mp4", moving_frames(n, 1080, 1920), fps=30, codec=codec, gop=gop, options=opts
+    )
+
+
+def _cuda_decodes(path) -> bool:
+    from extract.video import DecoderError, hardware_decoders
+
+    if "cuda" not in hardware_decoders():
+        return False
+    try:
+        read_clip(path, 1, decoder="cuda")
+    except DecoderError:
+        return False
+    return True
+
+
+def test_nvdec_gives_the_cpu_decoders_frames(tmp_path):
+    path = _hevc_1080p(tmp_path, n=40, gop=12)
+    if not _cuda_decodes(path):
+        pytest.skip("no CUDA device or driver for PyAV's NVDEC decoder here")
+    cpu, hw = read_clip(path, 16), read_clip(path, 16, decoder="cuda")
+    assert hw.decoder == "cuda" and hw.decoder_fallback is None and hw.method == "seek"
+    np.testing.assert_array_equal(hw.frames, cpu.frames)  # hardware HEVC/H.264 decoding is bit-exact
+    assert hw.timestamps == cpu.timestamps and hw.decoded_frames == cpu.decoded_frames
+
+
+def test_a_hardware_decoder_that_cannot_start_is_a_run_error_not_a_media_error(tmp_path, capsys):
+    from extract.video import DecoderError, MediaError, hardware_decoders
+
+    path = _hevc_1080p(tmp_path)
+    if _cuda_decodes(path):
+        pytest.skip("a CUDA decoder works here; test_nvdec_gives_the_cpu_decoders_frames covers it")
+    if "cuda" in hardware_decoders():
+        with pytest.raises(DecoderError, match=f"cuda decoder cannot be opened .*CPU decoder reads {path}"):
+            read_clip(path, 4, decoder="cuda")
+        (tmp_path / "bad.mp4").write_bytes(b"\x00" * 4096)  # a damaged file stays a media error on any decoder
+        with pytest.raises(MediaError, match="cannot open"):
+            read_clip(tmp_path / "bad.mp4", 4, decoder="cuda")
+    media = tmp_path / "m"
+    media.mkdir()
+    path.rename(media / "a.mp4")
+    (media / "items.csv").write_text("id,title\na,x\n")
+    args = ["--items", str(media / "items.csv"), "--media", str(media), "--out", str(tmp_path / "o")]
+    for decoder, expected in (("cuda", "error: --video-decoder cuda: "), ("bogus", "error: unknown --video-decoder")):
+        assert main(["--model", str(tmp_path / "none"), *args, "--video-decoder", decoder, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "o").exists()  # refused before the model or the folder
+
+
+def test_a_hardware_decoder_failure_on_one_file_falls_back_and_is_counted(
+    media, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
+    import extract.run
+    from extract import video
+
+    real = video._read_clip
+
+    def flaky(path, *a):  # the device cannot decode v1 (a profile it lacks); the others decode "on the device"
+        if a[-1] != "cpu" and path.name == "v1.mp4":
+            raise video.MediaError(f"decoding failed in {path} after 0 frames: unsupported profile")
+        return real(path, *a[:-1], "cpu")
+
+    monkeypatch.setattr(video, "_read_clip", flaky)
+    monkeypatch.setattr(extract.run, "check_video_decoder", lambda opts, items: None)
+    clip = video.read_clip(media / "v1.mp4", 4, decoder="cuda")
+    assert clip.decoder == "cpu" and "unsupported profile" in clip.decoder_fallback
+    np.testing.assert_array_equal(clip.frames, real(media / "v1.mp4", 4, "seek", None, None, 0, "cpu").frames)
+    if "cuda" not in video.hardware_decoders():
+        pytest.skip("this PyAV has no cuda device type to ask for")
+    model = str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    assert cli(media, model, tmp_path / "o", "--video-decoder", "cuda") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: item v1: decoded on the CPU, the cuda: ") == 1 and "v0" not in err
+    manifest = json.loads((tmp_path / "o" / "manifest-part-00000-of-00001.json").read_text())
+    assert manifest["decoder_fallbacks"] == 1 and manifest["video_decoder"] == "cuda" and manifest["extracted"] == 4
