@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -293,6 +294,15 @@ def run_jobs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out
     for n, job in enumerate(jobs, 1):
         wd = job.workdir(out)
         if (wd / "results.json").is_file():
+            # Only the same run is skipped: a study rerun with other overrides or features must not report the
+            # old numbers under the new settings.
+            try:
+                train.finished_result(configs[job], wd)
+            except train.TrainError as e:
+                raise StudyError(
+                    f"{re.split(r'[;,] (?:or )?use a new --workdir', str(e))[0]}; this study's settings differ from "
+                    "the finished run's: use another --out, or delete that run folder to train it again"
+                ) from None
             done += 1
             continue
         name = f"{job.run}{'/' + job.point if job.point else ''}/seed{job.seed_index}"

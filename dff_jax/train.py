@@ -33,6 +33,21 @@ from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
 
+def finished_result(config: ml_collections.ConfigDict, workdir: Path, identity: dict | None = None) -> dict:
+    """results.json of a finished run in `workdir`, after checking that it is the run `config` describes, trained
+    with the same epoch budget; TrainError naming what differs otherwise (never another run's numbers)."""
+    train_state.check_identity(workdir, identity or train_state.run_identity(config))
+    result = json.loads((workdir / "results.json").read_text())
+    ran = {k: result["config"][k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+    asked = {k: config[k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+    if ran != asked:
+        raise TrainError(
+            f"{workdir}/results.json: this run finished with {ran}, not {asked}; delete results.json to go on "
+            "training it with the new budget (it resumes from its last checkpoint), or use a new --workdir"
+        )
+    return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, restart: bool = False) -> dict:
     """Trains with early stopping on validation, tests the best checkpoint, writes and returns results.json.
 
@@ -52,19 +67,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dff_jax restart")
-    train_state.check_identity(workdir, identity)
     if (workdir / "results.json").is_file():
-        result = json.loads((workdir / "results.json").read_text())
-        ran = {k: result["config"][k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
-        asked = {k: config[k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
-        if ran != asked:
-            raise TrainError(
-                f"{workdir}/results.json: this run finished with {ran}, not {asked}; delete results.json to go on "
-                "training it with the new budget (it resumes from its last checkpoint), or use a new --workdir"
-            )
+        result = finished_result(config, workdir, identity)
         if main:
             print(f"{workdir}/results.json exists: the run is finished (--restart trains it again)")
         return result
+    train_state.check_identity(workdir, identity)
     if main:  # a workdir that cannot be made stops the run here, before the data is read
         workdir.mkdir(parents=True, exist_ok=True)
     dataset, state, static, frozen = train_state.build_run(config)

@@ -152,6 +152,23 @@ def test_rerun_skips_finished_runs(finished, monkeypatch):
 
 
 @pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
+def test_rerun_with_other_settings_refuses_the_finished_runs(finished, monkeypatch, capsys):
+    # A finished run is skipped only when it is the run asked for: other overrides (or another epoch budget) into
+    # the same --out stop with one error naming the run folder and the field, instead of reporting the old numbers.
+    _root, out, args = finished
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: pytest.fail("nothing may train"))
+    for extra, differs in (
+        ("--config.optim.lr=0.5", "config.optim.lr: 0.003 -> 0.5"),
+        ("--config.train.num_epochs=2", "results.json: this run finished with {'train.num_epochs': 1"),
+    ):
+        with pytest.raises(SystemExit):
+            study.main([*args, "--runs", "id", "--no-report", extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out / 'runs' / 'id' / 'seed0'}") and differs in err[0], err
+        assert "use another --out" in err[0]
+
+
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_shards_split_the_jobs(finished, monkeypatch, tmp_path):
     _root, _, args = finished
     out = tmp_path / "sharded"
