@@ -74,12 +74,13 @@ def bin_order(slices: dict) -> list[str]:
     return sorted(slices, key=lambda b: int(b.split("-")[0].rstrip("+")))
 
 
-def _seeds(run_dir: Path) -> dict[int, dict]:
-    """{seed_index: results.json} of the finished seeds in `run_dir` (`seed<k>/results.json`)."""
+def _seeds(run_dir: Path, seeds: int | None = None) -> dict[int, dict]:
+    """{seed_index: results.json} of the finished seeds in `run_dir` (`seed<k>/results.json`), the first `seeds`
+    seed indices only (a `--seeds 3` report of a folder that also holds seeds 3 and 4 is a 3-seed report)."""
     found = {}
     for d in sorted(run_dir.glob("seed*")):
         f = d / "results.json"
-        if not f.is_file() or not d.name[4:].isdigit():
+        if not f.is_file() or not d.name[4:].isdigit() or (seeds is not None and int(d.name[4:]) >= seeds):
             continue
         try:
             found[int(d.name[4:])] = json.loads(f.read_text())
@@ -88,21 +89,23 @@ def _seeds(run_dir: Path) -> dict[int, dict]:
     return found
 
 
-def collect(out: Path, runs: list[str], points: list[str] = (), metric: str = "NDCG@10") -> dict[str, dict[int, dict]]:
-    """{run: {seed_index: results.json}} for every finished (run, seed) under `out/runs` among `runs`.
+def collect(
+    out: Path, runs: list[str], points: list[str] = (), metric: str = "NDCG@10", seeds: int | None = None
+) -> dict[str, dict[int, dict]]:
+    """{run: {seed_index: results.json}} for every finished (run, seed < `seeds`) under `out/runs` among `runs`.
 
     With grid `points` (`study --grid`), each run's seeds are those of the point `select_points` picks on validation.
     """
     found: dict[str, dict[int, dict]] = {}
     for run in runs:
         if points:
-            per_point = {p: _seeds(out / "runs" / run / p) for p in points}
+            per_point = {p: _seeds(out / "runs" / run / p, seeds) for p in points}
             chosen = select_points({p: r for p, r in per_point.items() if r}, metric)
-            seeds = per_point[chosen] if chosen else {}
+            got = per_point[chosen] if chosen else {}
         else:
-            seeds = _seeds(out / "runs" / run)
-        if seeds:
-            found[run] = seeds
+            got = _seeds(out / "runs" / run, seeds)
+        if got:
+            found[run] = got
     if not found:
         raise ReportError(f"{out}/runs: no finished run (results.json) among {', '.join(runs)}")
     return found
@@ -116,11 +119,11 @@ def select_points(per_point: dict[str, dict[int, dict]], metric: str) -> str | N
     return max(per_point, key=lambda p: mean_std(r["best_valid"][metric] for r in per_point[p].values())[0])
 
 
-def grid_table(out: Path, runs: list[str], points: list[str], metric: str) -> str:
+def grid_table(out: Path, runs: list[str], points: list[str], metric: str, seeds: int | None = None) -> str:
     """Per row: the validation `metric` (mean over finished seeds) at every grid point, the selected one in bold."""
     lines = ["| run | " + " | ".join(f"`{p}`" for p in points) + " | selected |", "|---|" + "---|" * (len(points) + 1)]
     for run in runs:
-        per_point = {p: _seeds(out / "runs" / run / p) for p in points}
+        per_point = {p: _seeds(out / "runs" / run / p, seeds) for p in points}
         chosen = select_points({p: r for p, r in per_point.items() if r}, metric)
         if chosen is None:
             continue
@@ -491,12 +494,14 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
     """
     out = Path(out)
     points, metric = list(meta.get("grid") or ()), meta.get("select_metric", "NDCG@10")
-    found = collect(out, runs, points, metric)
+    seeds = meta.get("seeds")
+    found = collect(out, runs, points, metric, seeds)
     order = [r for r in runs if r in found]
     rows = [flat_row(r, s, found[r][s]) for r in order for s in sorted(found[r])]
     if points:  # the selected grid point of each row
         chosen = {
-            r: select_points({p: x for p in points if (x := _seeds(out / "runs" / r / p))}, metric) for r in order
+            r: select_points({p: x for p in points if (x := _seeds(out / "runs" / r / p, seeds))}, metric)
+            for r in order
         }
         rows = [{"run": row["run"], "grid_point": chosen[row["run"]], **row} for row in rows]
     write_csv(out / "results.csv", rows)
@@ -561,7 +566,7 @@ def write_report(out: Path, runs: list[str], meta: dict, last_layer: int | None 
             f"Every row was trained at each point of `--grid` ({len(points)} points); the point with the best mean "
             f"validation {metric} is kept per row (bold), and every table below shows that point's test metrics.\n"
         )
-        md.append(grid_table(out, order, points, metric))
+        md.append(grid_table(out, order, points, metric, seeds))
     md.append("## Table 1 — ID vs replacement vs fusion\n")
     md.append(table(found, ["id", "replace", "fusion_last"]))
     if "caption" in found:

@@ -152,6 +152,23 @@ def test_rerun_skips_finished_runs(finished, monkeypatch):
 
 
 @pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
+def test_a_report_of_fewer_seeds_reads_only_those(finished, tmp_path):
+    # --seeds 1 --report-only over a folder holding seeds 0 and 1 is a one-seed report, not silently a two-seed one.
+    import shutil
+
+    _root, out, args = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    args = [*args, "--report-only"]
+    args[args.index("--out") + 1], args[args.index("--seeds") + 1] = str(copy), "1"
+    assert study.main(args) == 0
+    rows = read_csv(copy / "results.csv")
+    assert len(rows) == len(RUNS) and {r["seed"] for r in rows} == {"0"}
+    full = {r["run"]: r for r in read_csv(out / "results.csv") if r["seed"] == "0"}
+    assert all(r["NDCG@10"] == full[r["run"]]["NDCG@10"] for r in rows)
+
+
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_rerun_with_other_settings_refuses_the_finished_runs(finished, monkeypatch, capsys):
     # A finished run is skipped only when it is the run asked for: other overrides (or another epoch budget) into
     # the same --out stop with one error naming the run folder and the field, instead of reporting the old numbers.
