@@ -219,7 +219,7 @@ def pipeline(args) -> dict:
 
     import av
 
-    from extract.video import DecoderError, hardware_decoders, read_clip
+    from extract.video import DecoderError, read_clip, unknown_decoder
 
     torch.set_num_threads(1)
     h, w = (int(x) for x in args.size.split("x"))
@@ -239,8 +239,8 @@ def pipeline(args) -> dict:
         "seek": {"max_pixels": be.frame_pixels, "size": be.frame_size},
     }
     if args.video_decoder != "cpu":
-        if args.video_decoder not in hardware_decoders():
-            raise SystemExit(f"error: --video-decoder {args.video_decoder}: not in this PyAV ({hardware_decoders()})")
+        if problem := unknown_decoder(args.video_decoder):
+            raise SystemExit(f"error: {problem}")
         sizing["seek_hw"] = {**sizing["seek"], "decoder": args.video_decoder}
     paths = {k: v for k, v in PIPELINE_PATHS.items() if k in sizing}
     result.update(cpu=platform_cpu(), paths=paths, size_probe_s=round(probe_s, 3), video_decoder=args.video_decoder)

@@ -42,7 +42,7 @@ from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
 from extract.lock import ShardLock
 from extract.merge import RUN_CONFIG, failures_message, finalize, scan_shards
-from extract.video import CPU_DECODER, DecoderError, MediaError, hardware_decoders, read_clip, read_image
+from extract.video import CPU_DECODER, DecoderError, MediaError, read_clip, read_image, unknown_decoder
 
 
 @dataclasses.dataclass
@@ -141,11 +141,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
             f"unknown --attn-implementation {opts.attn_implementation!r}; expected eager, sdpa, flash_attention_2, "
             "flash_attention_3 or flex_attention"
         )
-    if opts.video_decoder != CPU_DECODER and opts.video_decoder not in hardware_decoders():
-        raise ExtractError(
-            f"unknown --video-decoder {opts.video_decoder!r}; expected cpu or a hardware device type this PyAV's "
-            f"FFmpeg has: {', '.join(hardware_decoders()) or 'none'}"
-        )
+    if problem := unknown_decoder(opts.video_decoder):
+        raise ExtractError(problem)
     if opts.modality != "title" and not opts.media and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError(f"--modality {opts.modality} needs --media DIR holding <id>.mp4 / <id>.jpg")
     if opts.media and not Path(opts.media).is_dir():

@@ -43,6 +43,14 @@ def hardware_decoders() -> list[str]:
     return sorted(hwdevices_available())
 
 
+def unknown_decoder(decoder: str) -> str | None:
+    """Why `decoder` (a --video-decoder value) cannot be asked for at all, or None when it can."""
+    if decoder == CPU_DECODER or decoder in hardware_decoders():
+        return None
+    have = ", ".join(hardware_decoders()) or "none"
+    return f"unknown --video-decoder {decoder!r}; expected cpu or a hardware device type this PyAV's FFmpeg has: {have}"
+
+
 @dataclasses.dataclass
 class Clip:
     """Sampled frames of one video and the timing a processor needs (Qwen3-VL timestamps).
