@@ -22,7 +22,6 @@ same batches. Measured figures and their history: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -38,6 +37,7 @@ import numpy as np
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, evaluate, features, metrics, parallel, records, train, train_state
+from dff_jax.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 
 PRESETS = {
     # num_users, num_items, layers x hidden of the features, embed_dim, batch (global), seq len
@@ -139,6 +139,8 @@ def random_table(num_items: int, layers: int, hidden: int, seed: int = 1) -> np.
 
 def bench_config(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", compute_dtype: str = "float32"):
     """The run config of a benchmark: the defaults, the variant, and the shape's model and batch sizes."""
+    if variant not in defaults.VARIANTS:
+        raise ConfigError(f"--variant {variant!r}: expected one of {', '.join(sorted(defaults.VARIANTS))}")
     config = defaults.apply_variant(defaults.base_config(), variant)
     config.model.embed_dim = shape["embed_dim"]
     config.model.gate_hidden = min(256, shape["embed_dim"])
@@ -148,6 +150,10 @@ def bench_config(shape: dict, variant: str = "dff", loss: str = "inbatch_logq", 
     config.train.compute_dtype = compute_dtype
     config.train.progress_bar = False
     config.train.log_every_steps = 10**9
+    if config.model.embed_dim % config.model.num_heads:  # one error line, not a failure inside jax
+        raise ConfigError(
+            f"--shape embed_dim={config.model.embed_dim}: expected a multiple of {config.model.num_heads} heads"
+        )
     return config
 
 
@@ -938,8 +944,9 @@ def _proc_status() -> dict:
         return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith("Vm")}
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(prog="python -m dff_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "features", "catalogue"], default="train")
     p.add_argument("--preset", choices=sorted(PRESETS) + ["sasrec"], default="cpu")
     p.add_argument("--variant", default="dff", help="model variant (configs: id, replace, fusion_last, ..., dff)")
@@ -970,6 +977,9 @@ def main(argv: list[str] | None = None) -> None:
         "devices, first load (builds the cache) and restart",
     )
     args = p.parse_args(argv)
+    for name in ("steps", "items", "layers", "hidden", "users", "devices", "model_axis"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if args.what == "catalogue":
         if not args.out:
             p.error("--what catalogue needs --out DIR")
@@ -991,7 +1001,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {}
     for kv in args.shape:
         key, _, value = kv.partition("=")
-        if key not in PRESETS["cpu"] or not value.isdigit():
+        if key not in PRESETS["cpu"] or not value.isdigit() or int(value) < 1:
             p.error(f"--shape {kv}: expected KEY=INT with KEY one of {sorted(PRESETS['cpu'])}")
         overrides[key] = int(value)
     if args.all:

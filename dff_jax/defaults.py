@@ -8,6 +8,7 @@ variants onto the model fields.
 """
 
 import itertools
+import math
 
 import ml_collections
 
@@ -231,8 +232,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             fail(path, value, "one of " + ", ".join(repr(a) for a in allowed))
     for path, (lo, hi, text) in RANGES.items():
         value = get(path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(path, value, f"a number {text}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(path, value, f"a finite number {text}")  # NaN passes every comparison below
         if isinstance(lo, str) and value <= float(lo[1:]) or not isinstance(lo, str) and value < lo:
             fail(path, value, text)
         if hi is not None and (value >= float(hi[1:]) if isinstance(hi, str) else value > hi):
@@ -242,8 +243,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m, e, t = config.model, config.eval, config.train
     if m.embed_dim % m.num_heads:
         fail("model.embed_dim", m.embed_dim, f"a multiple of model.num_heads={m.num_heads}")
-    if not e.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks):
-        fail("eval.ks", e.ks, "a non-empty tuple of positive integers, e.g. (10, 20)")
+    if (
+        not e.ks
+        or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks)
+        or len(set(e.ks)) < len(e.ks)
+    ):
+        fail("eval.ks", e.ks, "a non-empty tuple of distinct positive integers, e.g. (10, 20)")
     bins = list(e.cold_bins)
     if not bins or bins[0] != 0 or any(b <= a for a, b in itertools.pairwise(bins)):
         fail("eval.cold_bins", e.cold_bins, "increasing integers starting at 0, e.g. (0, 1, 5, 20)")

@@ -11,6 +11,7 @@ nothing half-written and a rerun after the cause is fixed resumes. Anything else
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -122,6 +123,15 @@ def os_error_in(error: BaseException | None) -> OSError | None:
     return None
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line and exit status 2, like every other user error (not
+    argparse's usage dump)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_flags(argv: list[str], flag_values=None) -> list[str]:
     """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) that turns a bad flag, a config typo or a bad
     variant into one `error:` line and exit status 2, like every other user error, instead of absl's usage dump."""
@@ -135,14 +145,15 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
             flag_values.config.keys()
         return rest
     except flags.Error as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
-    except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+    except Exception as e:  # a typo, a bad value, or a config file that does not load (SyntaxError, NameError, ...)
         bad = [a for a in argv[1:] if a.startswith("--config")]
-        print(f"error: bad --config argument ({' '.join(bad)}): {_one_line(str(e))}", file=sys.stderr)
+        what = f"{type(e).__name__}: " if isinstance(e, (SyntaxError, NameError, ImportError)) else ""
+        print(f"error: bad --config argument ({' '.join(bad)}): {what}{one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """A message as one line: the last line of an embedded traceback (the error itself), else all of it joined."""
     text = text.strip().strip("'\"").replace("\\n", "\n")
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -50,7 +50,7 @@ from pathlib import Path
 import ml_collections
 
 from dff_jax import defaults, features, records
-from dff_jax.errors import UserError, exit_on_user_error, parse_flags
+from dff_jax.errors import OneLineArgumentParser, UserError, exit_on_user_error, parse_flags
 
 BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff", "fusion_mean_raw", "dff_raw")
 # With feature_norm="standardize" (the default) the mean of layers and DFF weigh z-scored layers: a per-(layer,
@@ -165,6 +165,8 @@ def layer_list(num_layers: int, layers: str | None, step: int | None) -> list[in
         except ValueError:
             raise StudyError(f"--layers {layers!r}: expected comma-separated integers") from None
         return sorted(set(features.resolve_layers(picked, num_layers, "--layers")))
+    if step is not None and step < 1:
+        raise StudyError(f"--layer-step {step}: expected an integer >= 1")
     if step:
         return sorted(set(range(0, num_layers, step)) | {num_layers - 1})
     return list(range(num_layers))
@@ -216,6 +218,18 @@ def run_config(base: ml_collections.ConfigDict, run: str, seed: int, feats: dict
     return c
 
 
+# What `run_config` sets per row and seed: a --grid over one of these would overwrite the rows themselves.
+ROW_FIELDS = (
+    "seed",
+    "model.item_encoder",
+    "model.content",
+    "model.layer",
+    "model.feature_norm",
+    "features.dir",
+    "train.progress_bar",
+)
+
+
 def parse_grid(pairs: list[str], config: ml_collections.ConfigDict) -> list[dict]:
     """`FIELD=V1,V2 ...` -> the grid's points [{"name": "lr0.0001_embed_dim512", "set": {"optim.lr": 1e-4, ...}}]
     in product order; [] without --grid. Values take the type of the field they set."""
@@ -232,6 +246,11 @@ def parse_grid(pairs: list[str], config: ml_collections.ConfigDict) -> list[dict
                 "give the full path, e.g. optim.lr"
             )
         path, kind = matches[0], type(leaves[matches[0]])
+        if path in ROW_FIELDS:
+            raise StudyError(
+                f"--grid {pair!r}: config.{path} is set by each study row or seed (a grid over it would relabel "
+                "runs silently); choose the rows with --runs and the seeds with --seeds / --config.seed"
+            )
         if kind not in (int, float, str, bool):
             raise StudyError(f"--grid {pair!r}: config.{path} is a {kind.__name__}; a grid sets numbers or strings")
         try:
@@ -286,6 +305,29 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def check_finished_configs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out: Path) -> None:
+    """--report-only: stops when a finished run was trained with other settings than this command gives it (the
+    report would print this command's overrides over runs that never used them). Compares configs only: the data
+    and features need not be on the machine that writes the report."""
+    from dff_jax import train_state
+
+    for job in jobs:
+        path = job.workdir(out) / train_state.IDENTITY_FILE
+        if not (job.workdir(out) / "results.json").is_file() or not path.is_file():
+            continue
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StudyError(f"{path}: unreadable ({e})") from None
+        asked = {"config": train_state.identity_config(configs[job])}
+        differ = train_state.identity_differences({"config": recorded.get("config", {})}, asked)
+        if differ:
+            raise StudyError(
+                f"{path}: this finished run was trained with other settings ({'; '.join(differ[:4])}); report it "
+                "with the command (overrides, --grid) that trained it, or use another --out"
+            )
+
+
 def run_jobs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out: Path) -> dict:
     """Trains every job whose results.json is absent; returns counts of trained/skipped runs and wall times."""
     from dff_jax import train
@@ -318,7 +360,7 @@ def run_jobs(jobs: list[Job], configs: dict[Job, ml_collections.ConfigDict], out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m dff_jax.study",
         description=__doc__.split("\n")[0],
         epilog="--config FILE[:variant] and --config.x.y=value overrides as in python -m dff_jax.train",
@@ -388,15 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [Job(r, s, p["name"]) for s in range(args.seeds) for r in runs for p in points or [{"name": ""}]]
     shard_i, shard_n = parse_shard(args.shard)
     stats = {"skipped": 0, "trained": 0, "seconds": {}}
-    if not args.report_only:
+    mine = jobs if args.report_only else jobs[shard_i::shard_n]
+    configs = {
+        j: apply_point(run_config(config, j.run, config.seed + j.seed_index, feats), by_name.get(j.point)) for j in mine
+    }
+    if args.report_only:
+        check_finished_configs(jobs, configs, out)
+    else:
         if points:
             out.mkdir(parents=True, exist_ok=True)
             records.write_json_atomic(grid_file, {"grid": args.grid, "points": points})
-        mine = jobs[shard_i::shard_n]
-        configs = {
-            j: apply_point(run_config(config, j.run, config.seed + j.seed_index, feats), by_name.get(j.point))
-            for j in mine
-        }
         for c in configs.values():  # every row's config before the first run trains
             defaults.validate(c)
         t0 = time.time()

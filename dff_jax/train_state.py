@@ -37,7 +37,7 @@ from flax import nnx
 from dff_jax import data as data_lib
 from dff_jax import defaults, feature_cache, losses, models, parallel, records
 from dff_jax import features as features_lib
-from dff_jax.errors import TrainError, WriteError, write_failure_in
+from dff_jax.errors import ConfigError, TrainError, WriteError, one_line, os_error_in, write_failure_in
 
 # ----------------------------------------------------------------------------------------------------------- build
 
@@ -226,6 +226,7 @@ def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict
     parallel.check_global_batch(config.train.batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh)
     dataset = data_lib.build_dataset(config.data, verbose=parallel.is_main_process())
+    check_eval_fits(config.eval, dataset)
     loaded = load_table(config, dataset, mesh)
     state, static, frozen = create_train_state(config, dataset, None if loaded is None else loaded.table, mesh)
     if loaded is not None:  # what the results should say about the features (results.json "features")
@@ -236,6 +237,28 @@ def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict
             "unused_records": loaded.unused,
         }
     return dataset, state, static, frozen
+
+
+def check_eval_fits(eval_cfg: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> None:
+    """Refuses cut-offs and sampled negatives that the item count makes meaningless, before any training: HR@K is
+    1 for every target when K >= N, and the sampled protocol needs an item each user never met."""
+    n = dataset.num_items
+    if max(eval_cfg.ks) >= n:
+        raise ConfigError(f"config.eval.ks={tuple(eval_cfg.ks)}: every cut-off must be below the {n} items of the data")
+    k = eval_cfg.sampled_negatives
+    if k and k >= n:
+        raise ConfigError(f"config.eval.sampled_negatives={k}: must be below the {n} items of the data (or 0: off)")
+    if k:
+        for split in ("valid", "test"):
+            ev = getattr(dataset, split)
+            met = np.sort(np.concatenate([ev["history"], ev["targets"][:, None]], axis=1), axis=1)
+            distinct = ((met[:, 1:] != met[:, :-1]) & (met[:, 1:] > 0)).sum(axis=1) + (met[:, 0] > 0)
+            if (full := np.flatnonzero(distinct >= n)).size:
+                users = [dataset.user_ids[u] for u in ev["users"][full[:3]]]
+                raise ConfigError(
+                    f"config.eval.sampled_negatives={k}: {split} users {users} interacted with every one of the {n} "
+                    "items, so no negative can be sampled for them; set it to 0 (full ranking only)"
+                )
 
 
 def model_of(static: dict, params, frozen: dict) -> models.Recommender:
@@ -321,13 +344,18 @@ NOT_IDENTITY = (
 RUN_FILES = (IDENTITY_FILE, "config.json", "item_map.json", "results.json", "checkpoints", "tb")
 
 
+def identity_config(config: ml_collections.ConfigDict) -> dict:
+    """The flat config fields that define a run (all but `NOT_IDENTITY`): the "config" of `run_identity`."""
+    flat = defaults.flatten(json.loads(config.to_json_best_effort()))
+    return {
+        k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in NOT_IDENTITY)
+    }
+
+
 def run_identity(config: ml_collections.ConfigDict) -> dict:
     """What defines a run: its config minus `NOT_IDENTITY`, and fingerprints of the interaction file and of the
     feature folder it reads (`data.fingerprint`, `features.fingerprint`)."""
-    flat = defaults.flatten(json.loads(config.to_json_best_effort()))
-    kept = {
-        k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in NOT_IDENTITY)
-    }
+    kept = identity_config(config)
     interactions = Path(config.data.dir) / config.data.interactions
     out = {"config": kept, "interactions": data_lib.fingerprint(interactions) if interactions.is_file() else None}
     if config.model.item_encoder != "id" and (Path(config.features.dir) / records.SCHEMA_FILE).is_file():
@@ -350,6 +378,13 @@ def check_identity(workdir: Path, identity: dict) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({e}); use a new --workdir, or pass --restart") from None
+    reads = ["interactions"] + (["features"] if identity["config"].get("model.item_encoder") != "id" else [])
+    gone = [what for what in reads if recorded.get(what) and identity.get(what) is None]
+    if gone:  # moved or deleted inputs are not another run: --restart would throw a good run away
+        raise TrainError(
+            f"{path}: the {' and '.join(gone)} this run was trained on are not where the config says "
+            "(config.data.dir / config.features.dir): moved or deleted? Point the config at them again"
+        )
     differ = identity_differences(recorded, identity)
     if differ:
         raise TrainError(
@@ -444,7 +479,17 @@ def checked(manager):
 
 
 def restore(manager, epoch: int, abstract_state):
-    r = manager.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    )
+    """(state, meta) of checkpoint `epoch`; a damaged one (truncated or missing files) is one `TrainError`."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    try:
+        r = manager.restore(epoch, args=args)
+    except Exception as e:  # Orbax and TensorStore report damage as ValueError, KeyError, ... of their own
+        if os_error_in(e) is not None:
+            raise  # a read the operating system refused: exit_on_user_error names the file
+        folder = Path(manager.directory) / str(epoch)
+        what = one_line(str(e).split(" [tensorstore_spec")[0])[:300]  # TensorStore appends its whole spec
+        raise TrainError(
+            f"{folder}: unreadable checkpoint ({what}); delete that folder to fall back to an earlier "
+            "checkpoint (evaluate: --step another epoch), or retrain with --restart"
+        ) from None
     return r.state, r.meta

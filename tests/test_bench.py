@@ -76,3 +76,19 @@ def test_all_runs_the_three_settings_in_one_process():
         assert math.isfinite(run["train"]["final_loss"]) and run["eval"]["users"] == 96
     assert r["runs"]["id_float32"]["param_count"] < r["runs"]["dff_float32"]["param_count"]
     assert r["total_s"] >= sum(run["run_s"] for run in r["runs"].values())
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--variant", "nope"], "--variant 'nope': expected one of"),
+        (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+        (["--shape", "embed_dim=0"], "--shape embed_dim=0: expected KEY=INT"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_bench_arguments_are_one_error_line(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--no-torch"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err

@@ -64,6 +64,8 @@ def finished(tmp_path_factory):
     [
         ("train.select_metric", "NDCG@5", "one of the computed metrics"),
         ("eval.ks", (0, 10), "positive integers"),
+        ("eval.ks", (10, 10), "distinct"),
+        ("optim.lr", float("nan"), "a finite number > 0"),  # NaN fails no comparison: it would train to a NaN loss
         ("eval.ties", "arbitrary", "'pessimistic'"),
         ("optim.lr", -1e-3, "> 0"),
         ("model.dropout", 1.5, "in [0, 1)"),
@@ -86,6 +88,42 @@ def test_bad_config_values_are_refused_naming_field_value_and_what_is_allowed(tm
         train.train_and_evaluate(c, tmp_path / "run")
     assert says in str(e.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [("eval.ks", (10, 80), "every cut-off must be below the 80 items"), ("eval.sampled_negatives", 80, "below the 80")],
+)
+def test_cut_offs_and_negatives_the_item_count_makes_meaningless_are_refused_before_training(
+    finished, tmp_path, field, value, says
+):
+    root, _, _ = finished
+    c = smoke_config(root / "data")
+    section, name = field.split(".")
+    c[section][name] = value
+    c.train.select_metric = "HR@10"
+    with pytest.raises(ConfigError, match=rf"config\.{field}=") as e:
+        train.train_and_evaluate(c, tmp_path / "run")
+    assert says in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(finished, tmp_path):
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best"
+    (epoch,) = [d for d in best.iterdir() if d.name.isdigit()]
+    for f in (epoch / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            os.truncate(f, 10)
+    p = cli("dff_jax.evaluate", "--workdir", str(tmp_path / "run"))
+    assert_one_error_line(p, f"{epoch}: unreadable checkpoint", "--step")
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
+    (tmp_path / "bad.py").write_text("def get_config(:\n")
+    p = cli("dff_jax.train", "--config", str(tmp_path / "bad.py"), "--workdir", str(tmp_path / "w"))
+    assert_one_error_line(p, "SyntaxError", "bad.py")
 
 
 def test_bad_config_on_the_command_line_is_one_line_before_any_work(tmp_path):
@@ -141,6 +179,16 @@ def test_a_changed_interaction_file_is_refused_by_train_and_by_evaluate(finished
         train.train_and_evaluate(smoke_config(tmp_path / "data"), tmp_path / "run")
     with pytest.raises(TrainError, match="interactions file contents"):
         evaluate.load_run(tmp_path / "run")
+
+
+def test_a_moved_interaction_file_is_not_called_another_run(finished, tmp_path):
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    config = (tmp_path / "run" / "config.json").read_text().replace(str(root / "data"), str(tmp_path / "gone"))
+    (tmp_path / "run" / "config.json").write_text(config)
+    with pytest.raises(TrainError, match="the interactions.* this run was trained on are not where") as e:
+        evaluate.load_run(tmp_path / "run")
+    assert "--restart" not in str(e.value)
 
 
 def test_restart_discards_the_old_run_and_a_stray_folder_is_not_taken_for_one(finished, tmp_path):

@@ -186,6 +186,18 @@ def test_rerun_with_other_settings_refuses_the_finished_runs(finished, monkeypat
 
 
 @pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
+def test_a_report_with_other_settings_than_the_runs_is_refused(finished, capsys):
+    # --report-only used to print this command's overrides over runs that were trained without them
+    _root, out, args = finished
+    before = (out / "report.md").read_bytes()
+    with pytest.raises(SystemExit):
+        study.main([*args, "--report-only", "--config.optim.lr=0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "config.optim.lr: 0.003 -> 0.5" in err[0], err
+    assert (out / "report.md").read_bytes() == before
+
+
+@pytest.mark.slow  # trains 16 tiny runs once for the module (~100 s of CPU)
 def test_shards_split_the_jobs(finished, monkeypatch, tmp_path):
     _root, _, args = finished
     out = tmp_path / "sharded"
@@ -223,6 +235,18 @@ def test_layer_selection_and_errors(tmp_path, capsys):
         study.layer_list(4, "4", None)
     with pytest.raises(study.StudyError, match="unknown runs"):
         study.plan_runs(4, [0], False, "id,caption")
+    with pytest.raises(study.StudyError, match="--layer-step 0: expected an integer >= 1"):
+        study.layer_list(31, None, 0)  # it silently swept every layer
+    c = study.load_config(["--config", str(REPO / "configs" / "smoke.py")])
+    for field in ("seed", "item_encoder", "layer", "features.dir"):  # each row and seed sets these itself
+        with pytest.raises(study.StudyError, match="set by each study row or seed"):
+            study.parse_grid([f"{field}=1,2" if field != "item_encoder" else "item_encoder=id"], c)
+    assert study.parse_grid(["lr=1e-3,2e-3"], c)[1]["set"] == {"optim.lr": 2e-3}
+    for bad in (["--seeds", "abc"], ["--bogus"]):  # argparse's usage dump was 6 lines without "error: " first
+        with pytest.raises(SystemExit) as e:
+            study.main(["--config", str(REPO / "configs" / "smoke.py"), "--out", str(tmp_path), *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: python -m dff_jax.study: "), err
     assert math.isnan(report.paired_p({0: 0.1}, {0: 0.2}))  # one seed: no test
     assert report.paired_p({0: 0.1, 1: 0.3, 2: 0.2}, {0: 0.0, 1: 0.1, 2: 0.15}) == pytest.approx(
         stats.ttest_rel([0.1, 0.3, 0.2], [0.0, 0.1, 0.15]).pvalue
