@@ -149,13 +149,18 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
     except Exception as e:  # a typo, a bad value, or a config file that does not load (SyntaxError, NameError, ...)
         bad = [a for a in argv[1:] if a.startswith("--config")]
         what = f"{type(e).__name__}: " if isinstance(e, (SyntaxError, NameError, ImportError)) else ""
+        if isinstance(e, (KeyError, AttributeError)):  # ml-collections names only the missing key: "'lr'"
+            what = "no such config field "
         print(f"error: bad --config argument ({' '.join(bad)}): {what}{one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
 
 
 def one_line(text: str) -> str:
     """A message as one line: the last line of an embedded traceback (the error itself), else all of it joined."""
-    text = text.strip().strip("'\"").replace("\\n", "\n")
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd message (KeyError's): unquote it
+        text = text[1:-1].replace("\\'", "'")
+    text = text.replace("\\n", "\n")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if any(line.startswith("Traceback") for line in lines):
         return f"{lines[0]} {lines[-1]}"

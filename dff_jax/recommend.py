@@ -31,7 +31,8 @@ def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
     if not history:
         raise TrainError("--history is empty: give at least one raw item id")
     if not 1 <= k <= dataset.num_items - len(set(history)):
-        raise TrainError(f"--k must be between 1 and the number of items not in the history, got {k}")
+        most = dataset.num_items - len(set(history))
+        raise TrainError(f"--k {k}: expected 1 to {most} (the run's {dataset.num_items} items not in the history)")
     L = run["config"].data.max_seq_len
     seq = [index[h] for h in history][-L:]
     inputs = np.zeros((1, L), np.int32)

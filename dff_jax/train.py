@@ -56,6 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """
     workdir = Path(workdir)
     defaults.validate(config)  # every field before any work: a bad value never costs an epoch
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainError(f"{workdir}: --workdir is a file; expected a folder (new or of this run)")
     parallel.initialize(config.parallel)  # before any jax use: joins a multi-process job, sets simulated devices
     main = parallel.is_main_process()
     synthetic.ensure_synthetic_data(config)

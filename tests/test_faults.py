@@ -344,6 +344,8 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ("dff_jax.train", ["--config", "configs/smoke.py:dfff", "--workdir", "w"], "unknown variant 'dfff'"),
         ("dff_jax.train", ["--config", "configs/nope.py", "--workdir", "w"], "configs/nope.py"),
         ("dff_jax.evaluate", ["--workdir", "w", "--split", "train"], "--split=train"),
+        ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "w", "--config.train.lr=1"], "field 'lr'"),
+        ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "README.md"], "--workdir is a file"),
     ],
 )
 def test_bad_command_lines_are_one_line(module, args, says):

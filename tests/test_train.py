@@ -104,6 +104,9 @@ def test_recommend_excludes_history_and_orders_by_score(smoke_run):
     assert scores == sorted(scores, reverse=True)
     with pytest.raises(train.TrainError, match="unknown item ids"):
         recommend.recommend(run, ["no-such-item"], 5)
+    n = run["dataset"].num_items
+    with pytest.raises(train.TrainError, match=rf"--k {n}: expected 1 to {n - 3} \(the run's {n} items"):
+        recommend.recommend(run, history, n)  # the message says the largest k this history allows
 
 
 def test_every_variant_trains_one_epoch(tmp_path):
