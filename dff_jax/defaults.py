@@ -130,7 +130,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     if not variant:
         return c
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        from dff_jax.errors import ConfigError  # a ValueError too
+
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     encoder, content, layer = VARIANTS[variant]
     c.model.item_encoder = encoder
     c.model.content = content

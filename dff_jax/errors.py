@@ -148,9 +148,12 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
     except Exception as e:  # a typo, a bad value, or a config file that does not load (SyntaxError, NameError, ...)
         bad = [a for a in argv[1:] if a.startswith("--config")]
-        what = f"{type(e).__name__}: " if isinstance(e, (SyntaxError, NameError, ImportError)) else ""
         if isinstance(e, (KeyError, AttributeError)):  # ml-collections names only the missing key: "'lr'"
             what = "no such config field "
+        elif isinstance(e, (SyntaxError, NameError, ImportError)):
+            what = f"{type(e).__name__}: "
+        else:
+            what = ""
         print(f"error: bad --config argument ({' '.join(bad)}): {what}{one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
 

@@ -222,6 +222,17 @@ def _padded(interacted, batch: int) -> np.ndarray:
     return out
 
 
+def forbidden_items(targets, interacted, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys row * (N + 1) + item of each row's target and interacted items, [B] how many of the N items
+    each row may still draw as a negative); `interacted` as in `sample_negatives`."""
+    targets = np.asarray(targets, dtype=np.int64)
+    batch = len(targets)
+    forbid = np.concatenate([_padded(interacted, batch), targets[:, None]], axis=1)
+    # Per-row membership with one searchsorted on row-offset keys (no [B, K, H] comparison).
+    keys = np.unique((np.arange(batch)[:, None] * (num_items + 1) + forbid)[forbid > 0])
+    return keys, num_items - np.bincount(keys // (num_items + 1), minlength=batch)
+
+
 def sample_negatives(
     targets, interacted, num_items: int, *, num_negatives: int = 100, rng: np.random.Generator | None = None
 ) -> np.ndarray:
@@ -233,12 +244,8 @@ def sample_negatives(
       num_items: N. num_negatives: K. rng: numpy Generator (default: seeded with 0).
     """
     rng = rng if rng is not None else np.random.default_rng(0)
-    targets = np.asarray(targets, dtype=np.int64)
     batch, n_items = len(targets), int(num_items)
-    forbid = np.concatenate([_padded(interacted, batch), targets[:, None]], axis=1)
-    # Per-row membership with one searchsorted on row-offset keys (no [B, K, H] comparison).
-    keys = np.unique((np.arange(batch)[:, None] * (n_items + 1) + forbid)[forbid > 0])
-    allowed = n_items - np.bincount(keys // (n_items + 1), minlength=batch)
+    keys, allowed = forbidden_items(targets, interacted, n_items)
     if (allowed <= 0).any():
         raise ValueError(f"user rows {np.flatnonzero(allowed <= 0)[:5].tolist()} interacted with every item")
 

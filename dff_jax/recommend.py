@@ -30,8 +30,8 @@ def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
         raise TrainError(f"unknown item ids {unknown[:10]}: not in this run's item_map.json")
     if not history:
         raise TrainError("--history is empty: give at least one raw item id")
-    if not 1 <= k <= dataset.num_items - len(set(history)):
-        most = dataset.num_items - len(set(history))
+    most = dataset.num_items - len(set(history))
+    if not 1 <= k <= most:
         raise TrainError(f"--k {k}: expected 1 to {most} (the run's {dataset.num_items} items not in the history)")
     L = run["config"].data.max_seq_len
     seq = [index[h] for h in history][-L:]

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dff_jax import data as data_lib
-from dff_jax import defaults, feature_cache, losses, models, parallel, records
+from dff_jax import defaults, feature_cache, losses, metrics, models, parallel, records
 from dff_jax import features as features_lib
 from dff_jax.errors import ConfigError, TrainError, WriteError, one_line, os_error_in, write_failure_in
 
@@ -251,9 +251,8 @@ def check_eval_fits(eval_cfg: ml_collections.ConfigDict, dataset: data_lib.Datas
     if k:
         for split in ("valid", "test"):
             ev = getattr(dataset, split)
-            met = np.sort(np.concatenate([ev["history"], ev["targets"][:, None]], axis=1), axis=1)
-            distinct = ((met[:, 1:] != met[:, :-1]) & (met[:, 1:] > 0)).sum(axis=1) + (met[:, 0] > 0)
-            if (full := np.flatnonzero(distinct >= n)).size:
+            _, allowed = metrics.forbidden_items(ev["targets"], ev["history"], n)
+            if (full := np.flatnonzero(allowed <= 0)).size:
                 users = [dataset.user_ids[u] for u in ev["users"][full[:3]]]
                 raise ConfigError(
                     f"config.eval.sampled_negatives={k}: {split} users {users} interacted with every one of the {n} "

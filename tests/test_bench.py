@@ -81,7 +81,7 @@ def test_all_runs_the_three_settings_in_one_process():
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--variant", "nope"], "--variant 'nope': expected one of"),
+        (["--variant", "nope"], "unknown variant 'nope'; expected one of"),
         (["--steps", "0"], "--steps 0: expected an integer >= 1"),
         (["--shape", "embed_dim=0"], "--shape embed_dim=0: expected KEY=INT"),
         (["--bogus"], "unrecognized arguments: --bogus"),

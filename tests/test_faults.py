@@ -350,3 +350,19 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
 )
 def test_bad_command_lines_are_one_line(module, args, says):
     assert_one_error_line(cli(module, *args), says)
+
+
+def test_sampled_negatives_for_a_user_who_met_every_item_are_refused_naming_the_user():
+    # Used to be a ValueError traceback from metrics.sample_negatives after the whole run had trained.
+    from types import SimpleNamespace
+
+    from dff_jax import train_state
+
+    split = {"history": np.array([[1, 2, 0], [1, 0, 0]]), "targets": np.array([3, 2]), "users": np.array([0, 1])}
+    dataset = SimpleNamespace(num_items=3, user_ids=["alice", "bob"], valid=split, test=split)
+    eval_cfg = smoke_config("unused").eval
+    eval_cfg.ks, eval_cfg.sampled_negatives = (1,), 2
+    with pytest.raises(ConfigError, match=r"valid users \['alice'\] interacted with every one of the 3 items"):
+        train_state.check_eval_fits(eval_cfg, dataset)
+    split["targets"] = np.array([1, 2])  # alice now leaves item 3 to draw
+    train_state.check_eval_fits(eval_cfg, dataset)
