@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,9 @@ FORMATS = ("auto", "microlens_tsv", "microlens_csv", "ninerec", "csv", "movielen
 # HR@10 0.0). Hence "drop" (with the count in the statistics) by default; "error" stops, "keep" reads them as data.
 DUPLICATE_POLICIES = ("drop", "error", "keep")
 _INT64 = (-(2**63), 2**63 - 1)
+# C0 control characters but tab, and DEL: never part of an id or a number; a NUL usually means a binary or
+# UTF-16 file, and an id holding one would print as something else in recommend's tab-separated output.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 # Header names accepted for each column of a CSV (lower-cased). NineRec's get_behaviour.py calls them
 # video_id / user_id / timestamp (protocol section 7), MicroLens's csv user / item / timestamp.
 _COLUMN_NAMES = {
@@ -90,7 +94,14 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path}: line {number}: expected UTF-8 text ({e.reason})") from None
             if number == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not part of the data
-            yield number, line.rstrip("\r\n")
+            line = line.rstrip("\r\n")
+            control = _CONTROL.search(line)
+            if control:
+                raise DataError(
+                    f"{path}: line {number}: control character {control.group()!r} at column {control.start() + 1}; "
+                    "expected UTF-8 text (a NUL usually means a binary or UTF-16 file)"
+                )
+            yield number, line
 
 
 def _int_timestamp(path, number, text) -> int:

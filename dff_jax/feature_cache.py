@@ -16,6 +16,8 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    numbers are those of the single-device path, computed in float64 pieces of at most 8 MB). A cache whose sources
    changed is stale and is rebuilt (one line says why); a header that cannot be read or a file of the wrong size is
    rebuilt; a block whose checksum fails while loading is refused with an `error:` naming the file and block.
+   Building deletes the caches of the same feature folder made before it changed (`prune_stale`), so
+   re-extracting a feature set does not leave table-sized files behind.
 2. The placement: for each of this process's devices, a zero array of its shard's shape is made on the device
    itself and filled chunk by chunk (chunks of one shape, about `BLOCK_BYTES`) from the cache file: read with
    `os.preadv` into one reused buffer, each block checksum-verified the first time it is read, then standardised
@@ -232,14 +234,45 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def prune_stale(features_dir: Path, cache_dir: Path, now: dict, keep: Path, say=print) -> int:
+    """Deletes the caches in `cache_dir` made from `features_dir` as it no longer is (its schema or shards changed
+    since): no load can use them again, and each is the size of a table (another row selection or item order of
+    the same, unchanged folder keeps its cache; `keep`, the header of the cache being rebuilt, is left to the
+    rebuild). Returns how many were deleted."""
+    deleted = 0
+    for header_path in sorted(cache_dir.glob("*.json")):
+        if header_path == keep:
+            continue
+        try:
+            header = json.loads(header_path.read_text())
+            made_from = header["features_dir"], header["schema"], header["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a cache header of ours: leave it
+        if made_from[0] != str(features_dir.resolve()) or made_from[1:] == (now["schema"], now["shards"]):
+            continue
+        _discard(header_path)  # the header first: a half-deleted cache then reads as no cache, not a wrong one
+        _discard(header_path.with_suffix(".bin"))
+        deleted += 1
+    if deleted:
+        say(f"features: deleted {deleted} stale cache(s) of {features_dir} in {cache_dir} (the folder changed since)")
+    return deleted
+
+
 def build(
-    features_dir: Path, cache_dir: Path, key: str, item_ids: Sequence[str], rows: Sequence[int], allow_missing: bool
+    features_dir: Path,
+    cache_dir: Path,
+    key: str,
+    item_ids: Sequence[str],
+    rows: Sequence[int],
+    allow_missing: bool,
+    say=print,
 ) -> Cache:
     """Reads the record shards once into a new cache file (temporary name, renamed when complete)."""
     bin_path, header_path = _paths(cache_dir, key)
     tmp = cache_dir / f".{bin_path.name}.tmp-{os.getpid()}"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        prune_stale(features_dir, cache_dir, sources(features_dir), header_path, say)  # frees disk before writing
         made: list[RowFile] = []
 
         def allocate(shape, dtype):
@@ -315,7 +348,7 @@ def ensure(
         cache, why = open_cache(features_dir, cache_dir, key)
         if cache is None:
             say(f"features: {'rebuilding the stale cache: ' + why if why else 'building the cache'} in {cache_dir}")
-            cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing)
+            cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing, say)
     if multi:
         from jax.experimental import multihost_utils
 
@@ -324,7 +357,7 @@ def ensure(
             cache, why = open_cache(features_dir, cache_dir, key)
             if cache is None:  # a cache folder not shared with process 0
                 say(f"features: process {jax.process_index()} builds its own cache in {cache_dir} ({why or 'none'})")
-                cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing)
+                cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing, say)
     return cache
 
 

@@ -63,7 +63,12 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
-    recs = recommend(evaluate.load_run(f.workdir, f.step), f.history.split(), f.k)
+    history = f.history.split()
+    if not history or f.k < 1:  # what needs no run is refused before loading one (that takes seconds to minutes)
+        raise TrainError(
+            "--history is empty: give at least one raw item id" if not history else f"--k {f.k}: expected >= 1"
+        )
+    recs = recommend(evaluate.load_run(f.workdir, f.step), history, f.k)
     for rank, (item, score) in enumerate(recs, 1):
         print(f"{rank}\t{item}\t{score:.4f}")
 

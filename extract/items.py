@@ -86,9 +86,14 @@ def read_items(path: str | Path, fmt: str = "auto") -> list[Item]:
     return items
 
 
-def _check_unique(path: Path, items: list[Item], lines: list[int]) -> None:
+def _check_ids(path: Path, items: list[Item], lines: list[int]) -> None:
+    """Ids are unique and printable: a control character (a NUL from a binary file, a tab or newline in a quoted
+    field) would not match the interaction file's id and would break tab-separated output."""
     seen: dict[str, int] = {}
     for item, line in zip(items, lines):
+        control = next((c for c in item.item_id if ord(c) < 32 or ord(c) == 127), None)
+        if control is not None:
+            raise ExtractError(f"{path}: line {line}: item id {item.item_id!r} holds the control character {control!r}")
         if item.item_id in seen:
             raise ExtractError(
                 f"{path}: line {line}: duplicate item id {item.item_id!r} (first on line {seen[item.item_id]})"
@@ -116,7 +121,7 @@ def _read_movielens(path: Path, raw: bytes) -> list[Item]:
         text = f"{title}. Genres: {', '.join(genres)}" if genres else title
         items.append(Item(item_id, title, text))
         lines.append(lineno)
-    _check_unique(path, items, lines)
+    _check_ids(path, items, lines)
     return items
 
 
@@ -159,7 +164,7 @@ def _read_csv(path: Path, raw: bytes) -> list[Item]:
         text = row[text_col].strip() or title
         items.append(Item(item_id, title, text))
         lines.append(lineno)
-    _check_unique(path, items, lines)
+    _check_ids(path, items, lines)
     return items
 
 

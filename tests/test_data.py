@@ -214,6 +214,13 @@ def test_bad_bytes_and_bad_columns(tmp_path):
     path = write(tmp_path, "A_pairs.tsv", b"u1\ta b\nu2\t\xff\xfe\n", mode="wb")
     with pytest.raises(data.DataError, match=r"A_pairs.tsv: line 2: expected UTF-8 text"):
         data.read_interactions(path)
+    # A NUL (a binary or UTF-16 file) or another control character is refused, not read into an id.
+    path = write(tmp_path, "B_pairs.csv", b"user,item,timestamp\n1,2,3\n1,a\x00b,4\n", mode="wb")
+    with pytest.raises(data.DataError, match=r"B_pairs.csv: line 3: control character '\\x00' at column 4"):
+        data.read_interactions(path)
+    path = write(tmp_path, "u.data", "1\t2\t5\t7\n1\t3\x1b\t5\t8\n")
+    with pytest.raises(data.DataError, match=r"u.data: line 2: control character '\\x1b' at column 4"):
+        data.read_interactions(path)
     path = write(tmp_path, "A_pair.csv", "1,2,3\n")
     with pytest.raises(data.DataError, match=r"config.data.columns='user,item'"):
         data.read_interactions(path, columns="user,item")

@@ -33,6 +33,12 @@ def test_bad_lines_name_file_and_line(tmp_path):
     p.write_text("id,title\n1,a\n1,b\n")
     with pytest.raises(ExtractError, match=r"line 3: duplicate item id '1' \(first on line 2\)"):
         read_items(p)
+    p.write_bytes(b'id,title\n1,a\n"2\x00",b\n')
+    with pytest.raises(ExtractError, match=r"items.csv: line 3: item id '2\\x00' holds the control character '\\x00'"):
+        read_items(p)
+    p.write_text('id,title\n"a\tb",t\n')
+    with pytest.raises(ExtractError, match=r"line 2: item id 'a\\tb' holds the control character '\\t'"):
+        read_items(p)
     with pytest.raises(ExtractError, match="item list not found"):
         read_items(tmp_path / "nope.csv")
 

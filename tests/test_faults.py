@@ -346,6 +346,9 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ("dff_jax.evaluate", ["--workdir", "w", "--split", "train"], "--split=train"),
         ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "w", "--config.train.lr=1"], "field 'lr'"),
         ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "README.md"], "--workdir is a file"),
+        # refused before the (missing) run is looked at
+        ("dff_jax.recommend", ["--workdir", "no-run", "--history", "a b", "--k", "0"], "--k 0: expected >= 1"),
+        ("dff_jax.recommend", ["--workdir", "no-run", "--history", " "], "--history is empty"),
     ],
 )
 def test_bad_command_lines_are_one_line(module, args, says):

@@ -94,7 +94,13 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     _, said = load(tmp_path / "f", item_ids, [0, 1])
     stale = "shard part-1.tfrecord was added, removed or rewritten (size or mtime changed)"
-    assert said == [f"features: rebuilding the stale cache: {stale} in {tmp_path / 'f' / feature_cache.DEFAULT_SUBDIR}"]
+    cache_dir = tmp_path / "f" / feature_cache.DEFAULT_SUBDIR
+    assert said == [
+        f"features: rebuilding the stale cache: {stale} in {cache_dir}",
+        # the [1] cache is of the folder before the change: no load can use it again, so it goes
+        f"features: deleted 1 stale cache(s) of {tmp_path / 'f'} in {cache_dir} (the folder changed since)",
+    ]
+    assert len(list(cache_dir.glob("*.bin"))) == len(list(cache_dir.glob("*.json"))) == 1
 
     key = feature_cache.cache_key(tmp_path / "f", item_ids, [0, 1])
     bin_path, header = feature_cache._paths(tmp_path / "f" / feature_cache.DEFAULT_SUBDIR, key)
