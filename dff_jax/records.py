@@ -280,8 +280,9 @@ class Schema:
             raise RecordError(f"{where}: dtype {self.dtype!r}, expected one of {DTYPES}")
         for key in ("layers", "hidden_size", "num_items"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < (0 if key == "num_items" else 1):
-                raise RecordError(f"{where}: {key} must be a positive integer, got {value!r}")
+            least = 0 if key == "num_items" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise RecordError(f"{where}: {key} must be an integer >= {least}, got {value!r}")
         if self.format_version != FORMAT_VERSION:
             raise RecordError(
                 f"{where}: format_version {self.format_version}, this reader understands {FORMAT_VERSION}"
@@ -328,7 +329,8 @@ def read_schema(directory: str | os.PathLike) -> Schema:
         raise RecordError(f"{path}: expected a JSON object")
     missing, unknown = sorted(required - raw.keys()), sorted(raw.keys() - fields)
     if missing or unknown:
-        raise RecordError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+        problems = [f"missing fields {missing}"] * bool(missing) + [f"unknown fields {unknown}"] * bool(unknown)
+        raise RecordError(f"{path}: {', '.join(problems)} (a schema has the fields {sorted(fields)})")
     schema = Schema(**raw)
     schema.validate(str(path))
     return schema

@@ -37,7 +37,6 @@ Everything is deterministic from `seed`; item features do not depend on the user
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from dff_jax import records
-from dff_jax.errors import TrainError
+from dff_jax.errors import ConfigError, OneLineArgumentParser, TrainError, exit_on_user_error
 
 PAIRS_FILE = "synthetic_pairs.tsv"
 FEATURES_DIR = "features"
@@ -339,22 +338,25 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
       {"paths": {"dir", "pairs", "features"}, "stats": {...}} (also written to generation.json).
 
     Raises:
-      ValueError: unknown or invalid arguments. FileExistsError: `out_dir` exists and is not empty.
+      ConfigError (a ValueError): unknown or invalid arguments, or `out_dir` exists and is not empty; TrainError:
+      `out_dir` cannot be created.
     """
     unknown = sorted(set(kwargs) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown synthetic dataset arguments {unknown}; expected some of {sorted(DEFAULTS)}")
+        raise ConfigError(f"unknown synthetic dataset arguments {unknown}; expected some of {sorted(DEFAULTS)}")
     args = {**DEFAULTS, **kwargs}
     for key in ("num_users", "num_items", "num_layers", "hidden", "num_topics", "content_dim", "successors"):
         if int(args[key]) < 1:
-            raise ValueError(f"synthetic dataset: {key} must be >= 1, got {args[key]}")
+            raise ConfigError(f"synthetic dataset: {key} must be >= 1, got {args[key]}")
     if args["num_items"] < 2 * args["min_seq_len"]:
-        raise ValueError(f"synthetic dataset: num_items must be >= 2 * min_seq_len = {2 * args['min_seq_len']}")
+        raise ConfigError(f"synthetic dataset: num_items must be >= 2 * min_seq_len = {2 * args['min_seq_len']}")
+    if not 0 <= args["p_collab"] <= 1:
+        raise ConfigError(f"synthetic dataset: p_collab must be in [0, 1], got {args['p_collab']}")
     if args["dtype"] not in records.DTYPES:
-        raise ValueError(f"synthetic dataset: dtype {args['dtype']!r}, expected one of {records.DTYPES}")
+        raise ConfigError(f"synthetic dataset: dtype {args['dtype']!r}, expected one of {records.DTYPES}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: already exists and is not empty; remove it to generate the synthetic dataset")
+        raise ConfigError(f"{out}: already exists and is not empty; remove it to generate the synthetic dataset")
 
     start = time.perf_counter()
     seed = int(args["seed"])
@@ -399,7 +401,10 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise TrainError(f"{out}: cannot create the dataset folder ({e.strerror or e})") from None
     try:
         _write(tmp, args, sequences, feats)
         stats["seconds"] = round(time.perf_counter() - start, 3)
@@ -475,8 +480,9 @@ def check_generation(data_dir: Path, requested: dict) -> None:
         )
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dff_jax.synthetic", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m dff_jax.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--users", type=int, default=DEFAULTS["num_users"])
     parser.add_argument("--items", type=int, default=DEFAULTS["num_items"])

@@ -20,13 +20,13 @@ bit-identical to the CPU's (its CPU seconds include the driver's threads: `proce
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import numpy as np
 import torch
 
+from dff_jax.errors import OneLineArgumentParser
 from extract.items import Item
 from extract.models import PROMPTS, Sample, VisionLanguageBackend
 from extract.video import Clip
@@ -258,7 +258,7 @@ def pipeline(args) -> dict:
                     ),
                 )
                 for codec in codecs
-                for gop in (int(g) for g in args.gops.split(","))
+                for gop in args.gops
                 for c in range(args.clips)
             ]
         for gop, c, make in jobs:
@@ -309,6 +309,16 @@ def pipeline(args) -> dict:
     return result
 
 
+def _positive_ints(parser, flag: str, text: str, sep: str = ",") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"{flag} {text!r}: expected integers >= 1 separated by {sep!r}")
+    return values
+
+
 def platform_cpu() -> str:
     import platform
 
@@ -322,7 +332,7 @@ def platform_cpu() -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m extract.bench", description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(prog="python -m extract.bench", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda")
     p.add_argument("--frames", type=int, default=16)
@@ -338,6 +348,20 @@ def main(argv=None) -> None:
     p.add_argument("--codecs", default=None, help="--pipeline: encoders, e.g. libx265,libx264 (default: HEVC if any)")
     p.add_argument("--video-decoder", default="cpu", help="--pipeline: also measure this hardware decoder (cuda)")
     args = p.parse_args(argv)
+    for name in ("frames", "repeats", "clips"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    if not args.clip_seconds > 0:
+        p.error(f"--clip-seconds {args.clip_seconds}: expected a positive number")
+    args.gops, args.batch_sizes = (
+        _positive_ints(p, "--gops", args.gops),
+        _positive_ints(p, "--batch-sizes", args.batch_sizes),
+    )
+    size = _positive_ints(p, "--size", args.size, sep="x")
+    if len(size) != 2:
+        p.error(f"--size {args.size!r}: expected HxW, e.g. 1080x1920")
+    if not args.pipeline and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (--pipeline measures the CPU side; --device cpu runs it)")
     if args.pipeline:
         if args.size == "240x320":
             args.size = "1080x1920"
@@ -360,7 +384,7 @@ def main(argv=None) -> None:
     one = Sample(Item("0", "", ""), clip=synthetic_clip(args.frames, h, w, 0))
     result["video_tokens"] = be.prepare([one]).visual_tokens[0]
     result["weights_gib"] = round(weights / 2**30, 2)
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
+    for bs in args.batch_sizes:
         samples = [Sample(Item(str(i), "", ""), clip=synthetic_clip(args.frames, h, w, i)) for i in range(bs)]
         be.hidden_states(samples, "video_mean")  # warm-up
         if args.device.startswith("cuda"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from extract import ExtractError
-from extract.models import dtype_key
+from extract.models import check_location, dtype_key
 
 # sentence-transformers Pooling modes this encoder reproduces (1_Pooling/config.json keys).
 POOLING_MODES = {
@@ -105,6 +105,7 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.name, self.device = name, device
+        check_location("--text-encoder", name)
         st = sentence_transformers_settings(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)

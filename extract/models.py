@@ -206,6 +206,15 @@ def _torch_dtype(name: str, device: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def check_location(flag: str, location: str) -> None:
+    """A hub id is `org/name` (or `name`); a location that is neither that nor a file or folder here is a mistyped
+    path: say so, instead of the hub client's message about repo-id characters or the network."""
+    if Path(location).exists():
+        return
+    if Path(location).is_absolute() or location.startswith((".", "~")) or location.count("/") > 1:
+        raise ExtractError(f"{flag} {location}: no such file or folder (and not a Hugging Face hub id 'org/name')")
+
+
 def _gguf_location(model: str) -> tuple[str, dict]:
     path = Path(model)
     if path.suffix == ".gguf":
@@ -644,6 +653,7 @@ def is_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
     location, extra = _gguf_location(model)
     if extra:
         return True
+    check_location("--model", location)
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -190,3 +190,16 @@ def test_real_archery_clip_through_qwen3_vl(tmp_path_factory):
     assert text.count("seconds>") == 8  # 16 frames -> 8 temporal pairs, each stamped with its time
     v = be.hidden_states(samples_of([clip]), "video_mean")
     assert v.shape == (1, 4, 32) and torch.isfinite(v).all()
+
+
+def test_a_mistyped_model_path_is_named_not_sent_to_the_hub(tmp_path):
+    from extract.captions import TextEncoder
+    from extract.models import check_location
+
+    for flag, location in [("--model", str(tmp_path / "nope")), ("--model", "./models/x"), ("--model", "a/b/c")]:
+        with pytest.raises(ExtractError, match=rf"{flag} {location}: no such file or folder \(and not a Hugging"):
+            check_location(flag, location)
+    check_location("--model", "Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id passes to the hub client
+    check_location("--model", str(tmp_path))  # an existing folder passes
+    with pytest.raises(ExtractError, match=r"--text-encoder .*/missing-minilm: no such file or folder"):
+        TextEncoder(str(tmp_path / "missing-minilm"))

@@ -206,6 +206,23 @@ def test_cli_errors_are_one_line_and_exit_2(media, qwen, tmp_path, capsys, tmp_p
     bad.write_text("id,title\n1,a\n1,b\n")
     assert main(["--model", qwen, "--items", str(bad), "--out", str(tmp_path / "o2"), "--modality", "title"]) == 2
     assert "bad.csv: line 3: duplicate item id" in capsys.readouterr().err
+    missing = str(tmp_path / "no-such-model")  # a mistyped path, not sent to the hub as an id
+    assert (
+        main(
+            [
+                "--model",
+                missing,
+                "--items",
+                str(media / "items.csv"),
+                "--out",
+                str(tmp_path / "o4"),
+                "--modality",
+                "title",
+            ]
+        )
+        == 2
+    )
+    assert f"--model {missing}: no such file or folder (and not a Hugging Face hub id" in capsys.readouterr().err
     text_lm = str(tiny_checkpoint(tmp_path_factory, "text_lm"))  # a tokenizer but no video processor
     assert cli(media, text_lm, tmp_path / "o3") == 2
     err = capsys.readouterr().err

@@ -534,6 +534,33 @@ def test_pipeline_bench_prints_both_paths(capsys):
     assert all(p[k] >= 0 for p in (full, x2, seek) for k in ("index_s", "decode_s", "convert_s", "preprocess_s"))
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--pipeline", "--gops", "0"], "--gops '0': expected integers >= 1"),
+        (["--pipeline", "--gops", "30,x"], "--gops '30,x'"),
+        (["--pipeline", "--size", "1080"], "--size '1080': expected HxW"),
+        (["--pipeline", "--clip-seconds", "0"], "--clip-seconds 0.0: expected a positive number"),
+        (["--frames", "0"], "--frames 0: expected an integer >= 1"),
+        (["--batch-sizes", "4,-1"], "--batch-sizes '4,-1'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+    ],
+)
+def test_bench_bad_arguments_are_one_line(capsys, args, says):
+    from extract import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        e.value.code == 2 and len(err) == 1 and err[0].startswith("error: python -m extract.bench: ") and says in err[0]
+    )
+
+
 # --- hardware decoding (NVDEC) -----------------------------------------------------------------------------------
 
 

@@ -349,6 +349,8 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         # refused before the (missing) run is looked at
         ("dff_jax.recommend", ["--workdir", "no-run", "--history", "a b", "--k", "0"], "--k 0: expected >= 1"),
         ("dff_jax.recommend", ["--workdir", "no-run", "--history", " "], "--history is empty"),
+        ("dff_jax.synthetic", ["--out", "README.md/data"], "README.md/data: cannot create the dataset folder"),
+        ("dff_jax.synthetic", ["--out", "x", "--users", "many"], "argument --users: invalid int value"),
     ],
 )
 def test_bad_command_lines_are_one_line(module, args, says):

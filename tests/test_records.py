@@ -207,14 +207,24 @@ def test_schema_missing_and_unknown_fields(tmp_path):
     (tmp_path / "schema.json").write_text(json.dumps(raw))
     with pytest.raises(records.RecordError, match=r"missing fields \['hidden_size'\], unknown fields \['colour'\]"):
         records.read_schema(tmp_path)
+    del raw["colour"]
+    raw["hidden_size"], raw["hidden"] = 64, 64  # only what is wrong is named, with the fields a schema has
+    (tmp_path / "schema.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        records.RecordError,
+        match=r"schema.json: unknown fields \['hidden'\] \(a schema has the fields \[.*'hidden_size'",
+    ):
+        records.read_schema(tmp_path)
 
 
 @pytest.mark.parametrize(
     "field,value,message",
     [
         ("dtype", "int8", "dtype 'int8'"),
-        ("layers", 0, "layers must be a positive integer"),
-        ("hidden_size", "64", "hidden_size must be a positive integer"),
+        ("layers", 0, "layers must be an integer >= 1, got 0"),
+        ("layers", True, "layers must be an integer >= 1, got True"),
+        ("hidden_size", "64", "hidden_size must be an integer >= 1, got '64'"),
+        ("num_items", None, "num_items must be an integer >= 0, got None"),
         ("format_version", 99, "format_version 99"),
     ],
 )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dff_jax import data, defaults, features, records, synthetic
+from dff_jax.errors import ConfigError, TrainError
 
 SMALL = {"num_users": 300, "num_items": 120, "num_layers": 6, "hidden": 16, "items_per_shard": 50}
 
@@ -201,8 +202,12 @@ def test_smoke_config_size_works(tmp_path):
 def test_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "something").write_text("")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ConfigError, match="not empty"):
         synthetic.generate(tmp_path / "x", **SMALL)
+    with pytest.raises(ConfigError, match=r"p_collab must be in \[0, 1\], got 1.5"):
+        synthetic.generate(tmp_path / "y", p_collab=1.5)
+    with pytest.raises(TrainError, match=r"x/something/d: cannot create the dataset folder"):
+        synthetic.generate(tmp_path / "x" / "something" / "d", **SMALL)  # under a file
     with pytest.raises(ValueError, match=r"unknown synthetic dataset arguments \['users'\]"):
         synthetic.generate(tmp_path / "y", users=3)
     with pytest.raises(ValueError, match="num_items must be"):
