@@ -192,7 +192,7 @@ def metrics_from_ranks(ranks, ks=(10, 20), *, sampled_negatives: int = 0) -> dic
     Args:
       ranks: [U] ranks of the evaluation users (padding rows already removed).
       ks: cut-offs.
-      sampled_negatives: > 0 when the ranks come from `sampled_ranks`; every key is then prefixed
+      sampled_negatives: > 0 when the ranks are among sampled negatives (`ranks_among`); every key is then prefixed
         "sampled<K>/" (e.g. "sampled100/HR@10") so sampled numbers cannot be mistaken for full-ranking ones.
 
     Returns:
@@ -265,7 +265,8 @@ def sample_negatives(
 
 @functools.partial(jax.jit, static_argnames=("ties",))
 def ranks_among(user_emb, item_emb, targets, negatives, *, ties: str, draws=None):
-    """[B] 1-based rank of each target among itself and its [B, K] ``negatives`` (on device; `sampled_ranks`).
+    """[B] 1-based rank of each target among itself and its [B, K] ``negatives`` (the original SASRec protocol, on device;
+    negatives from `sample_negatives`).
 
     The target and its negatives are scored by one product, so a negative equal to the target ties exactly."""
     candidates = jnp.concatenate([targets[:, None], negatives], axis=1)
@@ -274,46 +275,3 @@ def ranks_among(user_emb, item_emb, targets, negatives, *, ties: str, draws=None
     greater = jnp.sum(others > target, axis=1, dtype=jnp.int32)
     equal = jnp.sum(others == target, axis=1, dtype=jnp.int32)
     return rank_from_counts(greater, equal, ties, draws)
-
-
-def sampled_ranks(
-    user_emb,
-    item_emb,
-    targets,
-    interacted,
-    *,
-    num_negatives: int = 100,
-    rng: np.random.Generator | None = None,
-    ties: str = "pessimistic",
-) -> np.ndarray:
-    """Rank of each target among itself and `num_negatives` sampled items (the original SASRec protocol).
-
-    Negatives are drawn uniformly from 1..N with replacement, redrawing any that the user interacted with or that
-    equal the target (SASRec's `while t in rated`). NOT comparable with full ranking: report with
-    `metrics_from_ranks(..., sampled_negatives=num_negatives)`.
-
-    Args:
-      user_emb: [B, d]; item_emb: [N + 1, d]; targets: [B].
-      interacted: [B, H] 0-padded item indices, or a sequence of B iterables of item indices.
-      num_negatives: K negatives per user.
-      rng: numpy Generator (default: seeded with 0); with ties="random" it also draws the tie positions.
-      ties: as in `target_ranks`.
-
-    Returns:
-      [B] int64 ranks in 1..K+1.
-    """
-    if ties not in TIES:
-        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    rng = rng if rng is not None else np.random.default_rng(0)
-    user = np.asarray(user_emb, dtype=np.float32)
-    items = np.asarray(item_emb, dtype=np.float32)
-    targets = np.asarray(targets, dtype=np.int64)
-    draws = sample_negatives(targets, interacted, items.shape[0] - 1, num_negatives=num_negatives, rng=rng)
-    scores = np.einsum("bd,bkd->bk", user, items[np.concatenate([targets[:, None], draws], axis=1)])
-    greater = (scores[:, 1:] > scores[:, :1]).sum(axis=1)
-    equal = (scores[:, 1:] == scores[:, :1]).sum(axis=1)
-    if ties == "optimistic":
-        return 1 + greater
-    if ties == "pessimistic":
-        return 1 + greater + equal
-    return 1 + greater + np.minimum(np.floor(rng.random(len(targets)) * (equal + 1)).astype(np.int64), equal)
