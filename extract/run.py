@@ -121,6 +121,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise ExtractError(
             f"--max-consecutive-failures must be >= 0 (0: no limit), not {opts.max_consecutive_failures}"
         )
+    if opts.max_pixels is not None and opts.max_pixels < 1:
+        raise ExtractError(f"--max-pixels must be >= 1 (pixels per frame), not {opts.max_pixels}")
     if opts.prefetch is None:
         opts.prefetch = 2 * opts.decode_workers
     if opts.prefetch < 1:
@@ -158,6 +160,10 @@ def resolve_options(opts: RunOptions) -> RunOptions:
 
     if opts.device is None:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(opts.device)
+    except (RuntimeError, ValueError):
+        raise ExtractError(f"--device {opts.device!r}: not a torch device; expected cpu, cuda or cuda:N") from None
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError(f"--device {opts.device}: torch sees no CUDA device here (use --device cpu)")
     return opts
@@ -391,6 +397,8 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     mine = select_shard(all_items, index, count)
     check_video_decoder(opts, mine)  # before loading a model for a run whose decoder cannot start
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ExtractError(f"--out {out}: is a file; expected the output folder (new or of this extraction)")
     out.mkdir(parents=True, exist_ok=True)
     cfg = run_config(opts)
     _check_run_config(out, cfg, write=False)  # before loading a model for a folder that would refuse it

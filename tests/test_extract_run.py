@@ -202,10 +202,16 @@ def test_cli_errors_are_one_line_and_exit_2(media, qwen, tmp_path, capsys, tmp_p
     assert "unknown --pool 'max'" in capsys.readouterr().err
     assert cli(media, qwen, tmp_path / "o", "--modality", "audio") == 2
     assert "unknown --modality 'audio'" in capsys.readouterr().err
+    assert cli(media, qwen, tmp_path / "o", "--max-pixels", "-5") == 2
+    assert "--max-pixels must be >= 1 (pixels per frame), not -5" in capsys.readouterr().err
+    assert cli(media, qwen, tmp_path / "o", "--device", "tpu") == 2
+    assert "--device 'tpu': not a torch device" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("id,title\n1,a\n1,b\n")
     assert main(["--model", qwen, "--items", str(bad), "--out", str(tmp_path / "o2"), "--modality", "title"]) == 2
     assert "bad.csv: line 3: duplicate item id" in capsys.readouterr().err
+    assert main(["--model", qwen, "--items", str(media / "items.csv"), "--out", str(bad), "--modality", "title"]) == 2
+    assert f"--out {bad}: is a file; expected the output folder" in capsys.readouterr().err
     missing = str(tmp_path / "no-such-model")  # a mistyped path, not sent to the hub as an id
     assert (
         main(
