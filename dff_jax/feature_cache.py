@@ -16,8 +16,8 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    numbers are those of the single-device path, computed in float64 pieces of at most 8 MB). A cache whose sources
    changed is stale and is rebuilt (one line says why); a header that cannot be read or a file of the wrong size is
    rebuilt; a block whose checksum fails while loading is refused with an `error:` naming the file and block.
-   Building deletes the caches of the same feature folder made before it changed (`prune_stale`), so
-   re-extracting a feature set does not leave table-sized files behind.
+   Building deletes the caches of the same feature folder made before it changed, and the temporary files of
+   killed builds on this host (`prune_stale`), so neither leaves table-sized files behind.
 2. The placement: for each of this process's devices, a zero array of its shard's shape is made on the device
    itself and filled chunk by chunk (chunks of one shape, about `BLOCK_BYTES`) from the cache file: read with
    `os.preadv` into one reused buffer, each block checksum-verified the first time it is read, then standardised
@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -234,6 +235,16 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def prune_stale(features_dir: Path, cache_dir: Path, now: dict, keep: Path, say=print) -> int:
     """Deletes the caches in `cache_dir` made from `features_dir` as it no longer is (its schema or shards changed
     since): no load can use them again, and each is the size of a table (another row selection or item order of
@@ -253,8 +264,19 @@ def prune_stale(features_dir: Path, cache_dir: Path, now: dict, keep: Path, say=
         _discard(header_path)  # the header first: a half-deleted cache then reads as no cache, not a wrong one
         _discard(header_path.with_suffix(".bin"))
         deleted += 1
+    # A build killed midway (kill -9, a lost node) leaves its table-sized temporary file: delete those of this host
+    # whose process is gone (another host's cannot be checked from here, so they stay).
+    host = socket.gethostname()
+    for tmp in cache_dir.glob(f".*.bin.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _discard(tmp)
+            deleted += 1
     if deleted:
-        say(f"features: deleted {deleted} stale cache(s) of {features_dir} in {cache_dir} (the folder changed since)")
+        say(
+            f"features: deleted {deleted} stale cache(s) of {features_dir} in {cache_dir} (the folder changed "
+            "since, or a build was killed)"
+        )
     return deleted
 
 
@@ -269,7 +291,7 @@ def build(
 ) -> Cache:
     """Reads the record shards once into a new cache file (temporary name, renamed when complete)."""
     bin_path, header_path = _paths(cache_dir, key)
-    tmp = cache_dir / f".{bin_path.name}.tmp-{os.getpid()}"
+    tmp = cache_dir / f".{bin_path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         prune_stale(features_dir, cache_dir, sources(features_dir), header_path, say)  # frees disk before writing

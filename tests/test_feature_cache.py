@@ -98,7 +98,8 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     assert said == [
         f"features: rebuilding the stale cache: {stale} in {cache_dir}",
         # the [1] cache is of the folder before the change: no load can use it again, so it goes
-        f"features: deleted 1 stale cache(s) of {tmp_path / 'f'} in {cache_dir} (the folder changed since)",
+        f"features: deleted 1 stale cache(s) of {tmp_path / 'f'} in {cache_dir} (the folder changed since, or a "
+        "build was killed)",
     ]
     assert len(list(cache_dir.glob("*.bin"))) == len(list(cache_dir.glob("*.json"))) == 1
 
@@ -119,6 +120,26 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     header.write_text("{not json")
     fixed, said = load(tmp_path / "f", item_ids, [0, 1])
     assert "header" in said[0] and "unreadable" in said[0] and np.array_equal(fixed, first)
+
+
+def test_a_killed_build_leaves_no_table_sized_file_behind(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    item_ids = write_folder(tmp_path / "f", 20, 2, 4)
+    cache_dir = tmp_path / "f" / feature_cache.DEFAULT_SUBDIR
+    cache_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = cache_dir / f".abc.bin.tmp-{host}-{int(dead.stdout)}"  # its process has exited
+    running = cache_dir / f".def.bin.tmp-{host}-{os.getpid()}"  # a build in progress (this process)
+    elsewhere = cache_dir / f".ghi.bin.tmp-otherhost-{int(dead.stdout)}"  # cannot be checked from here
+    for path in (killed, running, elsewhere):
+        path.write_bytes(b"x" * 64)
+    _, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert said[1].startswith("features: deleted 1 stale cache(s)")
 
 
 def test_a_bad_feature_set_leaves_no_partial_cache(tmp_path):
