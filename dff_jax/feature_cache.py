@@ -294,14 +294,14 @@ def build(
     tmp = cache_dir / f".{bin_path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        prune_stale(features_dir, cache_dir, sources(features_dir), header_path, say)  # frees disk before writing
+        before = sources(features_dir)  # taken before reading: a shard rewritten meanwhile makes the cache stale
+        prune_stale(features_dir, cache_dir, before, header_path, say)  # frees their disk before this one is written
         made: list[RowFile] = []
 
         def allocate(shape, dtype):
             made.append(RowFile(tmp, shape, dtype, create=True))
             return made[0]
 
-        before = sources(features_dir)  # taken before reading: a shard rewritten meanwhile makes the cache stale
         loaded = features_lib.load_features(
             features_dir, item_ids, layers=rows, allow_missing=allow_missing, allocate=allocate
         )

@@ -21,15 +21,22 @@ def _scores(items: jax.Array, user: jax.Array) -> jax.Array:
     return jnp.einsum("nd,d->n", items, user.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
+def check_request(history: list[str], k: int) -> None:
+    """What needs no run: `main` checks it before loading one (that takes seconds to minutes)."""
+    if not history:
+        raise TrainError("--history is empty: give at least one raw item id")
+    if k < 1:
+        raise TrainError(f"--k {k}: expected >= 1")
+
+
 def recommend(run: dict, history: list[str], k: int) -> list[tuple[str, float]]:
     """Top-k (raw item id, score) for one history of raw ids (oldest first), from `evaluate.load_run`'s run."""
+    check_request(history, k)
     dataset = run["dataset"]
     index = {raw: i for i, raw in enumerate(dataset.item_ids) if i > 0}
     unknown = [h for h in history if h not in index]
     if unknown:
         raise TrainError(f"unknown item ids {unknown[:10]}: not in this run's item_map.json")
-    if not history:
-        raise TrainError("--history is empty: give at least one raw item id")
     most = dataset.num_items - len(set(history))
     if not 1 <= k <= most:
         raise TrainError(f"--k {k}: expected 1 to {most} (the run's {dataset.num_items} items not in the history)")
@@ -64,10 +71,7 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     history = f.history.split()
-    if not history or f.k < 1:  # what needs no run is refused before loading one (that takes seconds to minutes)
-        raise TrainError(
-            "--history is empty: give at least one raw item id" if not history else f"--k {f.k}: expected >= 1"
-        )
+    check_request(history, f.k)
     recs = recommend(evaluate.load_run(f.workdir, f.step), history, f.k)
     for rank, (item, score) in enumerate(recs, 1):
         print(f"{rank}\t{item}\t{score:.4f}")

@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from dff_jax.errors import one_line
         from dff_jax.records import RecordError
         from extract.items import parse_shard
         from extract.run import RunOptions, env_threads, run
@@ -124,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         manifest = run(opts)
     except (ExtractError, RecordError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)  # hub messages span lines
         return 2
     except OSError as e:  # disk full, read-only or vanished output folder, permission denied
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished items are saved; rerun the same command to resume", file=sys.stderr)
@@ -156,11 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _one_line(error: Exception) -> str:
-    """An error as one line: messages quoted from transformers or the hub span several."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def pipeline(args) -> dict:
     from extract.video import DecoderError, read_clip, unknown_decoder
 
     torch.set_num_threads(1)
-    h, w = (int(x) for x in args.size.split("x"))
+    h, w = args.size
     be = build_backend("tiny", "cpu", None)  # the real processor classes at the run's default budget
     std = be.processor.video_processor.image_std
     t = time.process_time()
@@ -357,17 +357,18 @@ def main(argv=None) -> None:
         _positive_ints(p, "--gops", args.gops),
         _positive_ints(p, "--batch-sizes", args.batch_sizes),
     )
+    if args.pipeline and args.size == "240x320":
+        args.size = "1080x1920"
     size = _positive_ints(p, "--size", args.size, sep="x")
     if len(size) != 2:
         p.error(f"--size {args.size!r}: expected HxW, e.g. 1080x1920")
+    args.size = tuple(size)
     if not args.pipeline and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here (--pipeline measures the CPU side; --device cpu runs it)")
     if args.pipeline:
-        if args.size == "240x320":
-            args.size = "1080x1920"
         print(json.dumps(pipeline(args), indent=1))
         return
-    h, w = (int(x) for x in args.size.split("x"))
+    h, w = args.size
     t0 = time.time()
     be = build_backend(args.shape, args.device, args.max_pixels)
     weights = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0

@@ -381,3 +381,15 @@ def test_extract_then_train(tmp_path, tmp_path_factory):
     result = train.train_and_evaluate(c, tmp_path / "run")
     flat = json.dumps(result)
     assert "NDCG@10" in flat and "nan" not in flat.lower()
+
+
+def test_a_multi_line_error_is_printed_as_one_line(media, tmp_path, capsys, monkeypatch):
+    import extract.run
+
+    def hub_like_failure(opts):  # the hub client's messages span lines
+        raise ExtractError("org/none: no model config could be loaded (OSError: We couldn't connect.\nCheck it.)")
+
+    monkeypatch.setattr(extract.run, "run", hub_like_failure)
+    assert main(["--model", "org/none", "--items", str(media / "items.csv"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: org/none: no model config could be loaded (OSError: We couldn't connect. Check it.)\n"
