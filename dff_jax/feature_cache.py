@@ -326,6 +326,7 @@ def build(
             "block_rows": block_rows,
             "block_crc32c": crcs,
             "missing": loaded.missing,
+            "missing_examples": loaded.missing_examples,
             "unused": loaded.unused,
             "records": loaded.records,
             "files": loaded.files,
@@ -338,6 +339,8 @@ def build(
         records.write_json_atomic(header_path, header)
     except OSError as e:
         _discard(tmp)
+        _discard(bin_path)  # a header that failed to write leaves no table-sized file without one (the key's old
+        # table, if any, was stale: build runs only when open_cache refused it)
         raise CacheError(
             f"{cache_dir}: cannot build the feature cache: {e} (if the folder is read-only, set "
             "--config.features.cache_dir to a writable one)"
@@ -363,6 +366,10 @@ def ensure(
     """The valid cache of `rows` of the feature set for this item order, built (or rebuilt) when needed."""
     features_dir = Path(features_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_dir(features_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(
+            f"{cache_dir}: the feature cache folder (config.features.cache_dir) is a file; expected a folder"
+        )
     key = cache_key(features_dir, item_ids, rows)
     multi = jax.process_count() > 1
     cache = None
@@ -380,6 +387,15 @@ def ensure(
             if cache is None:  # a cache folder not shared with process 0
                 say(f"features: process {jax.process_index()} builds its own cache in {cache_dir} ({why or 'none'})")
                 cache = build(features_dir, cache_dir, key, item_ids, rows, allow_missing, say)
+    try:  # a cache built by a run that allowed missing items must not serve one that does not
+        # (docs/protocol.md section 8)
+        h = cache.header
+        features_lib.check_missing(
+            features_dir, h["missing"], len(item_ids) - 1, h.get("missing_examples", []), allow_missing
+        )
+    except features_lib.FeatureError:
+        cache.table.close()
+        raise
     return cache
 
 

@@ -84,6 +84,7 @@ class FeatureTable:
     files: int = 0
     identical: list = dataclasses.field(default_factory=list)
     num_identical: int = 0
+    missing_examples: list = dataclasses.field(default_factory=list)  # the first few ids of the `missing` items
 
     def report(self) -> str:
         """One line saying what was loaded, for logs."""
@@ -91,6 +92,29 @@ class FeatureTable:
             f"features: {self.table.shape[0] - 1} items x {len(self.layers)} layers x {self.table.shape[2]} "
             f"{self.table.dtype} ({self.table.nbytes / 1e6:.1f} MB) from {self.records} records in {self.files} "
             f"shards; {self.unused} records for items not in the dataset ignored; {self.missing} items zero-filled"
+        )
+
+
+# allow_missing zero-fills the few items whose extraction failed. When more than half of the dataset's items have no
+# features, the dataset's item ids almost surely do not name the feature set's (another id space, a wrong folder), and
+# a "content" model would train on zeros: refused even with allow_missing (docs/protocol.md section 8).
+MAX_MISSING_SHARE = 0.5
+
+
+def check_missing(directory, missing: int, total: int, examples: Sequence[str], allow_missing: bool) -> None:
+    """Refuses `missing` of `total` dataset items without features unless allowed and at most MAX_MISSING_SHARE of
+    them. One check for a fresh load and a cached one (feature_cache.ensure), so both fail the same way."""
+    shown = f", e.g. ids {list(examples)}" if examples else ""
+    if missing and not allow_missing:
+        raise FeatureError(
+            f"{directory}: {missing} of {total} items have no features{shown}; "
+            "extract features for them or set allow_missing to zero-fill them"
+        )
+    if missing > MAX_MISSING_SHARE * total:
+        raise FeatureError(
+            f"{directory}: {missing} of {total} items have no features{shown}: more than half, so the dataset's item "
+            "ids do not match the feature set's (allow_missing zero-fills only a minority); check config.data and "
+            "config.features.dir"
         )
 
 
@@ -324,12 +348,8 @@ def load_features(
             "records (an incomplete extraction or a stale schema?)"
         )
     missing_rows = np.nonzero(~filled[1:])[0] + 1
-    if len(missing_rows) and not allow_missing:
-        examples = [item_ids[r] for r in missing_rows[:5]]
-        raise FeatureError(
-            f"{directory}: {len(missing_rows)} of {len(item_ids) - 1} items have no features, e.g. ids {examples}; "
-            "extract features for them or set allow_missing to zero-fill them"
-        )
+    examples = [item_ids[r] for r in missing_rows[:5]]
+    check_missing(directory, len(missing_rows), len(item_ids) - 1, examples, allow_missing)
     result = FeatureTable(
         table=table,
         schema=schema,
@@ -340,6 +360,7 @@ def load_features(
         files=len(shards),
         identical=identical,
         num_identical=len(identical),
+        missing_examples=examples,
     )
     log.info(result.report())
     if identical:

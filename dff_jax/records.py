@@ -18,6 +18,7 @@ extractor can use it without JAX. TensorFlow reads these files with `tf.data.TFR
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -293,10 +294,15 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Writes JSON to a temp file beside `path`, then renames it into place."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no half-written temporary behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_schema(directory: str | os.PathLike, schema: Schema) -> Path:

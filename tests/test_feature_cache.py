@@ -203,3 +203,39 @@ def test_two_processes_one_builds_the_cache_the_other_waits_and_both_place_their
     assert [c["built_cache"] for c in children] == [True, False]
     for child in children:
         assert child["spec"] == "P('model',)" and child["shard_shapes"] == [[400, 4, 64]] * 2
+
+
+def test_a_cache_built_with_allow_missing_does_not_serve_a_run_without_it(tmp_path):
+    """The same error with or without a cache (docs/protocol.md section 8)."""
+    item_ids = write_folder(tmp_path / "f", 20, 2, 4) + ["i99"]
+    load(tmp_path / "f", item_ids, [0, 1], allow_missing=True)  # builds a cache with i99 zero-filled
+    with pytest.raises(FeatureError, match=r"1 of 21 items have no features, e.g. ids \['i99'\]"):
+        load(tmp_path / "f", item_ids, [0, 1])
+    load(tmp_path / "f", item_ids, [0, 1], allow_missing=True)  # still fine when allowed
+
+
+def test_allow_missing_refuses_a_dataset_most_of_whose_items_have_no_features(tmp_path):
+    item_ids = write_folder(tmp_path / "f", 4, 2, 4) + [f"x{k}" for k in range(5)]
+    with pytest.raises(FeatureError, match=r"5 of 9 items have no features.*more than half"):
+        load(tmp_path / "f", item_ids, [0, 1], allow_missing=True)
+
+
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path):
+    item_ids = write_folder(tmp_path / "f", 10, 2, 4)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(feature_cache.CacheError, match=r"afile: .*is a file; expected a folder"):
+        load(tmp_path / "f", item_ids, [0], cache_dir=tmp_path / "afile")
+
+
+def test_a_header_that_cannot_be_written_leaves_no_table_file(tmp_path, monkeypatch):
+    import errno
+
+    item_ids = write_folder(tmp_path / "f", 10, 2, 4)
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(feature_cache.records, "write_json_atomic", full_disk)
+    with pytest.raises(feature_cache.CacheError, match="No space left on device"):
+        load(tmp_path / "f", item_ids, [0])
+    assert list((tmp_path / "f" / feature_cache.DEFAULT_SUBDIR).iterdir()) == []

@@ -273,3 +273,13 @@ def test_same_item_same_bytes_in_every_process():
         for seed in range(6)
     }
     assert len(outs) == 1, outs
+
+
+def test_write_json_atomic_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.json, "dump", full_disk)
+    with pytest.raises(OSError):
+        records.write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
