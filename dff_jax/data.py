@@ -95,13 +95,23 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if number == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not part of the data
             line = line.rstrip("\r\n")
-            control = _CONTROL.search(line)
-            if control:
-                raise DataError(
-                    f"{path}: line {number}: control character {control.group()!r} at column {control.start() + 1}; "
-                    "expected UTF-8 text (a NUL usually means a binary or UTF-16 file)"
-                )
+            _check_controls(path, number, line)
             yield number, line
+
+
+def _check_controls(path, number: int, line: str) -> None:
+    """Refuses a line holding a control character (`_CONTROL`), naming it; a CR means CR-only line endings."""
+    control = _CONTROL.search(line)
+    if control and control.group() == "\r":  # one "line" holding the whole file: old Mac line endings
+        raise DataError(
+            f"{path}: line {number}: lines end in CR only (old Mac line endings); convert the file to LF "
+            "line endings, e.g. tr '\\r' '\\n'"
+        )
+    if control:
+        raise DataError(
+            f"{path}: line {number}: control character {control.group()!r} at column {control.start() + 1}; "
+            "expected UTF-8 text (a NUL usually means a binary or UTF-16 file)"
+        )
 
 
 def _int_timestamp(path, number, text) -> int:
@@ -132,6 +142,12 @@ def _read_microlens_tsv(path: Path):
         if len(parts) != 2 or not parts[0].strip() or not row:
             raise DataError(f"{path}: line {number}: expected 'user<TAB>item item ...', got {line[:80]!r}")
         user = parts[0].strip()
+        comma = next((item for item in row if "," in item), None)
+        if comma is not None:  # "i1,i2,i3": items are separated by spaces; with commas they would be one id
+            raise DataError(
+                f"{path}: line {number}: item {comma[:40]!r} holds a comma; expected 'user<TAB>item item ...' with "
+                "items separated by spaces"
+            )
         if number == 1 and user.lower() in _COLUMN_NAMES["user"]:
             raise DataError(
                 f"{path}: line 1: {line[:80]!r} looks like a header; a MicroLens *_pairs.tsv has none "
@@ -184,8 +200,14 @@ def _read_csv(path: Path, columns: str = ""):
     their README about the order: protocol section 7)."""
     with open(path, "rb") as f:
         first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n").removeprefix("\ufeff")
+    _check_controls(path, 1, first)  # before csv parses it: a CR inside is CR-only line endings
     header = _header_columns(path, next(csv.reader([first]), []))
     roles = _parse_columns(columns) if columns else header or ["user", "item", "timestamp"]
+    if columns and header is not None and _placed(roles) != _placed(header):  # one says user where the other says item
+        raise DataError(
+            f"{path}: line 1: header {first[:80]!r} contradicts config.data.columns={columns!r}; "
+            "remove the header or set config.data.columns='' (a header is mapped by name)"
+        )
     iu, ii, it = (roles.index(r) for r in ("user", "item", "timestamp"))
     expected = ",".join(r or "_" for r in roles)
     users, items, times = [], [], []
@@ -203,10 +225,20 @@ def _read_csv(path: Path, columns: str = ""):
         user, item = fields[iu].strip(), fields[ii].strip()
         if not user or not item:
             raise DataError(f"{path}: line {number}: expected non-empty user and item ids, got {fields}")
+        if any(c.isspace() for c in item):  # recommend --history separates ids by whitespace
+            raise DataError(
+                f"{path}: line {number}: item id {item!r} holds whitespace; expected ids without spaces (a history "
+                "is a whitespace-separated list of ids); replace the spaces, e.g. by '_'"
+            )
         users.append(intern(user, user))
         items.append(intern(item, item))
         times.append(_int_timestamp(path, number, fields[it].strip()))
     return users, items, times
+
+
+def _placed(roles: list[str]) -> dict[str, int]:
+    """The column of each of user, item and timestamp (other columns are ignored either way)."""
+    return {r: roles.index(r) for r in _COLUMN_NAMES}
 
 
 def _read_movielens(path: Path, min_rating: float = 0):
@@ -228,6 +260,8 @@ def _read_movielens(path: Path, min_rating: float = 0):
             rating = float(fields[2])
         except ValueError:
             raise DataError(f"{path}: line {number}: expected a numeric rating, got {fields[2]!r}") from None
+        if not math.isfinite(rating):  # NaN passes `rating < min_rating` as False: it would be kept
+            raise DataError(f"{path}: line {number}: expected a finite rating, got {fields[2]!r}")
         ts = _int_timestamp(path, number, fields[3].strip())
         if rating < min_rating:
             continue
@@ -267,7 +301,7 @@ def read_interactions(
     Args:
       path: the file.
       fmt: one of FORMATS; "auto" picks by file name (`detect_format`).
-      columns: column order for CSVs without a header, e.g. "item,user,timestamp" (overrides a header too).
+      columns: column order for CSVs without a header, e.g. "item,user,timestamp" (a header must agree with it).
       min_rating: MovieLens only; drop ratings below it (0 keeps all).
       duplicates: rows repeating another (user, item, timestamp) exactly: one of DUPLICATE_POLICIES.
 
@@ -480,6 +514,12 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
     if len(eval_rows) == 0:
         raise DataError(
             f"{path}: no user has 3 or more items after window={window}, so there is nothing to validate or test; "
+            "raise config.data.window or use 0 (all history)"
+        )
+    if not (train_len >= 2).any():  # every position of a train sequence but the first is a target (protocol 2)
+        raise DataError(
+            f"{path}: no user has 2 or more training items after the split (window={window}, "
+            f"min_seq_len={min_seq_len}; valid and test take each user's last 2), so there is nothing to train on; "
             "raise config.data.window or use 0 (all history)"
         )
     es, el = starts_k[eval_rows], lengths_k[eval_rows]

@@ -193,6 +193,15 @@ def test_real_movielens_100k():
         ("A_pairs.csv", "1,2,3\n", "parquet", r"A_pairs.csv: unknown format 'parquet'"),
         ("A_pairs.csv", "user,item,timestamp\n", "auto", r"A_pairs.csv: no interactions"),
         ("u.data", "1\t2\t1\t4\n", "auto", r"u.data: no interactions with rating >= 3"),
+        ("u.data", "1\t2\t5\t4\n1\t3\tnan\t5\n", "auto", r"u.data: line 2: expected a finite rating, got 'nan'"),
+        ("A_pairs.tsv", "u1\ta b\nu2\ti1,i2,i3\n", "auto", r"line 2: item 'i1,i2,i3' holds a comma"),
+        ("A_pairs.csv", "u,i 1,3\n", "auto", r"A_pairs.csv: line 1: item id 'i 1' holds whitespace"),
+        (
+            "A_pairs.csv",
+            "u,a,1\ru,b,2\r",
+            "auto",
+            r"A_pairs.csv: line 1: lines end in CR only .*convert the file to LF",
+        ),
     ],
 )
 def test_bad_input_messages(tmp_path, name, text, fmt, pattern):
@@ -224,6 +233,19 @@ def test_bad_bytes_and_bad_columns(tmp_path):
     path = write(tmp_path, "A_pair.csv", "1,2,3\n")
     with pytest.raises(data.DataError, match=r"config.data.columns='user,item'"):
         data.read_interactions(path, columns="user,item")
+
+
+def test_a_header_contradicting_config_columns_is_refused(tmp_path):
+    path = write(tmp_path, "A_pairs.csv", "user,item,timestamp\nu1,i1,3\n")
+    with pytest.raises(data.DataError, match=r"A_pairs.csv: line 1: header 'user,item,timestamp' contradicts"):
+        data.read_interactions(path, columns="item,user,timestamp")
+    assert data.read_interactions(path, columns="user,item,timestamp").items.tolist() == ["i1"]  # agreeing: fine
+
+
+def test_no_training_target_after_the_split_is_refused(tmp_path):
+    write(tmp_path, "Three_pairs.tsv", "u1\ta b c\nu2\td e f\n")  # train = 1 item each: no next-item target
+    with pytest.raises(data.DataError, match=r"Three_pairs.tsv: no user has 2 or more training items after the split"):
+        data.build_dataset(config(tmp_path, "Three_pairs.tsv", min_seq_len=0), verbose=False)
 
 
 def test_build_dataset_errors(tmp_path):
