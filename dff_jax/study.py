@@ -179,9 +179,14 @@ def plan_runs(
     # layer_<last> is exactly fusion_last (same rows, same seeds): it is not trained twice; the report reuses fusion_last
     grid = list(BASE_RUNS) + (["caption"] if has_caption else []) + [f"set_{name}" for name in sets]
     grid += [f"layer_{k}" for k in sweep if k != num_layers - 1]
-    if not runs:
+    if runs is None:
         return grid
     picked = [r.strip() for r in runs.split(",") if r.strip()]
+    if not picked:
+        raise StudyError(f"--runs {runs!r}: names no run; e.g. --runs id,dff (or leave it out for the full grid)")
+    twice = sorted({r for r in picked if picked.count(r) > 1})
+    if twice:  # a row listed twice would be reported (and aggregated) twice
+        raise StudyError(f"--runs {runs!r}: {', '.join(repr(r) for r in twice)} given twice")
     valid = set(grid) | {f"layer_{k}" for k in range(num_layers)}
     bad = [r for r in picked if r not in valid]
     if bad:
@@ -280,6 +285,24 @@ def _typed(kind, text: str):
             raise ValueError(text)
         return int(value)
     return kind(text)
+
+
+def check_grid_kept(grid_file: Path, points: list[dict]) -> None:
+    """Refuses a --grid that drops a point `grid_file` records: the report selects among the recorded points, so
+    replacing them would silently change what a finished study selects. Adding points (widening the grid, as
+    docs/ml100k-study.md did) keeps the recorded ones and is fine."""
+    if not grid_file.is_file():
+        return
+    try:
+        recorded = [p["name"] for p in json.loads(grid_file.read_text())["points"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudyError(f"{grid_file}: unreadable ({e}); delete it or use another --out") from None
+    dropped = [name for name in recorded if name not in {p["name"] for p in points}]
+    if dropped:
+        raise StudyError(
+            f"{grid_file}: this --out was trained on the grid points {recorded}; this --grid drops {dropped} (a "
+            "grid may only be widened in the same --out); use another --out, or delete grid.json to start a new grid"
+        )
 
 
 def apply_point(config: ml_collections.ConfigDict, point: dict | None) -> ml_collections.ConfigDict:
@@ -397,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seeds < 1:
         raise StudyError(f"--seeds {args.seeds}: need at least 1")
+    if not args.out.strip():  # "" (an unset "$OUT") would mean the current folder
+        raise StudyError("--out is empty; expected the study folder")
     out = Path(args.out)
     config = load_config(config_args)
     if not any(a.startswith("--config.parallel.deterministic_ops") for a in config_args):
@@ -437,11 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         check_finished_configs(jobs, configs, out)
     else:
+        for c in configs.values():  # every row's config before the first run trains, and before grid.json
+            defaults.validate(c)
         if points:
+            check_grid_kept(grid_file, points)
             out.mkdir(parents=True, exist_ok=True)
             records.write_json_atomic(grid_file, {"grid": args.grid, "points": points})
-        for c in configs.values():  # every row's config before the first run trains
-            defaults.validate(c)
         t0 = time.time()
         stats = run_jobs(mine, configs, out)
         print(

@@ -393,3 +393,32 @@ def test_study_runs_use_deterministic_gpu_kernels(tmp_path, monkeypatch):
     }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["--xla_force_host_platform_device_count=1", "--xla_gpu_deterministic_ops=true"]
+
+
+def test_runs_named_twice_or_not_at_all_are_refused():
+    with pytest.raises(study.StudyError, match=r"--runs 'id,dff,id': 'id' given twice"):
+        study.plan_runs(4, [0], False, "id,dff,id")
+    with pytest.raises(study.StudyError, match=r"--runs ',': names no run"):
+        study.plan_runs(4, [0], False, ",")
+
+
+def test_a_failing_or_narrowing_grid_leaves_grid_json_as_it_was(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train_and_evaluate", lambda cfg, wd: None)
+    out = tmp_path / "out"
+    base = [*study_args(tmp_path / "data", out, "--runs", "id", "--no-report"), "--seeds", "1"]
+    assert study.main([*base, "--grid", "lr=3e-3,1e-3"]) == 0
+    recorded = (out / "grid.json").read_text()
+    for grid, message in (
+        ("lr=-1,1e-3", "config.optim.lr=-1.0: expected > 0"),  # validated before grid.json is written
+        ("lr=1e-3", "this --grid drops ['lr0.003']"),  # the report would no longer select among lr0.003
+    ):
+        with pytest.raises(SystemExit) as e:
+            study.main([*base, "--grid", grid])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert (out / "grid.json").read_text() == recorded
+    assert study.main([*base, "--grid", "lr=3e-3,1e-3,8e-3"]) == 0  # widening keeps every recorded point
+    assert len(json.loads((out / "grid.json").read_text())["points"]) == 3
+    with pytest.raises(SystemExit) as e:
+        study.main([*study_args(tmp_path / "data", "", "--runs", "id")])
+    assert e.value.code == 2 and "--out is empty" in capsys.readouterr().err
