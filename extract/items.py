@@ -14,6 +14,7 @@ Raw item ids stay strings everywhere (the contract of dff_jax.records); duplicat
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -53,6 +54,7 @@ class Item:
     item_id: str
     title: str
     text: str
+    line: int = dataclasses.field(default=0, compare=False)  # where the item list has it (for error messages)
 
 
 def read_items(path: str | Path, fmt: str = "auto") -> list[Item]:
@@ -102,9 +104,11 @@ def _check_ids(path: Path, items: list[Item], lines: list[int]) -> None:
 
 
 def _read_movielens(path: Path, raw: bytes) -> list[Item]:
-    # u.item is latin-1 (ml-100k README); titles such as "Misérables, Les (1995)" need it.
+    # u.item is latin-1 (ml-100k README); titles such as "Misérables, Les (1995)" need it. A file that starts with
+    # a UTF-8 byte-order mark was re-saved as UTF-8: read as latin-1, the mark would become part of the first id.
+    text = _decode_utf8(path, raw) if raw.startswith(codecs.BOM_UTF8) else raw.decode("latin-1")
     items, lines = [], []
-    for lineno, line in enumerate(raw.decode("latin-1").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("|")
@@ -118,40 +122,101 @@ def _read_movielens(path: Path, raw: bytes) -> list[Item]:
         if not item_id or any(f not in ("0", "1") for f in flags):
             raise ExtractError(f"{path}: line {lineno}: expected a non-empty id and 0/1 genre flags")
         genres = [g for g, f in zip(MOVIELENS_GENRES, flags) if f == "1" and g != "unknown"]
-        text = f"{title}. Genres: {', '.join(genres)}" if genres else title
-        items.append(Item(item_id, title, text))
+        # Genres without a title are not a title: an empty text lets run.check_texts refuse it.
+        text = f"{title}. Genres: {', '.join(genres)}" if genres and title else title
+        items.append(Item(item_id, title, text, lineno))
         lines.append(lineno)
     _check_ids(path, items, lines)
     return items
 
 
-def _read_csv(path: Path, raw: bytes) -> list[Item]:
+def _decode_utf8(path: Path, raw: bytes) -> str:
     try:
-        content = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ExtractError(f"{path}: line {line}: not valid UTF-8 (MovieLens u.item is read as latin-1 automatically)")
-    rows = list(csv.reader(io.StringIO(content)))
+        raise ExtractError(
+            f"{path}: line {line}: not valid UTF-8 (MovieLens u.item is read as latin-1 automatically)"
+        ) from None
+
+
+def _csv_rows(path: Path, content: str):
+    """(physical line, row) per CSV record. Strict quoting, and a record must sit on one line: an unbalanced quote
+    would otherwise swallow the following lines into one title and lose their items without a word."""
+    reader = csv.reader(io.StringIO(content), strict=True)
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if reader.line_num > start or "end of data" in str(e):
+                raise ExtractError(
+                    f"{path}: line {start}: a quoted field opened here is never closed properly (runs to line "
+                    f"{reader.line_num}: {e}); check the quotes"
+                ) from None
+            raise ExtractError(f"{path}: line {start}: malformed CSV ({e})") from None
+        end = reader.line_num
+        if end > start:
+            raise ExtractError(
+                f"{path}: line {start}: a quoted field runs over lines {start}-{end} (an unbalanced quote?); "
+                "each item must be on one line"
+            )
+        yield start, row
+
+
+# Second fields that say a first row is a header (of an id column this reader does not know).
+HEADER_WORDS = ("title", "titles", "name", "text", "caption", "description", "title_en")
+
+
+def _header(path: Path, first: list[str]) -> tuple[int, int, int] | None:
+    """(id, title, text) columns of a header row; None when the first row is data (headerless MicroLens)."""
+    header = [h.strip().lower() for h in first]
+    id_col = next((header.index(c) for c in ID_COLUMNS if c in header), None)
+    if id_col is None:
+        if len(header) >= 2 and header[1] in HEADER_WORDS:
+            raise ExtractError(
+                f"{path}: line 1: looks like a header ({','.join(first)}) but has no id column; "
+                f"expected one of {', '.join(ID_COLUMNS)}"
+            )
+        return None
+    if "title" not in header:
+        raise ExtractError(f"{path}: line 1: header {first} has an id column but no 'title' column")
+    title_col = header.index("title")
+    return id_col, title_col, header.index("text") if "text" in header else title_col
+
+
+def _fit_row(path: Path, lineno: int, row: list[str], width: int, title_col: int) -> list[str]:
+    """A row with more fields than its header: an unquoted comma in a title that is the last column is part
+    of the title (as in headerless MicroLens files); anywhere else the row cannot be read reliably."""
+    if len(row) <= width:
+        return row
+    if title_col == width - 1:
+        return row[:title_col] + [",".join(row[title_col:])]
+    raise ExtractError(
+        f"{path}: line {lineno}: {len(row)} fields, the header has {width} (quote a title holding commas)"
+    )
+
+
+def _read_csv(path: Path, raw: bytes) -> list[Item]:
+    rows = list(_csv_rows(path, _decode_utf8(path, raw)))
     if not rows:
         raise ExtractError(f"{path}: empty file")
-    header = [h.strip().lower() for h in rows[0]]
-    id_col = next((header.index(c) for c in ID_COLUMNS if c in header), None)
-    if id_col is not None:
-        if "title" not in header:
-            raise ExtractError(f"{path}: line 1: header {rows[0]} has an id column but no 'title' column")
-        title_col = header.index("title")
-        text_col = header.index("text") if "text" in header else title_col
-        body, first_line, rejoin = rows[1:], 2, False
+    cols = _header(path, rows[0][1])
+    if cols is not None:
+        id_col, title_col, text_col = cols
+        width, body = len(rows[0][1]), rows[1:]
     else:
         # MicroLens *_title_en.csv without a header: `item,title`; a title may itself contain commas
         # when unquoted, so everything after the first comma is the title.
-        id_col, title_col, text_col, body, first_line, rejoin = 0, 1, 1, rows, 1, True
+        id_col, title_col, text_col, width, body = 0, 1, 1, 2, rows
     items, lines = [], []
-    for lineno, row in enumerate(body, start=first_line):
+    for lineno, row in body:
         if not row or all(not c.strip() for c in row):
             continue
-        if rejoin and len(row) > 2:
-            row = [row[0], ",".join(row[1:])]
+        row = _fit_row(path, lineno, row, width, title_col)
         needed = max(id_col, title_col, text_col) + 1
         if len(row) < needed:
             raise ExtractError(
@@ -162,7 +227,7 @@ def _read_csv(path: Path, raw: bytes) -> list[Item]:
             raise ExtractError(f"{path}: line {lineno}: empty item id")
         title = row[title_col].strip()
         text = row[text_col].strip() or title
-        items.append(Item(item_id, title, text))
+        items.append(Item(item_id, title, text, lineno))
         lines.append(lineno)
     _check_ids(path, items, lines)
     return items

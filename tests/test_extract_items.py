@@ -77,3 +77,54 @@ def test_shards_partition_the_list_deterministically(tmp_path):
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(ExtractError, match="--shard"):
             parse_shard(bad)
+
+
+def test_a_header_does_not_cut_titles_at_unquoted_commas(tmp_path):
+    with_header, without = tmp_path / "a.csv", tmp_path / "b.csv"
+    with_header.write_text('item,title\n1,Hello, world, again\n2,"Quoted, fine"\n')
+    without.write_text('1,Hello, world, again\n2,"Quoted, fine"\n')
+    titles = [i.title for i in read_items(with_header)]
+    assert titles == [i.title for i in read_items(without)] == ["Hello, world, again", "Quoted, fine"]
+    # The title is not the last column: extra fields cannot be told apart, so the line is named.
+    with_header.write_text("id,title,text\n1,a,b\n2,b,x,y\n")
+    with pytest.raises(ExtractError, match=r"a.csv: line 3: 4 fields, the header has 3"):
+        read_items(with_header)
+
+
+def test_an_unbalanced_quote_is_an_error_not_a_swallowed_file(tmp_path):
+    p = tmp_path / "items.csv"
+    p.write_text('id,title\n1,a\n2,"Quote starts, never ends\n3,Third\n4,Fourth\n')
+    with pytest.raises(ExtractError, match=r"items.csv: line 3: a quoted field opened here is never closed"):
+        read_items(p)
+    # Closed by a later quote: the record spans lines, which an item never does.
+    p.write_text('id,title\n1,"Multi\nline\ntitle"\n2,ok\n3\n')
+    with pytest.raises(ExtractError, match=r"line 2: a quoted field runs over lines 2-4"):
+        read_items(p)
+    p.write_text('id,title\n1,"a"b\n')
+    with pytest.raises(ExtractError, match=r"line 2: malformed CSV"):
+        read_items(p)
+
+
+def test_line_numbers_are_physical_lines(tmp_path):
+    p = tmp_path / "items.csv"
+    p.write_text("id,title\n\n1,a\n\n2\n")
+    with pytest.raises(ExtractError, match=r"line 5: expected at least 2"):
+        read_items(p)
+    p.write_text("id,title\n\n1,a\n\n2,b\n")
+    assert [i.line for i in read_items(p)] == [3, 5]
+
+
+def test_an_unknown_header_is_named_not_read_as_an_item(tmp_path):
+    p = tmp_path / "items.csv"
+    for header in ("movie_id,title", "movieId,name"):
+        p.write_text(f"{header}\n1,Toy Story\n2,Heat\n")
+        with pytest.raises(ExtractError, match=r"line 1: looks like a header .* expected one of id, item, item_id"):
+            read_items(p)
+
+
+def test_a_byte_order_mark_in_u_item_is_not_part_of_the_first_id(tmp_path):
+    p = tmp_path / "u.item"
+    line = "|".join(["1", "Misérables, Les (1995)", "01-Jan-1995", "", "http://x"] + ["0"] * 19)
+    p.write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode("utf-8"))
+    (item,) = read_items(p)
+    assert item.item_id == "1" and item.title == "Misérables, Les (1995)"
