@@ -171,9 +171,12 @@ def _choices() -> dict[str, tuple]:
 
 # field -> (lowest, highest, what the bound means): None = unbounded; the bounds are inclusive unless named "<".
 RANGES = {
-    "seed": (0, None, "a non-negative integer"),
+    # jax.random.key and nnx.Rngs take a signed 64-bit seed (2**63 overflows after the data is read); numpy any size
+    "seed": (0, 2**63 - 1, "a non-negative integer (at most 2**63 - 1)"),
     "data.min_seq_len": (0, None, ">= 0 (0 keeps every user)"),
-    "data.max_seq_len": (1, None, ">= 1"),
+    # Upper bounds on sizes (far above any real use) so an absurd value fails here, not as a multi-TB allocation
+    # (docs/protocol.md section 8); a batch above the user count is allowed: one padded batch per epoch.
+    "data.max_seq_len": (1, 1 << 16, ">= 1 (at most 65536)"),
     "data.window": (0, None, ">= 0 (0 keeps the whole history)"),
     "data.min_rating": (0, None, ">= 0"),
     "model.embed_dim": (1, None, ">= 1"),
@@ -189,13 +192,13 @@ RANGES = {
     "optim.b2": (0.0, "<1", "in [0, 1)"),
     "optim.clip_norm": (0.0, None, ">= 0 (0 = no clipping)"),
     "optim.alpha_lr_mult": (0.0, None, ">= 0"),
-    "train.batch_size": (1, None, ">= 1"),
+    "train.batch_size": (1, 1 << 24, ">= 1 (at most 2**24)"),
     "train.num_epochs": (1, None, ">= 1"),
     "train.patience": (0, None, ">= 0 (0 = no early stopping)"),
     "train.keep_checkpoints": (1, None, ">= 1 (a run resumes from its latest checkpoint)"),
     "train.log_every_steps": (1, None, ">= 1"),
     "train.steps_per_call": (1, None, ">= 1"),
-    "eval.batch_size": (1, None, ">= 1"),
+    "eval.batch_size": (1, 1 << 24, ">= 1 (at most 2**24)"),
     "eval.chunk_size": (1, None, ">= 1"),
     "eval.sampled_negatives": (0, None, ">= 0 (0 = off)"),
     "parallel.model_axis": (1, None, ">= 1"),
@@ -204,6 +207,37 @@ RANGES = {
     "parallel.initialization_timeout": (1, None, ">= 1 second"),
     "parallel.cpu_devices": (0, None, ">= 0 (0 = leave alone)"),
 }
+
+
+# Fields a model reads only under some settings: field (or group, ending in ".") -> (does this config's model read
+# it?, when it is read). An explicit command-line override of one the chosen variant ignores would change nothing but
+# what config.json says (a `layers`/`layer` typo trains another model), so `check_overrides` refuses it.
+READ_ONLY_WHEN = {
+    "model.layer": (lambda c: c.model.item_encoder != "id" and c.model.content == "layer", "model.content='layer'"),
+    "model.layers": (
+        lambda c: c.model.item_encoder != "id" and c.model.content != "layer",
+        "model.content='mean' or 'learned' (one layer: set config.model.layer)",
+    ),
+    "features.": (lambda c: c.model.item_encoder != "id", "a content item encoder (not model.item_encoder='id')"),
+}
+
+
+def check_overrides(config: ml_collections.ConfigDict, overridden: list[str]) -> None:
+    """Refuses an explicitly overridden field (`overridden`: paths such as "model.layers") that the config's model
+    does not read (READ_ONLY_WHEN), naming the field, the model and when the field is read."""
+    from dff_jax.errors import ConfigError
+
+    m = config.model
+    for path in overridden:
+        for field, (reads, when) in READ_ONLY_WHEN.items():
+            if (path == field or field.endswith(".") and path.startswith(field)) and not reads(config):
+                value = config
+                for part in path.split("."):
+                    value = value[part]
+                raise ConfigError(
+                    f"config.{path}={value!r}: not read by this variant (model.item_encoder={m.item_encoder!r}, "
+                    f"model.content={m.content!r}); it is read only with {when}"
+                )
 
 
 def computed_metrics(eval_cfg) -> list[str]:
@@ -251,8 +285,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         or len(set(e.ks)) < len(e.ks)
     ):
         fail("eval.ks", e.ks, "a non-empty tuple of distinct positive integers, e.g. (10, 20)")
-    bins = list(e.cold_bins)
-    if not bins or bins[0] != 0 or any(b <= a for a, b in itertools.pairwise(bins)):
+    bins = list(e.cold_bins) if isinstance(e.cold_bins, (tuple, list)) else [e.cold_bins]
+    integers = all(isinstance(b, int) and not isinstance(b, bool) for b in bins)  # 1.5 would mislabel the slices
+    if not bins or not integers or bins[0] != 0 or any(b <= a for a, b in itertools.pairwise(bins)):
         fail("eval.cold_bins", e.cold_bins, "increasing integers starting at 0, e.g. (0, 1, 5, 20)")
     if t.select_metric not in computed_metrics(e):
         fail("train.select_metric", t.select_metric, "one of the computed metrics " + ", ".join(computed_metrics(e)))

@@ -85,6 +85,11 @@ def exit_on_user_error(main: Callable) -> Callable:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except MemoryError as e:  # numpy's "Unable to allocate 36.4 TiB for an array ..." of an absurd size
+            _exit_now(
+                f"error: out of memory: {one_line(str(e)) or 'an allocation failed'}; check the config's sizes "
+                "(train.batch_size, eval.batch_size, data.max_seq_len, model.embed_dim, eval.chunk_size)"
+            )
         except Exception as e:
             cause = os_error_in(e)
             if cause is None:
@@ -123,6 +128,14 @@ def os_error_in(error: BaseException | None) -> OSError | None:
     return None
 
 
+def folder_arg(value: str | None, flag: str) -> str:
+    """The value of a folder flag (--workdir, --out), refused when empty: "" (an unset "$W") would mean the current
+    folder, where a run writes its files and --restart deletes them."""
+    if value is None or not str(value).strip():
+        raise UserError(f"{flag} is empty; expected a folder")
+    return value
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error: ...` line and exit status 2, like every other user error (not
     argparse's usage dump)."""
@@ -143,11 +156,19 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         if "config" in flag_values and flag_values.config is not None:
             # A config file that failed to load is an error object that raises on first use: use it here.
             flag_values.config.keys()
+            from dff_jax import defaults
+
+            defaults.check_overrides(flag_values.config, overridden_fields(argv))
         return rest
     except flags.Error as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
     except Exception as e:  # a typo, a bad value, or a config file that does not load (SyntaxError, NameError, ...)
         bad = [a for a in argv[1:] if a.startswith("--config")]
+        if isinstance(e, AttributeError) and "get_config" in str(e):  # the file loaded but is not a config file
+            print(f"error: {_config_file(argv)}: defines no get_config(variant)", file=sys.stderr)
+            sys.exit(2)
         if isinstance(e, (KeyError, AttributeError)):  # ml-collections names only the missing key: "'lr'"
             what = "no such config field "
         elif isinstance(e, (SyntaxError, NameError, ImportError)):
@@ -156,6 +177,21 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
             what = ""
         print(f"error: bad --config argument ({' '.join(bad)}): {what}{one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
+
+
+def overridden_fields(argv: list[str]) -> list[str]:
+    """The config paths `--config.a.b=v` (or `--config.a.b v`) of `argv` overrides: ["a.b", ...]."""
+    return [a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")]
+
+
+def _config_file(argv: list[str]) -> str:
+    """The file of `--config FILE[:variant]` (or `--config=FILE...`) in `argv`, without the variant."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").split(":")[0]
+    return "--config"
 
 
 def one_line(text: str) -> str:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, metrics, parallel, records, train_state
-from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
+from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, parse_flags
 
 # ------------------------------------------------------------------------------------------------- device functions
 
@@ -305,7 +305,7 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
-    evaluate_checkpoint(f.workdir, f.split, f.step)
+    evaluate_checkpoint(folder_arg(f.workdir, "--workdir"), f.split, f.step)
 
 
 if __name__ == "__main__":

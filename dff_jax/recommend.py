@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dff_jax import evaluate, parallel
-from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
+from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, parse_flags
 
 
 @jax.jit
@@ -70,9 +70,10 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
+    workdir = folder_arg(f.workdir, "--workdir")
     history = f.history.split()
     check_request(history, f.k)
-    recs = recommend(evaluate.load_run(f.workdir, f.step), history, f.k)
+    recs = recommend(evaluate.load_run(workdir, f.step), history, f.k)
     for rank, (item, score) in enumerate(recs, 1):
         print(f"{rank}\t{item}\t{score:.4f}")
 

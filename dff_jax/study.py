@@ -50,7 +50,7 @@ from pathlib import Path
 import ml_collections
 
 from dff_jax import defaults, features, records
-from dff_jax.errors import OneLineArgumentParser, UserError, exit_on_user_error, parse_flags
+from dff_jax.errors import OneLineArgumentParser, UserError, exit_on_user_error, folder_arg, parse_flags
 
 BASE_RUNS = ("id", "replace", "fusion_last", "fusion_mean", "dff", "fusion_mean_raw", "dff_raw")
 # With feature_norm="standardize" (the default) the mean of layers and DFF weigh z-scored layers: a per-(layer,
@@ -420,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seeds < 1:
         raise StudyError(f"--seeds {args.seeds}: need at least 1")
-    if not args.out.strip():  # "" (an unset "$OUT") would mean the current folder
-        raise StudyError("--out is empty; expected the study folder")
+    folder_arg(args.out, "--out")
     out = Path(args.out)
     config = load_config(config_args)
     if not any(a.startswith("--config.parallel.deterministic_ops") for a in config_args):

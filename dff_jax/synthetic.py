@@ -412,12 +412,16 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
         if out.exists() and not any(out.iterdir()):
             out.rmdir()  # os.replace cannot put a directory over another one
         os.replace(tmp, out)
-    except OSError:
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         # Another process (e.g. a parallel run of the study) finished the same dataset first: use theirs.
         theirs = _read_generation(out)
         if theirs is None or theirs["args"] != json.loads(json.dumps(args)):
-            raise
+            # a full disk reports no file name: name --out (the temporary folder is gone already)
+            raise TrainError(
+                f"{out}: cannot write the synthetic dataset ({e.strerror or e}, in {e.filename or tmp}); nothing "
+                "was left behind"
+            ) from None
         return {"paths": _paths(out), "stats": theirs["stats"]}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, evaluate, parallel, records, synthetic, train_state
-from dff_jax.errors import TrainError, exit_on_user_error, parse_flags
+from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, parse_flags
 
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
@@ -261,7 +261,8 @@ def main(argv) -> None:
     from absl import flags
 
     del argv
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, restart=flags.FLAGS.restart)
+    workdir = folder_arg(flags.FLAGS.workdir, "--workdir")
+    train_and_evaluate(flags.FLAGS.config, workdir, restart=flags.FLAGS.restart)
 
 
 if __name__ == "__main__":

@@ -77,12 +77,21 @@ def finished(tmp_path_factory):
         ("train.num_epochs", 0, ">= 1"),
         ("data.duplicates", "merge", "'drop'"),
         ("model.num_heads", 3, "multiple of model.num_heads"),
+        ("eval.cold_bins", (0, 1.5, 3), "increasing integers starting at 0"),  # mislabelled the slices
+        ("eval.cold_bins", (0, "a"), "increasing integers starting at 0"),  # was a TypeError traceback
+        ("eval.cold_bins", (0, True), "increasing integers starting at 0"),
+        ("seed", 2**63, "at most 2**63 - 1"),  # an OverflowError traceback after the data and features were read
+        ("train.batch_size", 10**12, "at most 2**24"),  # a 36 TiB allocation
+        ("data.max_seq_len", 10**11, "at most 65536"),
     ],
 )
 def test_bad_config_values_are_refused_naming_field_value_and_what_is_allowed(tmp_path, field, value, says):
     c = smoke_config(tmp_path / "data")
-    section, name = field.split(".")
-    c[section][name] = value
+    if "." in field:
+        section, name = field.split(".")
+        c[section][name] = value
+    else:
+        c[field] = value
     shown = "model.embed_dim" if field == "model.num_heads" else field
     with pytest.raises(ConfigError, match=rf"config\.{shown}=") as e:
         train.train_and_evaluate(c, tmp_path / "run")
@@ -351,10 +360,37 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ("dff_jax.recommend", ["--workdir", "no-run", "--history", " "], "--history is empty"),
         ("dff_jax.synthetic", ["--out", "README.md/data"], "README.md/data: cannot create the dataset folder"),
         ("dff_jax.synthetic", ["--out", "x", "--users", "many"], "argument --users: invalid int value"),
+        ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir="], "--workdir is empty; expected a folder"),
+        ("dff_jax.evaluate", ["--workdir="], "--workdir is empty"),
+        ("dff_jax.recommend", ["--workdir=", "--history", "a"], "--workdir is empty"),
+        ("dff_jax.train", ["--config", "dff_jax/__init__.py", "--workdir", "w"], "__init__.py: defines no get_config"),
+        # overrides the variant's model does not read (a layers/layer typo trained another model)
+        (
+            "dff_jax.train",
+            ["--config", "configs/smoke.py:fusion_layer", "--workdir", "w", "--config.model.layers=(1,)"],
+            "config.model.layers=(1,): not read by this variant (model.item_encoder='fusion', model.content='layer')",
+        ),
+        ("dff_jax.train", ["--config", "configs/smoke.py:dff", "--workdir", "w", "--config.model.layer=2"], "layer=2"),
+        ("dff_jax.train", ["--config", "configs/smoke.py:id", "--workdir", "w", "--config.features.dir=x"], "'id'"),
     ],
 )
 def test_bad_command_lines_are_one_line(module, args, says):
     assert_one_error_line(cli(module, *args), says)
+
+
+def test_memory_error_is_one_line_naming_the_config_sizes(capsys, monkeypatch):
+    from dff_jax import errors
+
+    def exit_raises(status):  # the wrapper exits with os._exit, which would end pytest
+        raise SystemExit(status)
+
+    monkeypatch.setattr(errors.os, "_exit", exit_raises)
+    huge = errors.exit_on_user_error(lambda: np.empty((10**12, 10**6), np.int32))
+    with pytest.raises(SystemExit) as e:
+        huge()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: out of memory: Unable to allocate")
+    assert "train.batch_size" in err[0]
 
 
 def test_sampled_negatives_for_a_user_who_met_every_item_are_refused_naming_the_user():

@@ -247,3 +247,13 @@ def test_command_line(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["stats"]["users"] == 50
     assert records.read_schema(tmp_path / "cli" / "features").layers == 3
+
+
+def test_a_full_disk_names_the_dataset_folder(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # no file name, as a full disk reports it
+
+    monkeypatch.setattr(records, "write_schema", full)
+    with pytest.raises(TrainError, match=rf"{tmp_path / 'd'}: cannot write the synthetic dataset \(No space"):
+        synthetic.generate(tmp_path / "d", **SMALL)
+    assert list(tmp_path.iterdir()) == []
