@@ -22,6 +22,7 @@ same batches. Measured figures and their history: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -304,16 +305,22 @@ def bench_torch(config, dataset, state, static, frozen, steps: int, rounds: int 
     }
 
 
+def repo_config(name: str):
+    """`get_config()` of `configs/<name>.py` beside this package, loaded by path: `from configs import ...` would
+    find the folder only when the command runs from the repository root."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dff_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def sasrec_config(overrides: dict | None = None):
     """configs/sasrec.py (the original SASRec setting) with the benchmark's display settings and `overrides`
     ({"model.arch": "microlens", ...})."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "configs" / "sasrec.py"
-    spec = importlib.util.spec_from_file_location("dff_configs_sasrec", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = repo_config("sasrec")
     config.train.progress_bar = False
     config.train.log_every_steps = 10**9
     for key, value in (overrides or {}).items():
@@ -856,9 +863,7 @@ def write_catalogue(out: str | os.PathLike, num_items: int, num_users: int, laye
 def catalogue_config(out: str | os.PathLike, devices: int, model_axis: int):
     """The DFF config of the catalogue-scale run on `write_catalogue`'s folder: the synthetic preset's model (d = 64),
     one epoch, every interaction kept, the item tables sharded over `model_axis` of `devices` simulated CPU devices."""
-    from configs import synthetic
-
-    c = synthetic.get_config()
+    c = repo_config("synthetic")
     c.data.dir, c.data.interactions, c.data.generate, c.data.window = str(out), "pairs.tsv", "", 0
     c.features.dir = str(Path(out) / "features")
     c.train.num_epochs, c.train.batch_size, c.train.progress_bar = 1, 256, False
@@ -942,6 +947,27 @@ def _proc_status() -> dict:
         return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith("Vm")}
 
 
+# The arguments each mode reads (beyond --what and --preset); any other given explicitly would be silently ignored.
+USED_ARGUMENTS = {
+    "catalogue": {"out", "items", "users", "layers", "hidden", "devices", "model_axis"},
+    "features": {"items", "layers", "hidden", "dtype", "tmpdir", "sharded"},
+    "sasrec": {"steps", "no_torch"},
+    "train": {"variant", "steps", "shape", "no_torch", "all", "compute_dtype"},
+}
+
+
+def check_used_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Refuses an argument given on the command line that the chosen mode does not read (USED_ARGUMENTS)."""
+    mode = args.what if args.what != "train" else ("sasrec" if args.preset == "sasrec" else "train")
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)}
+    # --no-torch is accepted everywhere: scripts pass it to every mode, and it only ever skips work
+    options = {action.dest for action in p._actions if action.option_strings} - {"help", "what", "preset", "no_torch"}
+    ignored = sorted((given & options) - USED_ARGUMENTS[mode])
+    if ignored:
+        shown = "--preset sasrec" if mode == "sasrec" else f"--what {args.what}"
+        p.error(f"{shown} does not use {', '.join('--' + a.replace('_', '-') for a in ignored)}")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = OneLineArgumentParser(prog="python -m dff_jax.bench", description=__doc__.split("\n")[0])
@@ -978,9 +1004,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "items", "layers", "hidden", "users", "devices", "model_axis"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    check_used_arguments(p, args, argv)
     if args.what == "catalogue":
         if not args.out:
             p.error("--what catalogue needs --out DIR")
+        if args.devices % args.model_axis:  # before a catalogue-sized dataset is written
+            p.error(f"--devices {args.devices}: expected a multiple of --model-axis {args.model_axis}")
         if not (Path(args.out) / "pairs.tsv").is_file():
             print(json.dumps(write_catalogue(args.out, args.items, args.users, args.layers, args.hidden)))
         config = catalogue_config(args.out, args.devices, args.model_axis)

@@ -203,7 +203,7 @@ def resolve_layers(layers: Sequence[int] | None, stored: int, where: str) -> lis
 
     The one resolver of layer indices in the project: the trainer, the study's layer sweep and `load_features` all
     call it, so an index means the same row everywhere. Raises FeatureError naming `where` for an index outside
-    0..stored-1 or an empty list.
+    0..stored-1, an empty list, or two indices of one row.
     """
     if layers is None:
         return list(range(stored))
@@ -214,6 +214,12 @@ def resolve_layers(layers: Sequence[int] | None, stored: int, where: str) -> lis
         chosen.append(int(layer) % stored)
     if not chosen:
         raise FeatureError(f"{where}: an empty list of layers was requested")
+    twice = sorted({row for row in chosen if chosen.count(row) > 1})
+    if twice:  # DFF's alpha over copies of one row (e.g. (-1, 3) of 4 rows) is not the layer mix asked for
+        raise FeatureError(
+            f"{where}: layers {list(layers)} name stored row(s) {twice} more than once (negative indices count from "
+            f"the end of rows 0..{stored - 1}); expected distinct rows"
+        )
     return chosen
 
 

@@ -164,7 +164,8 @@ def layer_list(num_layers: int, layers: str | None, step: int | None) -> list[in
             picked = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
             raise StudyError(f"--layers {layers!r}: expected comma-separated integers") from None
-        return sorted(set(features.resolve_layers(picked, num_layers, "--layers")))
+        # one by one: a sweep may name a row twice (0,3,-1 of 4 rows), it is swept once
+        return sorted({features.resolve_layers([k], num_layers, "--layers")[0] for k in picked})
     if step is not None and step < 1:
         raise StudyError(f"--layer-step {step}: expected an integer >= 1")
     if step:

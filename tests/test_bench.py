@@ -85,6 +85,16 @@ def test_all_runs_the_three_settings_in_one_process():
         (["--steps", "0"], "--steps 0: expected an integer >= 1"),
         (["--shape", "embed_dim=0"], "--shape embed_dim=0: expected KEY=INT"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        # arguments the mode does not read were silently ignored
+        (
+            ["--preset", "sasrec", "--shape", "bogus=1", "--variant", "x"],
+            "--preset sasrec does not use --shape, --variant",
+        ),
+        (["--what", "features", "--users", "3"], "--what features does not use --users"),
+        (
+            ["--what", "catalogue", "--out", "unused-dir", "--devices", "3", "--model-axis", "2"],
+            "--devices 3: expected",
+        ),
     ],
 )
 def test_bad_bench_arguments_are_one_error_line(args, says, capsys):
@@ -92,3 +102,10 @@ def test_bad_bench_arguments_are_one_error_line(args, says, capsys):
         bench.main([*args, "--no-torch"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+def test_the_catalogue_config_loads_without_the_configs_package_on_the_path(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "configs", None)  # as from another folder: no `configs` to import
+    monkeypatch.chdir(tmp_path)
+    c = bench.catalogue_config(tmp_path / "cat", 4, 2)
+    assert c.model.embed_dim == 64 and c.parallel.model_axis == 2 and c.data.dir == str(tmp_path / "cat")

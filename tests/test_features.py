@@ -225,3 +225,11 @@ def test_item_ids_must_start_with_padding(tmp_path):
     _make_folder(tmp_path, [["i1"]])
     with pytest.raises(ValueError, match="padding"):
         load_features(tmp_path, ["i1"])
+
+
+def test_layers_naming_one_row_twice_are_refused(tmp_path):
+    _make_folder(tmp_path, [["i1"]])
+    for layers in ([1, 1], [-1, LAYERS - 1]):
+        with pytest.raises(FeatureError, match=rf"name stored row\(s\) \[{layers[1]}\] more than once"):
+            load_features(tmp_path, ["", "i1"], layers=layers)
+    assert features.model_rows("learned", -1, (0, -1), LAYERS, "x") == [0, LAYERS - 1]
