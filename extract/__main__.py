@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dff_jax.errors import OneLineArgumentParser
 from extract import ExtractError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m extract", description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(prog="python -m extract", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="hub name, local folder, or a .gguf file (text models)")
     p.add_argument(
         "--items", required=True, help="item list: MicroLens *_title_en.csv, id,title CSV or MovieLens u.item"
@@ -133,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished items are saved; rerun the same command to resume", file=sys.stderr)
         return 130
-    blocked = manifest.get("folder_failures")
+    blocked = manifest.get("folder_failures") or manifest.get("folder_empty")
     state = (
         "complete"
         if manifest["folder_complete"]
+        else "not finalised (no item written)"
+        if manifest.get("folder_empty")
         else "not finalised (failed items)"
         if blocked
         else "incomplete (other shards pending)"

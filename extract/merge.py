@@ -12,7 +12,6 @@ the files. Exit status: 0 complete, 1 incomplete (items neither written nor fail
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -20,9 +19,14 @@ import time
 from pathlib import Path
 
 from dff_jax import records
+from dff_jax.errors import OneLineArgumentParser
 from extract import ExtractError, __version__
 
 RUN_CONFIG = "run_config.json"
+# Keys every run_config.json this extractor wrote has (the merge reads them to write the schema).
+RUN_CONFIG_KEYS = ("model", "modality", "prompt_name", "prompt_text", "pool", "dtype", "num_frames", "items")
+# Keys that may differ between the shards of one run: paths differ between hosts.
+PER_HOST_KEYS = ("items", "items_format")
 
 
 @dataclasses.dataclass
@@ -45,6 +49,11 @@ class Report:
     def blocked_by_failures(self) -> bool:
         """Every item is written or failed, but failed items keep the folder from being finalised."""
         return not self.missing and bool(self.failed) and not self.allow_failures
+
+    @property
+    def nothing_written(self) -> bool:
+        """Every item failed (with allow_failures): nothing to finalise, and no shard is pending either."""
+        return not self.missing and self.shape is None
 
 
 def scan_shards(out_dir: str | Path) -> tuple[dict[str, str], set, set]:
@@ -95,9 +104,40 @@ def read_run_config(out_dir: str | Path) -> dict:
     if not path.is_file():
         raise ExtractError(f"{path}: missing; is {out_dir} an extractor output folder?")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    check_run_config_object(path, cfg)
+    return cfg
+
+
+def check_run_config_object(path: Path, cfg) -> None:
+    """Valid JSON is not enough: a list, or an object without the keys this extractor writes, is not a run config."""
+    if not isinstance(cfg, dict):
+        raise ExtractError(f"{path}: expected the JSON object this extractor writes (found a {type(cfg).__name__})")
+    missing = [k for k in RUN_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ExtractError(f"{path}: expected the JSON object this extractor writes (missing {', '.join(missing)})")
+
+
+def check_shard_configs(out_dir: Path, cfg: dict) -> None:
+    """Each shard manifest records the run config its shard was extracted under; a shard copied in from another
+    run (another prompt, pooling, model...) would mix two extractions in one feature set. Manifests written
+    before this was recorded have none and are not checked."""
+    for path in sorted(out_dir.glob("manifest-part-*.json")):
+        try:
+            theirs = json.loads(path.read_text()).get("run_config")
+        except (OSError, ValueError, AttributeError):
+            continue  # a manifest is informational; a damaged one says nothing about the records
+        if not isinstance(theirs, dict):
+            continue
+        keys = [k for k in cfg if k in theirs and k not in PER_HOST_KEYS]
+        diff = [f"{k} {theirs[k]!r} vs {cfg[k]!r}" for k in keys if theirs[k] != cfg[k]]
+        if diff:
+            raise ExtractError(
+                f"{path}: this shard was extracted by another run ({'; '.join(diff[:4])} in {RUN_CONFIG}); "
+                "remove its part files or merge it into its own folder"
+            )
 
 
 MERGED = (records.SCHEMA_FILE, "manifest.json", "failures.jsonl")
@@ -118,12 +158,13 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     out_dir = Path(out_dir)
     cfg = read_run_config(out_dir)
     where, shapes, dtypes = scan_shards(out_dir)
+    try:
+        _check_records(out_dir, cfg, where, set(item_ids), shapes, dtypes)
+    except ExtractError:
+        if write:  # merged files that contradict the records must not outlive the error
+            _remove_stale_merged(out_dir, len(where))
+        raise
     known = set(item_ids)
-    unknown = sorted(set(where) - known)
-    if unknown:
-        raise ExtractError(f"{out_dir}: {len(unknown)} written item(s) are not in the item list, e.g. {unknown[:3]}")
-    if len(shapes) > 1 or len(dtypes) > 1:
-        raise ExtractError(f"{out_dir}: shards disagree on shape {sorted(shapes)} or dtype {sorted(dtypes)}")
     failures = {k: v for k, v in read_failures(out_dir).items() if k not in where and k in known}
     missing = [i for i in item_ids if i not in where and i not in failures]
     shape = next(iter(shapes)) if shapes else None
@@ -185,6 +226,15 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     return report
 
 
+def _check_records(out_dir: Path, cfg: dict, where: dict, known: set, shapes: set, dtypes: set) -> None:
+    unknown = sorted(set(where) - known)
+    if unknown:
+        raise ExtractError(f"{out_dir}: {len(unknown)} written item(s) are not in the item list, e.g. {unknown[:3]}")
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ExtractError(f"{out_dir}: shards disagree on shape {sorted(shapes)} or dtype {sorted(dtypes)}")
+    check_shard_configs(out_dir, cfg)
+
+
 def _remove_stale_merged(out_dir: Path, written: int) -> None:
     try:
         num_items = json.loads((out_dir / records.SCHEMA_FILE).read_text()).get("num_items")
@@ -209,6 +259,18 @@ def failures_message(out_dir: str | Path, report: Report, flag: str = "--allow-f
     )
 
 
+def nothing_written_message(out_dir: str | Path, report: Report) -> str:
+    """One line: every item failed, so even --allow-failures has nothing to finalise."""
+    shown = "; ".join(
+        f"{item_id} ({rec.get('stage')}: {_first_line(rec.get('reason'))})"
+        for item_id, rec in list(report.failed.items())[:3]
+    )
+    return (
+        f"{out_dir}: all {len(report.failed)} item(s) failed ({shown}; all in failures-part-*.jsonl); nothing to "
+        "finalise: fix the cause and rerun the same command"
+    )
+
+
 def _first_line(text, limit: int = 160) -> str:
     line = str(text).strip().splitlines()[0] if str(text).strip() else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -230,7 +292,7 @@ def describe(report: Report) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extract.merge", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m extract.merge", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the feature folder the shards were written to")
     parser.add_argument("--items", help="item list (default: the one recorded in run_config.json)")
     parser.add_argument("--items-format", default=None, help="auto|csv|microlens|movielens")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import signal
@@ -41,7 +42,14 @@ from dff_jax import records
 from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
 from extract.lock import ShardLock
-from extract.merge import RUN_CONFIG, failures_message, finalize, scan_shards
+from extract.merge import (
+    RUN_CONFIG,
+    check_run_config_object,
+    failures_message,
+    finalize,
+    nothing_written_message,
+    scan_shards,
+)
 from extract.video import CPU_DECODER, DecoderError, MediaError, read_clip, read_image, unknown_decoder
 
 
@@ -81,6 +89,13 @@ class RunOptions:
     max_consecutive_failures: int = 20  # stop when this many items in a row fail (0: never)
 
 
+# --frames above this is a typo, not a sampling rate: the paper samples 16, and the preflight asks the processor
+# about a 1080p clip of that many frames (~6 MB a frame).
+MAX_FRAMES = 1024
+# --decode-scale above this decodes more pixels than any processor keeps (16^2 x its frame size): full size is 0.
+MAX_DECODE_SCALE = 16.0
+
+
 def _prefix(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
 
@@ -117,6 +132,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise ExtractError(f"unknown --model-dtype {opts.compute_dtype!r}")
     if opts.batch_size < 1 or opts.frames < 1 or opts.flush_every < 1 or opts.decode_workers < 1:
         raise ExtractError("--batch-size, --frames, --flush-every and --decode-workers must be >= 1")
+    if opts.frames > MAX_FRAMES:
+        raise ExtractError(f"--frames {opts.frames}: expected at most {MAX_FRAMES} frames per clip (the paper uses 16)")
     if opts.max_consecutive_failures < 0:
         raise ExtractError(
             f"--max-consecutive-failures must be >= 0 (0: no limit), not {opts.max_consecutive_failures}"
@@ -127,9 +144,12 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         opts.prefetch = 2 * opts.decode_workers
     if opts.prefetch < 1:
         raise ExtractError("--prefetch must be >= 1")
-    if opts.decode_scale and opts.decode_scale < 1:
+    scale = opts.decode_scale
+    # `nan < 1` is False: finiteness first, or NaN would reach int() after the model has loaded.
+    if not math.isfinite(scale) or scale < 0 or (scale and not 1 <= scale <= MAX_DECODE_SCALE):
         raise ExtractError(
-            "--decode-scale must be 0 (off) or >= 1 (frames are never shrunk below the processor's size)"
+            f"--decode-scale {scale}: expected 0 (full size) or a finite number from 1 to {MAX_DECODE_SCALE:g} "
+            "(frames are never shrunk below the processor's size)"
         )
     if opts.attn_implementation not in (
         None,
@@ -154,6 +174,9 @@ def resolve_options(opts: RunOptions) -> RunOptions:
             raise ExtractError("--captions needs --text-encoder NAME_OR_PATH")
         if opts.caption_source not in ("generate", "title"):
             raise ExtractError(f"unknown --caption-source {opts.caption_source!r}; expected generate or title")
+        if opts.caption_source == "generate" and opts.caption_tokens < 1:
+            # Refused up front: it would fail every item and then be frozen into the folder's run_config.json.
+            raise ExtractError(f"--caption-tokens must be >= 1, not {opts.caption_tokens}")
     if not opts.model and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError("--model is required (only --captions --caption-source title runs without one)")
     import torch
@@ -221,14 +244,13 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
     Called twice: before the model is loaded (what the options decide) and after (the processor settings).
     """
     path = out / RUN_CONFIG
-    if not path.exists():
-        if write:
-            records.write_json_atomic(path, cfg)
+    if not path.exists() and (not write or _create_exclusive(path, cfg)):
         return
     try:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    check_run_config_object(path, old)
     keys = [k for k in cfg if k not in ("items", "items_format")]
     diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
     if diff:
@@ -236,6 +258,49 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
         raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out")
     if write and any(k not in old for k in cfg):
         records.write_json_atomic(path, {**old, **cfg})  # the first run after loading adds the processor settings
+
+
+def _create_exclusive(path: Path, cfg: dict) -> bool:
+    """Writes a new run_config.json unless one exists (False then). A hard link is created atomically or not at
+    all, so of two first runs with different options only one defines the folder; the other then compares."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        records.write_json_atomic(tmp, cfg)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_texts(items: list[Item], opts: RunOptions) -> None:
+    """Refuses items whose text a model would read (title modality, title captions) but that have none: an empty
+    title gives every such item the same constant vector, which is not a feature of the item."""
+    if opts.modality != "title" and not (opts.captions and opts.caption_source == "title"):
+        return
+    empty = [it for it in items if not it.text.strip()]
+    if empty:
+        shown = ", ".join(f"{it.item_id!r} (line {it.line})" for it in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise ExtractError(f"{opts.items}: {len(empty)} item(s) have an empty title: {shown}{more}")
+
+
+def uses_media(opts: RunOptions) -> bool:
+    return opts.modality != "title" and not (opts.captions and opts.caption_source == "title")
+
+
+def check_media_names(items: list[Item], opts: RunOptions) -> None:
+    """Ids name the media files (`<id>.mp4`): a separator or '.'/'..' would read a file outside --media."""
+    if not uses_media(opts):
+        return
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    for it in items:
+        if it.item_id in (".", "..") or any(c in it.item_id for c in seps):
+            raise ExtractError(
+                f"{opts.items}: line {it.line}: item id {it.item_id!r} cannot name a file in --media "
+                "(a path separator, '.' or '..')"
+            )
 
 
 def build_backend(opts: RunOptions):
@@ -318,7 +383,7 @@ def decode_item(item: Item, opts: RunOptions, max_pixels: int | None = None, siz
     """Reads one item's media into a models.Sample; MediaError when unusable. `max_pixels`, `size`: read_clip's."""
     from extract.models import Sample
 
-    if opts.modality == "title" or (opts.captions and opts.caption_source == "title"):
+    if not uses_media(opts):
         return Sample(item)
     if opts.modality == "video":
         return Sample(
@@ -393,6 +458,8 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     """
     opts = resolve_options(opts)
     all_items = read_items(opts.items, opts.items_format)
+    check_texts(all_items, opts)
+    check_media_names(all_items, opts)
     index, count = opts.shard
     mine = select_shard(all_items, index, count)
     check_video_decoder(opts, mine)  # before loading a model for a run whose decoder cannot start
@@ -415,6 +482,7 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
     for stale in out.glob(f"{prefix}-*{records.SHARD_SUFFIX}.tmp"):
         stale.unlink()  # the open part of a killed run of this shard; its items are redone
     done, _, _ = scan_shards(out)
+    check_same_items(out, done, all_items, opts.items)  # before the model loads, and before anything is written
     todo = [it for it in mine if it.item_id not in done]
     seqs = [
         int(p.name[len(prefix) + 1 : -len(records.SHARD_SUFFIX)])
@@ -492,6 +560,7 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
             seconds=round(elapsed, 3),
             items_per_second=round(manifest["extracted"] / elapsed, 4) if elapsed > 0 else None,
         )
+        manifest["run_config"] = _shard_run_config(out)
         records.write_json_atomic(out / f"manifest-{prefix}.json", manifest)
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -499,7 +568,29 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
     manifest["folder_complete"] = report.complete
     # Every item is written or failed, but failures keep the folder unfinished (the CLI makes it an error).
     manifest["folder_failures"] = failures_message(out, report) if report.blocked_by_failures else None
+    # With --allow-failures, every item may have failed: nothing to finalise, which is no success either.
+    manifest["folder_empty"] = nothing_written_message(out, report) if report.nothing_written else None
     return manifest
+
+
+def check_same_items(out: Path, done: dict, all_items: list[Item], items_path: str) -> None:
+    """A resume must extract the same item list: records of ids the list lacks mean another list (compared by id,
+    not by path, since paths differ between hosts), and finishing the run would break the folder."""
+    known = {it.item_id for it in all_items}
+    unknown = [i for i in done if i not in known]
+    if unknown:
+        raise ExtractError(
+            f"{out}: holds {len(unknown)} written item(s) not in --items {items_path} (e.g. {unknown[:3]}); "
+            "this folder is another item list's: use another --out"
+        )
+
+
+def _shard_run_config(out: Path):
+    """The folder's run_config.json as this shard saw it, for the merge to refuse shards of another run."""
+    try:
+        return json.loads((out / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _in_main_thread() -> bool:

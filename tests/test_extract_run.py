@@ -2,6 +2,7 @@
 the end-to-end path into dff_jax (features loader and trainer)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -393,3 +394,136 @@ def test_a_multi_line_error_is_printed_as_one_line(media, tmp_path, capsys, monk
     assert main(["--model", "org/none", "--items", str(media / "items.csv"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err == "error: org/none: no model config could be loaded (OSError: We couldn't connect. Check it.)\n"
+
+
+def test_bad_numbers_are_refused_before_the_model_loads(media, qwen, tmp_path, capsys):
+    out = tmp_path / "o"
+    for value in ("nan", "inf", "1e308", "-1", "0.5"):
+        assert cli(media, qwen, out, "--decode-scale", value) == 2
+        assert f"--decode-scale {float(value)}: expected 0 (full size) or a finite number" in capsys.readouterr().err
+    assert cli(media, qwen, out, "--frames", "100000") == 2
+    assert "--frames 100000: expected at most 1024 frames" in capsys.readouterr().err
+    encoder = str(tmp_path / "enc")  # never loaded: refused first
+    assert cli(media, qwen, out, "--captions", "--text-encoder", encoder, "--caption-tokens", "0") == 2
+    assert "--caption-tokens must be >= 1, not 0" in capsys.readouterr().err
+    assert not out.exists()  # nothing written, not even a run_config.json to freeze the typo into
+
+
+@pytest.mark.parametrize("argv", [["--frames", "x"], ["--no-such-flag"]])
+def test_argument_errors_are_one_error_line(media, qwen, tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli(media, qwen, tmp_path / "o", *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: python -m extract: ")
+    with pytest.raises(SystemExit) as e:
+        merge_main(["--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: python -m extract.merge: ")
+
+
+def test_ids_that_are_not_file_names_are_refused_with_media(media, qwen, tmp_path, capsys):
+    items = tmp_path / "paths.csv"
+    for bad in ("../../etc/x", "/abs/path", ".."):
+        items.write_text(f"id,title\na1,ok\n{bad},b\n")
+        args = ["--model", qwen, "--items", str(items), "--media", str(media), "--out", str(tmp_path / "o")]
+        assert main([*args, "--device", "cpu", "--no-progress"]) == 2
+        assert f"paths.csv: line 3: item id {bad!r} cannot name a file in --media" in capsys.readouterr().err
+
+
+def text_cli(model, items, out, *extra):
+    args = ["--model", model, "--items", str(items), "--modality", "title", "--out", str(out), "--device", "cpu"]
+    return main([*args, "--no-progress", *extra])
+
+
+def test_empty_titles_are_refused_in_the_title_modality(tmp_path, tmp_path_factory, capsys):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    items = tmp_path / "items.csv"
+    for content in ("id,title\n1,\n2,Heat\n", "1,\n2,Heat\n"):
+        items.write_text(content)
+        assert text_cli(model, items, tmp_path / "o") == 2
+        line = 2 if content.startswith("id") else 1
+        assert f"1 item(s) have an empty title: '1' (line {line})" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "run_config.json").exists()
+
+
+def test_a_resume_with_another_item_list_is_refused_before_loading(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    first, other, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "feat"
+    first.write_text("id,title\ngood,Toy Story\ngood2,Heat\n")
+    other.write_text("id,title\nx1,Alien\nx2,Brazil\n")
+    assert text_cli(model, first, out) == 0
+    capsys.readouterr()
+    import extract.run as run_module
+
+    monkeypatch.setattr(run_module, "build_backend", lambda opts: pytest.fail("the model was loaded"))
+    assert text_cli(model, other, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds 2 written item(s) not in --items {other}" in err and "'good'" in err
+    assert records.read_schema(out).num_items == 2 and len(read_all(out)) == 2  # the folder is untouched
+
+
+def test_merged_files_contradicting_the_records_go_when_finalize_refuses(tmp_path, tmp_path_factory):
+    from extract.merge import finalize
+
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    items, out = tmp_path / "a.csv", tmp_path / "feat"
+    items.write_text("id,title\ngood,Toy Story\ngood2,Heat\n")
+    assert text_cli(model, items, out) == 0
+    # A record of an unknown item (the audit's resume with another list, done before it was refused).
+    with records.ShardWriter(out / "part-00000-of-00001-000009.tfrecord") as w:
+        w.write_bytes("stray", np.zeros((3, 32), np.float32).tobytes(), "float32", (3, 32))
+    with pytest.raises(ExtractError, match="1 written item"):
+        finalize(out, ["good", "good2"])
+    assert not (out / records.SCHEMA_FILE).exists() and not (out / "manifest.json").exists()
+
+
+def test_merge_refuses_a_shard_of_another_run(tmp_path, tmp_path_factory, capsys):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    items, rec, plain = tmp_path / "a.csv", tmp_path / "rec", tmp_path / "plain"
+    items.write_text("id,title\n1,Toy Story\n2,Heat\n3,Alien\n")
+    assert text_cli(model, items, rec, "--shard", "0/2") == 0
+    assert text_cli(model, items, plain, "--shard", "1/2", "--prompt", "plain") == 0
+    capsys.readouterr()
+    for p in [*plain.glob("part-*"), *plain.glob("manifest-part-*")]:
+        shutil.copy(p, rec / p.name)
+    assert merge_main(["--out", str(rec)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest-part-00001-of-00002.json: this shard was extracted by another run" in err
+    assert "prompt_name 'plain' vs 'rec'" in err and not (rec / records.SCHEMA_FILE).exists()
+    # A manifest written before shards recorded their run config is not checked (old folders stay readable).
+    path = rec / "manifest-part-00001-of-00002.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "run_config"}))
+    assert merge_main(["--out", str(rec)]) == 0
+
+
+@pytest.mark.parametrize("content, says", [("[1]", "found a list"), ("{}", "missing model, modality")])
+def test_a_run_config_that_is_not_this_extractors_is_one_error(tmp_path, tmp_path_factory, capsys, content, says):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    items, out = tmp_path / "a.csv", tmp_path / "feat"
+    items.write_text("id,title\n1,Toy Story\n")
+    out.mkdir()
+    (out / "run_config.json").write_text(content)
+    assert merge_main(["--out", str(out)]) == 2
+    assert f"run_config.json: expected the JSON object this extractor writes ({says}" in capsys.readouterr().err
+    assert text_cli(model, items, out) == 2
+    assert f"run_config.json: expected the JSON object this extractor writes ({says}" in capsys.readouterr().err
+
+
+def test_two_first_runs_cannot_both_define_the_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from extract.run import _check_run_config
+
+    out = tmp_path / "feat"
+    out.mkdir()
+    cfg = {"model": "m", "modality": "title", "prompt_name": "rec", "prompt_text": "x", "pool": "last"}
+    cfg.update(dtype="float32", num_frames=0, items="a.csv")
+    _check_run_config(out, cfg, write=True)
+    # The second first run also finds no file (the race window): its write must not replace the first one's.
+    exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: self.name != "run_config.json" and exists(self))
+    with pytest.raises(ExtractError, match="prompt_name: 'rec' there vs 'plain' now"):
+        _check_run_config(out, {**cfg, "prompt_name": "plain"}, write=True)
+    assert json.loads((out / "run_config.json").read_text())["prompt_name"] == "rec"
+    assert not list(out.glob("*.tmp"))
