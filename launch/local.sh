@@ -11,7 +11,7 @@
 set -euo pipefail
 
 die() {
-  echo "local.sh: $*" >&2
+  echo "error: local.sh: $*" >&2
   exit 2
 }
 

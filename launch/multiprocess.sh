@@ -12,14 +12,14 @@
 # The workdir must be on storage every host sees (checkpoints are written by all processes).
 set -euo pipefail
 
-: "${JAX_COORDINATOR_ADDRESS:?set JAX_COORDINATOR_ADDRESS=host:port of process 0}"
-: "${JAX_NUM_PROCESSES:?set JAX_NUM_PROCESSES=number of processes (hosts) in the job}"
-: "${JAX_PROCESS_ID:?set JAX_PROCESS_ID=this process id, 0..JAX_NUM_PROCESSES-1}"
-
 die() {
-  echo "multiprocess.sh: $*" >&2
+  echo "error: multiprocess.sh: $*" >&2
   exit 2
 }
+# Explicit checks, not ${VAR:?}: that form exits with status 1 and no "error:" prefix.
+[[ -n ${JAX_COORDINATOR_ADDRESS:-} ]] || die "set JAX_COORDINATOR_ADDRESS=host:port of process 0"
+[[ -n ${JAX_NUM_PROCESSES:-} ]] || die "set JAX_NUM_PROCESSES=number of processes (hosts) in the job"
+[[ -n ${JAX_PROCESS_ID:-} ]] || die "set JAX_PROCESS_ID=this process id, 0..JAX_NUM_PROCESSES-1"
 [[ $JAX_COORDINATOR_ADDRESS =~ ^.+:[0-9]+$ ]] || die "JAX_COORDINATOR_ADDRESS must be host:port, got '$JAX_COORDINATOR_ADDRESS'"
 [[ $JAX_NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "JAX_NUM_PROCESSES must be a positive integer, got '$JAX_NUM_PROCESSES'"
 if ! [[ $JAX_PROCESS_ID =~ ^[0-9]+$ ]] || ((JAX_PROCESS_ID >= JAX_NUM_PROCESSES)); then

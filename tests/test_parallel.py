@@ -195,7 +195,8 @@ def fake_program(path: Path, name: str) -> Path:
 def test_multiprocess_sh_demands_its_environment_then_starts_the_trainer(tmp_path):
     script = str(REPO / "launch" / "multiprocess.sh")
     missing = subprocess.run([script, "--config", "c.py"], check=False, capture_output=True, text=True, env=clean_env())
-    assert missing.returncode != 0 and "JAX_COORDINATOR_ADDRESS" in missing.stderr
+    # one error line and status 2, like every CLI (bash's ${VAR:?} gave status 1 and no "error:")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: multiprocess.sh: set JAX_COORDINATOR_ADDRESS")
     env = clean_env(JAX_COORDINATOR_ADDRESS="host0:1234", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2")
     bad = subprocess.run([script, "--config", "c.py"], check=False, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "JAX_PROCESS_ID must be in 0..1, got '2'" in bad.stderr
@@ -221,6 +222,16 @@ def test_slurm_sbatch_runs_one_process_per_node_with_all_its_gpus(tmp_path):
     args, environment = proc.stdout.splitlines()
     assert args == "ARGS --ntasks-per-node=1 --kill-on-bad-exit=1 python3 -m dff_jax.train --config c.py --workdir w"
     assert environment.endswith(" 0,1,2,3")  # every GPU of the node for its one process
+
+
+@pytest.mark.parametrize("gpus", [None, "0", "h100:0"])
+def test_slurm_sbatch_refuses_a_node_without_gpus(tmp_path, gpus):
+    fake_program(tmp_path, "srun")
+    env = clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}", **({"SLURM_GPUS_ON_NODE": gpus} if gpus else {}))
+    script = str(REPO / "launch" / "slurm.sbatch")
+    proc = subprocess.run(["bash", script, "--config", "c.py"], check=False, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # srun never started
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: slurm.sbatch: "), proc.stderr
 
 
 # ------------------------------------------------------------------------------------ multi-device / multi-process
