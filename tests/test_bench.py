@@ -92,7 +92,7 @@ def test_all_runs_the_three_settings_in_one_process():
         ),
         (["--what", "features", "--users", "3"], "--what features does not use --users"),
         (
-            ["--what", "catalogue", "--out", "unused-dir", "--devices", "3", "--model-axis", "2"],
+            ["--what", "catalogue", "--out", "/proc/unwritable", "--devices", "3", "--model-axis", "2"],
             "--devices 3: expected",
         ),
     ],
