@@ -454,7 +454,12 @@ class VisionLanguageBackend:
 
     def _resized_size(self, height: int, width: int, frames: int) -> tuple[int, int] | None:
         vp = self._processor().video_processor
-        out = vp(videos=[np.zeros((frames, height, width, 3), np.uint8)], do_sample_frames=False, return_tensors="pt")
+        out = vp(
+            videos=[np.zeros((frames, height, width, 3), np.uint8)],
+            do_sample_frames=False,
+            input_data_format="channels_last",
+            return_tensors="pt",
+        )
         grid = out.get("video_grid_thw")
         if grid is None:
             return None
@@ -506,6 +511,10 @@ class VisionLanguageBackend:
         elif self.modality == "cover":
             # One list per sample: a flat list is read by SmolVLM and Gemma3 as one sample with B images.
             kwargs["images"] = [[s.image] for s in samples]
+        if self.modality != "title":
+            # Frames and covers are [H, W, 3]: said outright, since the processors guess the channel axis and take
+            # a picture 1 or 3 pixels high for channels-first (a 1 x 1 placeholder cover, a 3 x 40 clip).
+            kwargs["input_data_format"] = "channels_last"
         return processor(**kwargs).to(device or self.device)
 
     def visual_mask(self, x) -> torch.Tensor | None:

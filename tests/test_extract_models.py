@@ -203,3 +203,24 @@ def test_a_mistyped_model_path_is_named_not_sent_to_the_hub(tmp_path):
     check_location("--model", str(tmp_path))  # an existing folder passes
     with pytest.raises(ExtractError, match=r"--text-encoder .*/missing-minilm: no such file or folder"):
         TextEncoder(str(tmp_path / "missing-minilm"))
+
+
+@pytest.mark.parametrize("kind", VLM_KINDS)
+def test_flat_pictures_are_read_channels_last(tmp_path_factory, kind):
+    # A picture 1 or 3 pixels high ([1, W, 3], [3, W, 3]) looked channels-first to the processors' guess: a
+    # 1 x 1 placeholder cover got the patch grid of a 3 x 1 one. Its grid must be the one of its true shape.
+    cover = backend(tmp_path_factory, kind, modality="cover")
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (3, 5), (3, 40)]:
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        x = cover.inputs([Sample(Item("1", "a", "a"), image=img)])
+        expected = cover.processor.image_processor(images=[img], input_data_format="channels_last", return_tensors="pt")
+        for key in ("image_grid_thw", "image_sizes", "pixel_values"):
+            if key in expected:
+                np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(expected[key]), err_msg=f"{key} {h}x{w}")
+
+
+def test_the_decode_size_of_a_flat_clip_keeps_its_orientation(tmp_path_factory):
+    be = backend(tmp_path_factory, "qwen2_5_vl", modality="video")
+    h, w = be.frame_size(3, 40, 4)
+    assert w > h  # read channels-first, the 3 x 40 clip was decoded to 112 x 28 (aspect ratio flipped)

@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("av")
 
+from extract import video  # noqa: E402
 from extract.video import MediaError, read_clip, write_test_video  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -74,3 +75,30 @@ def test_real_archery_clip():
     assert clip.frames.shape == (16, 240, 320, 3)
     assert clip.indices[0] == 0 and clip.indices[-1] == 299 and clip.total_frames == 300
     assert clip.fps == pytest.approx(29.97, abs=0.01)
+
+
+def test_a_16_bit_cover_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    grey = np.zeros((4, 6), np.uint16)
+    grey[:, 3:] = 40000
+    grey[:, :3] = 20000
+    path = tmp_path / "c.jpg"  # a PNG under a .jpg name, as cover archives have
+    Image.fromarray(grey).save(path, format="PNG")
+    rgb = video.read_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (4, 6, 3)
+    assert (rgb[:, :3] == 20000 >> 8).all() and (rgb[:, 3:] == 40000 >> 8).all()  # convert("RGB") gave 255
+
+
+def test_undecodable_covers_are_the_items_failure(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "bomb.jpg"
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(path, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 100 pixels > 2 x the limit: PIL's DecompressionBombError
+    with pytest.raises(video.MediaError, match="cannot decode image"):
+        video.read_image(path)
+    monkeypatch.undo()
+    Image.fromarray(np.ones((3, 3), np.float32)).save(path := tmp_path / "f.tif")
+    with pytest.raises(video.MediaError, match="floating-point"):
+        video.read_image(path)
