@@ -671,13 +671,35 @@ def is_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
+def storage_problem(vectors: torch.Tensor, dtype: str) -> str | None:
+    """Why `vectors` cannot be stored as features, or None: NaN/Inf (a diverging model, or float16 overflow) or
+    magnitudes the trainer refuses (dff_jax.features.MAX_ABS); recorded as the item's failure, since a finished
+    folder holding them would stop every training run on it (docs/protocol.md section 8)."""
+    from dff_jax.features import MAX_ABS
+
+    stored = vectors.to(STORAGE_DTYPES[dtype]).float()
+    bad = ~torch.isfinite(stored) | (stored.abs() >= MAX_ABS)
+    if not bad.any():
+        return None
+    layer = int(bad.any(dim=-1).nonzero()[0, 0])
+    finite = bool(torch.isfinite(stored[layer]).all())
+    what = f"|x| up to {float(vectors[layer].float().abs().max()):.4g}" if finite else "NaN or Inf"
+    hint = " (float16 overflows above 65504: use --dtype bfloat16 or float32)" if dtype == "float16" else ""
+    return (
+        f"hidden states of row {layer} hold {what} stored as {dtype}, beyond what dff_jax loads (finite, |x| < 2^20)"
+        f"{hint}; not stored"
+    )
+
+
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def to_storage_bytes(vectors: torch.Tensor, dtype: str) -> bytes:
     """Casts [layers, H] float32 to the storage dtype; raw little-endian bytes for dff_jax.records.
 
     bfloat16 goes through an int16 view because numpy has no bfloat16 of its own.
     """
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    t = vectors.to(torch_dtype).contiguous()
+    t = vectors.to(STORAGE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
         t = t.view(torch.int16)
     return t.numpy().tobytes()

@@ -608,7 +608,7 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
 
     from tqdm import tqdm
 
-    from extract.models import to_storage_bytes
+    from extract.models import storage_problem, to_storage_bytes
 
     t0 = time.time()
     backend = None if (opts.captions and opts.caption_source == "title") else build_backend(opts)
@@ -679,6 +679,10 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
                 for sample, vectors in _vectors(
                     backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
                 ):
+                    problem = storage_problem(vectors, opts.dtype)
+                    if problem:
+                        fail(sample.item, "model", problem)
+                        continue
                     buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
                     manifest["extracted"] += 1
                     succeeded()

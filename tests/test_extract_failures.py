@@ -276,3 +276,31 @@ def test_processes_racing_for_one_shard_lock_get_it_exactly_once(tmp_path):
     assert sorted(o.split()[0] for o in outputs) == ["got", "refused", "refused", "refused"], outputs
     assert all("is already being extracted" in o for o in outputs if o.startswith("refused"))
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_non_finite_or_huge_hidden_states_are_the_items_failure(media, qwen, tmp_path, capsys, monkeypatch):
+    # The folder used to be finalised with them; every training run on it then stopped at load.
+    original = VisionLanguageBackend.forward
+
+    def forward(self, prepared, pool):
+        out = original(self, prepared, pool).clone()  # an inference tensor cannot be written in place
+        for k, s in enumerate(prepared.samples):
+            if s.item.item_id == "a2":
+                out[k][1, 0] = float("inf")
+            if s.item.item_id == "a3":
+                out[k][0, 0] = 70000.0  # finite in float32, Inf in float16
+        return out
+
+    monkeypatch.setattr(VisionLanguageBackend, "forward", forward)
+    out = tmp_path / "feat"
+    assert cli(media, qwen, out, "--dtype", "float16", "--batch-size", "3") == 2
+    error, _ = one_error(capsys)
+    assert "2 item(s) failed" in error
+    reasons = {k: v["reason"] for k, v in failures(out).items()}
+    assert sorted(reasons) == ["a2", "a3"] and all(failures(out)[k]["stage"] == "model" for k in reasons)
+    assert "row 1 hold NaN or Inf stored as float16" in reasons["a2"] and "use --dtype bfloat16" in reasons["a3"]
+    assert "a2" not in written(out) and "a3" not in written(out)
+    from extract.models import storage_problem
+
+    assert storage_problem(torch.full((2, 3), 70000.0), "bfloat16") is None  # bfloat16 keeps float32's range
+    assert "|x| up to 2.1e+06" in storage_problem(torch.full((2, 3), 2.1e6), "float32")
