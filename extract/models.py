@@ -522,11 +522,13 @@ class VisionLanguageBackend:
             return None
         return torch.isin(x["input_ids"], self.visual_ids.to(x["input_ids"].device))
 
-    def prepare(self, samples: list[Sample]) -> Prepared:
+    def prepare(self, samples: list[Sample], check: bool = True) -> Prepared:
         """Model inputs for a batch, built on the CPU (thread-safe: runs in the decode workers)."""
         groups, tokens = [], [0] * len(samples)
         for idx in frame_groups(samples):
             x = self.inputs([samples[i] for i in idx], device="cpu")
+            if check:
+                check_fits(x, self.context)
             vis = self.visual_mask(x)
             for row, i in enumerate(idx):
                 tokens[i] = int(vis[row].sum()) if vis is not None else 0
@@ -535,7 +537,7 @@ class VisionLanguageBackend:
 
     def check_context(self, samples: list[Sample], what: str) -> dict:
         """Raises ExtractError before a run when an item of this shape would not fit the model's context."""
-        prepared = self.prepare(samples)
+        prepared = self.prepare(samples, check=False)  # the error below says more than check_fits
         seq = max(int(x["input_ids"].shape[1]) for _, x in prepared.groups)
         if self.context and seq > self.context:
             raise ExtractError(
@@ -635,6 +637,7 @@ class TextBackend:
     @torch.inference_mode()
     def hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
         x = self.inputs(samples)
+        check_fits(x, self.context)
         positions = _left_padded_positions(x["attention_mask"])
         return self.pooler.run(
             lambda: self.model(**x, position_ids=positions, **self._kwargs), x["attention_mask"], None, pool
@@ -643,12 +646,27 @@ class TextBackend:
     @torch.inference_mode()
     def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
         x = self.inputs(samples)
+        check_fits(x, self.context)
         out = self.model.generate(
             **x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
         )
         return [
             t.strip() for t in self.tokenizer.batch_decode(out[:, x["input_ids"].shape[1] :], skip_special_tokens=True)
         ]
+
+
+def check_fits(x, context: int | None) -> None:
+    """Raises ValueError (the batch is retried one by one, the item then recorded as a model failure) for an input
+    longer than the model's context: its positions past the context are ones the model never saw (a 9,000-token
+    title through a 4,096-token model), so its hidden states are not features of the item."""
+    if not context:
+        return
+    lengths = x["attention_mask"].sum(dim=1)
+    if int(lengths.max()) > context:
+        raise ValueError(
+            f"{int(lengths.max())} tokens exceed the model's context of {context} (max_position_embeddings); a "
+            "shorter title or prompt, fewer --frames or a smaller --max-pixels"
+        )
 
 
 def is_causal_lm(model: str, trust_remote_code: bool = False) -> bool:

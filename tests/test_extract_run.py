@@ -527,3 +527,19 @@ def test_two_first_runs_cannot_both_define_the_folder(tmp_path, monkeypatch):
         _check_run_config(out, {**cfg, "prompt_name": "plain"}, write=True)
     assert json.loads((out / "run_config.json").read_text())["prompt_name"] == "rec"
     assert not list(out.glob("*.tmp"))
+
+
+def test_a_title_longer_than_the_context_is_the_items_failure(tmp_path, tmp_path_factory, capsys):
+    # Positions past max_position_embeddings were run silently; the item's states are not features then.
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(model).max_position_embeddings
+    items = tmp_path / "items.csv"
+    items.write_text(f"id,title\nshort,Toy Story\nlong,{' '.join(['arrow'] * (context + 10))}\nlast,Heat\n")
+    out = tmp_path / "feat"
+    assert text_cli(model, items, out, "--batch-size", "3") == 2
+    err = capsys.readouterr().err
+    assert "1 item(s) failed: long (model: ValueError:" in err and f"the model's context of {context}" in err
+    written = {i for p in records.shard_files(out) for i, _ in map(records.decode_item, records.iter_records(p))}
+    assert written == {"short", "last"}  # the batch was retried one by one: the others are kept
