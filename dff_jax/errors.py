@@ -156,14 +156,9 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         if "config" in flag_values and flag_values.config is not None:
             # A config file that failed to load is an error object that raises on first use: use it here.
             flag_values.config.keys()
-            from dff_jax import defaults
-
-            defaults.check_overrides(flag_values.config, overridden_fields(argv))
         return rest
     except flags.Error as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
     except Exception as e:  # a typo, a bad value, or a config file that does not load (SyntaxError, NameError, ...)
         bad = [a for a in argv[1:] if a.startswith("--config")]
         if isinstance(e, AttributeError) and "get_config" in str(e):  # the file loaded but is not a config file

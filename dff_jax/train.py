@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, evaluate, parallel, records, synthetic, train_state
-from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, parse_flags
+from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, overridden_fields, parse_flags
 
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
@@ -78,6 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if main:  # a workdir that cannot be made stops the run here, before the data is read
         workdir.mkdir(parents=True, exist_ok=True)
     dataset, state, static, frozen = train_state.build_run(config)
+    identity = train_state.with_content_digest(identity, static)  # every record, read by the cache build
+    train_state.check_identity(workdir, identity)
     step = train_state.jit_train_step(static, config.train.steps_per_call)
     if main:
         records.write_json_atomic(workdir / train_state.IDENTITY_FILE, identity)
@@ -262,6 +265,7 @@ def main(argv) -> None:
 
     del argv
     workdir = folder_arg(flags.FLAGS.workdir, "--workdir")
+    defaults.check_overrides(flags.FLAGS.config, overridden_fields(sys.argv))  # ones the variant does not read
     train_and_evaluate(flags.FLAGS.config, workdir, restart=flags.FLAGS.restart)
 
 
