@@ -249,8 +249,10 @@ def load_run(workdir: str | Path, step: int | None = None) -> dict:
     defaults.validate(config)
     parallel.initialize(config.parallel)
     # The data and features must still be what the run was trained on (an edited file re-indexes items silently).
-    train_state.check_identity(workdir, train_state.run_identity(config))
+    identity = train_state.run_identity(config)
+    train_state.check_identity(workdir, identity)
     dataset, state, static, frozen = train_state.build_run(config)
+    train_state.check_identity(workdir, train_state.with_content_digest(identity, static))  # every record
     saved = data_lib.load_item_map(workdir / "item_map.json")
     if saved != dataset.item_ids:
         raise TrainError(

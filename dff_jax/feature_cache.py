@@ -327,6 +327,7 @@ def build(
             "block_crc32c": crcs,
             "missing": loaded.missing,
             "missing_examples": loaded.missing_examples,
+            "content_digest": loaded.content_digest,
             "unused": loaded.unused,
             "records": loaded.records,
             "files": loaded.files,

@@ -85,6 +85,7 @@ class FeatureTable:
     identical: list = dataclasses.field(default_factory=list)
     num_identical: int = 0
     missing_examples: list = dataclasses.field(default_factory=list)  # the first few ids of the `missing` items
+    content_digest: str | None = None  # sha256 of every shard's name and records, in order (run identity)
 
     def report(self) -> str:
         """One line saying what was loaded, for logs."""
@@ -311,10 +312,15 @@ def load_features(
     identical: list[tuple[str, str]] = []  # (item, an earlier item whose stored row is exactly the same)
     filled = np.zeros(len(item_ids), bool)
     num_records = unused = 0
+    # The full content digest, computed while every record is read anyway: the run identity's check that the
+    # features are those a run was trained on (`fingerprint` reads only each shard's ends; docs/protocol.md 8).
+    content = hashlib.sha256((directory / records.SCHEMA_FILE).read_bytes())
     for shard in shards:
+        content.update(shard.name.encode() + b"\0")
         try:
             for number, payload in enumerate(records.iter_records(shard)):
                 where = f"{shard}: record {number}"
+                content.update(len(payload).to_bytes(8, "little") + payload)
                 item_id, array = records.decode_item(payload, where)
                 if array.dtype != dtype:
                     raise FeatureError(f"{where}: item {item_id}: dtype {array.dtype}, schema says {schema.dtype}")
@@ -367,6 +373,7 @@ def load_features(
         identical=identical,
         num_identical=len(identical),
         missing_examples=examples,
+        content_digest=content.hexdigest(),
     )
     log.info(result.report())
     if identical:

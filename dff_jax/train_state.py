@@ -100,6 +100,7 @@ def load_table(
         files=h["files"],
         identical=[tuple(pair) for pair in h["identical"]],
         num_identical=h["num_identical"],
+        content_digest=h.get("content_digest"),  # absent in caches built before it was recorded
     )
     if loaded.missing:
         say(f"features: {loaded.missing} of {dataset.num_items} items have no features and were zero-filled")
@@ -235,6 +236,7 @@ def build_run(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, dict
             "missing_items": loaded.missing,
             "identical_items": loaded.num_identical,
             "unused_records": loaded.unused,
+            "content_digest": loaded.content_digest,
         }
     return dataset, state, static, frozen
 
@@ -408,7 +410,20 @@ def identity_differences(recorded: dict, identity: dict) -> list[str]:
             out.append(
                 f"{what} file contents (fingerprint {str(recorded.get(what))[:12]} -> {str(identity.get(what))[:12]})"
             )
+    # Known only once the feature cache is open (`with_content_digest`); not compared with a run recorded before it
+    # existed, or with a cache built before it was recorded.
+    what = "features_content"
+    if recorded.get(what) and identity.get(what) and recorded[what] != identity[what]:
+        out.append(f"features records (content digest {recorded[what][:12]} -> {identity[what][:12]})")
     return out
+
+
+def with_content_digest(identity: dict, static: dict) -> dict:
+    """`identity` plus the full content digest of the features the run just loaded (`features.load_features`, kept
+    in the cache header): every record, not only the ends of each shard that `features.fingerprint` reads, so
+    records rewritten in the middle of a shard make another run. Check the workdir again with it after build_run."""
+    digest = (static.get("features") or {}).get("content_digest")
+    return {**identity, "features_content": digest} if digest else identity
 
 
 def discard_run(workdir: Path) -> None:

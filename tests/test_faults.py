@@ -407,3 +407,29 @@ def test_sampled_negatives_for_a_user_who_met_every_item_are_refused_naming_the_
         train_state.check_eval_fits(eval_cfg, dataset)
     split["targets"] = np.array([1, 2])  # alice now leaves item 3 to draw
     train_state.check_eval_fits(eval_cfg, dataset)
+
+
+def test_records_rewritten_in_the_middle_of_a_shard_are_another_run(finished, tmp_path, monkeypatch):
+    """The cheap features fingerprint reads only each shard's ends (here: made blind to the change, as for a
+    shard > 2 MiB); the content digest the cache build takes of every record still tells the runs apart."""
+    from dff_jax import features, train_state
+
+    root, config, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    shutil.copytree(root / "data", tmp_path / "data", ignore=shutil.ignore_patterns("dff_cache"))
+    c = smoke_config(tmp_path / "data")
+    monkeypatch.setattr(train_state.features_lib, "fingerprint", lambda directory: "blind")
+    recorded = json.loads((tmp_path / "run" / train_state.IDENTITY_FILE).read_text())
+    recorded["features"] = "blind"  # as if the fingerprint had not seen the change
+    (tmp_path / "run" / train_state.IDENTITY_FILE).write_text(json.dumps(recorded))
+    (tmp_path / "run" / "results.json").unlink()  # resume: the run is checked again
+    train_state.check_identity(tmp_path / "run", train_state.run_identity(c))  # the ends look unchanged
+    fdir = tmp_path / "data" / "features"
+    shard = records.shard_files(fdir)[0]
+    items = [records.decode_item(p, "x") for p in records.iter_records(shard)]
+    with records.ShardWriter(shard) as w:  # the same sizes, one record's values negated
+        for k, (item_id, array) in enumerate(items):
+            w.write(item_id, -array if k == len(items) // 2 else array)
+    with pytest.raises(TrainError, match=r"different run \(differing: features records \(content digest"):
+        train.train_and_evaluate(c, tmp_path / "run")
+    assert recorded["features_content"] != features.load_features(fdir, [""]).content_digest
