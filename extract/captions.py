@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from extract import ExtractError
-from extract.models import check_location, dtype_key
+from extract.models import check_location, dtype_key, load_weights
 
 # sentence-transformers Pooling modes this encoder reproduces (1_Pooling/config.json keys).
 POOLING_MODES = {
@@ -109,7 +109,11 @@ class TextEncoder:
         st = sentence_transformers_settings(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModel.from_pretrained(name, **{dtype_key(): torch.float32}).to(device).eval()
+            # The pooler head (BERT's CLS dense layer) is never used: pooling is sentence-transformers' own.
+            encoder = load_weights(
+                AutoModel, name, f"--text-encoder {name}", ("pooler.",), **{dtype_key(): torch.float32}
+            )
+            self.model = encoder.to(device).eval()
         except (OSError, ValueError) as e:
             raise ExtractError(
                 f"--text-encoder {name}: cannot load a tokenizer + encoder ({type(e).__name__}: {e})"

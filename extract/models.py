@@ -327,6 +327,21 @@ def dtype_key() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def load_weights(auto_class, location, what: str, ignore: tuple[str, ...] = (), **kwargs):
+    """`auto_class.from_pretrained(location, **kwargs)`, refused when the checkpoint lacks weights the model has:
+    transformers would initialise those at random and only log it, and every feature would be computed through
+    random layers (a partial download, a damaged shard, a folder of another architecture). `ignore`: prefixes of
+    weights the caller never uses (a text encoder's pooler head)."""
+    model, info = auto_class.from_pretrained(location, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(ignore))
+    if missing:
+        raise ExtractError(
+            f"{what}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}; they would be "
+            "random (an incomplete download or a damaged shard?): download the model again"
+        )
+    return model
+
+
 def load_kwargs(compute_dtype: str, device: str, attn_implementation: str | None) -> dict:
     """`from_pretrained` arguments: weights loaded straight onto the device (no full copy in host RAM first)."""
     kwargs = {"dtype": _torch_dtype(compute_dtype, device), "device_map": device}
@@ -385,8 +400,12 @@ class VisionLanguageBackend:
         self.model_type = config.model_type
         self.frame_pixels = apply_token_budget(processor, config.model_type, num_frames, max_pixels, model)
         try:
-            net = AutoModelForImageTextToText.from_pretrained(
-                model, trust_remote_code=trust_remote_code, **load_kwargs(compute_dtype, device, attn_implementation)
+            net = load_weights(
+                AutoModelForImageTextToText,
+                model,
+                model,
+                trust_remote_code=trust_remote_code,
+                **load_kwargs(compute_dtype, device, attn_implementation),
             )
         except (OSError, ValueError, ImportError) as e:
             raise ExtractError(
@@ -608,8 +627,10 @@ class TextBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(
+            self.model = load_weights(
+                AutoModelForCausalLM,
                 location,
+                model,
                 trust_remote_code=trust_remote_code,
                 **load_kwargs(compute_dtype, device, attn_implementation),
                 **extra,

@@ -224,3 +224,25 @@ def test_the_decode_size_of_a_flat_clip_keeps_its_orientation(tmp_path_factory):
     be = backend(tmp_path_factory, "qwen2_5_vl", modality="video")
     h, w = be.frame_size(3, 40, 4)
     assert w > h  # read channels-first, the 3 x 40 clip was decoded to 112 x 28 (aspect ratio flipped)
+
+
+@pytest.mark.parametrize("kind", ["text_lm", "qwen2_5_vl"])
+def test_a_checkpoint_missing_weights_is_refused(tmp_path, tmp_path_factory, kind):
+    # transformers initialises missing weights at random and only logs it: every feature would go through them.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / kind
+    shutil.copytree(tiny_checkpoint(tmp_path_factory, kind), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1." not in k}, folder / "model.safetensors")
+    with pytest.raises(
+        ExtractError, match=r"the checkpoint lacks \d+ weight\(s\) of the model, e\.g\. \[.*layers\.1\."
+    ):
+        if kind == "text_lm":
+            TextBackend(str(folder), prompt=PROMPTS["plain"], device="cpu", compute_dtype="float32")
+        else:
+            VisionLanguageBackend(
+                str(folder), modality="video", prompt=PROMPTS["rec"], device="cpu", compute_dtype="float32"
+            )
