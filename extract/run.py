@@ -371,7 +371,7 @@ def check_video_decoder(opts: RunOptions, items: list[Item]) -> None:
         if not path.is_file():
             continue
         try:
-            read_clip(path, 1, decoder=opts.video_decoder)
+            read_clip(path, 1, decoder=opts.video_decoder, strict_device=True)
         except DecoderError as e:
             raise ExtractError(f"--video-decoder {opts.video_decoder}: {e}; use --video-decoder cpu") from None
         except MediaError:

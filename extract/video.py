@@ -151,10 +151,11 @@ SizeFn = Callable[[int, int, int], "tuple[int, int] | None"]
 class _Decoder:
     """Frames of one stream converted to RGB at the clip's size; counts what was decoded and the conversion time."""
 
-    def __init__(self, container, stream, max_pixels, size_fn: SizeFn | None = None, frames: int = 0):
+    def __init__(self, container, stream, max_pixels, size_fn: SizeFn | None = None, frames: int = 0, reopen=None):
         from av.video.reformatter import VideoReformatter
 
         self.container, self.stream, self.max_pixels = container, stream, max_pixels
+        self.reopen = reopen  # () -> (container, stream) read from the start, for files that cannot seek
         self.size_fn, self.sampled = size_fn, frames
         self.tb = float(stream.time_base) if stream.time_base else 0.0
         self.size = None  # (width, height) in the stream's (stored) orientation
@@ -269,7 +270,15 @@ def _decode_seek(dec: _Decoder, wanted: list[float], keys: list[float]):
 
 def _decode_all(dec: _Decoder, wanted: set[float] | None):
     """Every frame of the file in order, keeping the wanted ones (all of them when `wanted` is None)."""
-    dec.container.seek(0)
+    import av
+
+    try:
+        dec.container.seek(0)
+    except av.FFmpegError:  # a file that cannot seek (a raw H.264/HEVC stream named .mp4): read it again
+        if dec.reopen is None:
+            raise
+        dec.container.close()
+        dec.container, dec.stream = dec.reopen()
     dec.seeks += 1
     frames, stamps = [], []
     for frame in dec.frames():
@@ -290,6 +299,7 @@ def read_clip(
     size: SizeFn | None = None,
     threads: int = 0,
     decoder: str = CPU_DECODER,
+    strict_device: bool = False,
 ) -> Clip:
     """Decodes up to `num_frames` frames sampled uniformly over the whole clip.
 
@@ -305,6 +315,9 @@ def read_clip(
       decoder: "cpu", or a hardware device type of `hardware_decoders()` ("cuda": NVDEC). The same seek and
         skip logic applies (FFmpeg parses the stream on the CPU and hands the slices to the device); a file the
         device cannot decode (a profile it lacks) is decoded again on the CPU and says so in `Clip.decoder_fallback`.
+      strict_device: raise DecoderError when the device cannot open this file (the run's check that the device
+        works at all, `run.check_video_decoder`); otherwise that too is a per-file CPU fallback, since the device
+        was seen working: stopping the run for one file the device refuses would need a restart with the CPU.
 
     Raises:
       MediaError: missing, empty, unreadable or frameless files, with the reason.
@@ -315,7 +328,9 @@ def read_clip(
         return _read_clip(path, num_frames, method, max_pixels, size, threads, decoder)
     try:
         return _read_clip(path, num_frames, method, max_pixels, size, threads, decoder)
-    except MediaError as e:
+    except (MediaError, DecoderError) as e:
+        if isinstance(e, DecoderError) and strict_device:
+            raise
         clip = _read_clip(path, num_frames, method, max_pixels, size, threads, CPU_DECODER)
         clip.decoder_fallback = f"{decoder}: {e}"
         return clip
@@ -329,14 +344,21 @@ def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decode
     if method not in ("seek", "full"):
         raise ValueError(f"method must be seek or full, got {method!r}")
     t_start = time.thread_time()
-    container = _open(path, decoder)
-    try:
+
+    def open_stream():
+        container = _open(path, decoder)
         if not container.streams.video:
+            container.close()
             raise MediaError(f"no video stream in {path}")
         stream = container.streams.video[0]
         # Frame threading would apply the per-packet skip_frame of the seek path late; slice threading does not.
         stream.thread_type = "SLICE" if method == "seek" else "AUTO"
         stream.codec_context.thread_count = threads
+        return container, stream
+
+    container, stream = open_stream()
+    dec = None
+    try:
         try:
             times, keys = _packet_index(container, stream)
         except av.FFmpegError as e:
@@ -344,7 +366,7 @@ def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decode
         tb = float(stream.time_base) if stream.time_base else 0.0
         wanted = _choose_times(times, num_frames) if times and tb > 0 else None
         t_index = time.thread_time()
-        dec = _Decoder(container, stream, max_pixels, size, len(wanted) if wanted else num_frames)
+        dec = _Decoder(container, stream, max_pixels, size, len(wanted) if wanted else num_frames, open_stream)
         used = method
         try:
             # Seeking pays off only for a sparse sample; half the frames or more are cheaper decoded in one pass.
@@ -363,9 +385,9 @@ def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decode
             stamps = [float(i) for i in keep]
         if not frames:
             raise MediaError(f"no decodable video frames in {path}")
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 30.0
+        fps = float(dec.stream.average_rate or dec.stream.guessed_rate or 0) or 30.0
     finally:
-        container.close()
+        (dec.container if dec is not None else container).close()
     t_end = time.thread_time()
     cpu = {
         "index": t_index - t_start,

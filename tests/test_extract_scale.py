@@ -582,7 +582,7 @@ def _cuda_decodes(path) -> bool:
     if "cuda" not in hardware_decoders():
         return False
     try:
-        read_clip(path, 1, decoder="cuda")
+        read_clip(path, 1, decoder="cuda", strict_device=True)
     except DecoderError:
         return False
     return True
@@ -606,7 +606,11 @@ def test_a_hardware_decoder_that_cannot_start_is_a_run_error_not_a_media_error(t
         pytest.skip("a CUDA decoder works here; test_nvdec_gives_the_cpu_decoders_frames covers it")
     if "cuda" in hardware_decoders():
         with pytest.raises(DecoderError, match=f"cuda decoder cannot be opened .*CPU decoder reads {path}"):
-            read_clip(path, 4, decoder="cuda")
+            read_clip(path, 4, decoder="cuda", strict_device=True)  # the run's start-up check
+        # Within a run (the device was seen working), a file the device refuses to open is decoded on the CPU
+        # and says so, instead of stopping the run.
+        fallback = read_clip(path, 4, decoder="cuda")
+        assert fallback.decoder == "cpu" and "cuda decoder cannot be opened" in fallback.decoder_fallback
         (tmp_path / "bad.mp4").write_bytes(b"\x00" * 4096)  # a damaged file stays a media error on any decoder
         with pytest.raises(MediaError, match="cannot open"):
             read_clip(tmp_path / "bad.mp4", 4, decoder="cuda")

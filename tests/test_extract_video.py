@@ -102,3 +102,20 @@ def test_undecodable_covers_are_the_items_failure(tmp_path, monkeypatch):
     Image.fromarray(np.ones((3, 3), np.float32)).save(path := tmp_path / "f.tif")
     with pytest.raises(video.MediaError, match="floating-point"):
         video.read_image(path)
+
+
+def test_a_raw_stream_named_mp4_is_decoded_whole(tmp_path):
+    # A raw H.264 stream cannot seek: the full decode used to fail on seek(0) ("Operation not permitted").
+    import av
+
+    clip = write_test_video(tmp_path / "c.mp4", np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), np.uint8))
+    raw = tmp_path / "raw.mp4"
+    with av.open(str(clip)) as src, av.open(str(raw), "w", format="h264") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    got = read_clip(raw, 4)
+    assert got.method == "full" and got.decoded_frames == 12 and got.frames.shape == (4, 32, 48, 3)
+    np.testing.assert_array_equal(got.frames[0], read_clip(clip, 4).frames[0])
