@@ -304,3 +304,14 @@ def test_non_finite_or_huge_hidden_states_are_the_items_failure(media, qwen, tmp
 
     assert storage_problem(torch.full((2, 3), 70000.0), "bfloat16") is None  # bfloat16 keeps float32's range
     assert "|x| up to 2.1e+06" in storage_problem(torch.full((2, 3), 2.1e6), "float32")
+
+
+def test_every_item_failing_with_allow_failures_is_an_error(media, qwen, tmp_path, capsys):
+    (media / "junk.csv").write_text("id,title\nj1,x\nj2,y\n")
+    out = tmp_path / "feat"
+    assert cli(media, qwen, out, "--allow-failures", items="junk.csv") == 2
+    error, stdout = one_error(capsys)
+    assert "folder not finalised (no item written)" in stdout and "other shards pending" not in stdout
+    assert f"{out}: all 2 item(s) failed (j1 (decode: cannot open" in error and "nothing to finalise" in error
+    assert not (out / records.SCHEMA_FILE).exists()
+    nothing_half_written(out)
