@@ -58,6 +58,7 @@ def test_smoke_run_writes_results_and_checkpoints(smoke_run):
     gates = [h["gate_mean"] for h in result["valid_history"]]  # the gate per epoch, ending at the analysed one
     assert len(gates) == 2 and all(0.0 < g < 1.0 for g in gates)
     assert gates[result["best_epoch"] - 1] == pytest.approx(result["analysis"]["gate_mean"], abs=1e-6)
+    assert len(result["features"].pop("content_digest")) == 64  # sha256 of every record (the run identity)
     assert result["features"] == {"rows": [0, 1, 2, 3], "missing_items": 0, "identical_items": 0, "unused_records": 0}
     assert sorted(int(p.name) for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()) == [
         result["best_epoch"]
