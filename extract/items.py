@@ -18,6 +18,7 @@ import codecs
 import csv
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 from extract import ExtractError
@@ -140,10 +141,16 @@ def _decode_utf8(path: Path, raw: bytes) -> str:
         ) from None
 
 
+# A line that starts like a record (`<id>,`: a token without spaces or quotes, then a comma).
+_RECORD_START = re.compile(r'^[^\s,"]+,')
+
+
 def _csv_rows(path: Path, content: str):
-    """(physical line, row) per CSV record. Strict quoting, and a record must sit on one line: an unbalanced quote
-    would otherwise swallow the following lines into one title and lose their items without a word."""
-    reader = csv.reader(io.StringIO(content), strict=True)
+    """(physical line, row) per CSV record, with strict quoting. A quoted title may span lines (valid CSV, as
+    pandas writes a title holding a newline), but not over a line that starts like a record: that is an
+    unbalanced quote swallowing the following items into one title, which would lose them without a word."""
+    reader = csv.reader(io.StringIO(content), strict=True)  # lines split on "\n" only, as `lines`
+    lines = content.split("\n")
     end = 0
     while True:
         start = end + 1
@@ -159,10 +166,11 @@ def _csv_rows(path: Path, content: str):
                 ) from None
             raise ExtractError(f"{path}: line {start}: malformed CSV ({e})") from None
         end = reader.line_num
-        if end > start:
+        swallowed = next((n for n in range(start + 1, end + 1) if _RECORD_START.match(lines[n - 1])), None)
+        if swallowed is not None:
             raise ExtractError(
-                f"{path}: line {start}: a quoted field runs over lines {start}-{end} (an unbalanced quote?); "
-                "each item must be on one line"
+                f"{path}: line {start}: a quoted field runs over lines {start}-{end}, across line {swallowed} that "
+                "starts like an item (an unbalanced quote?); check the quotes"
             )
         yield start, row
 

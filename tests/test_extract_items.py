@@ -96,10 +96,18 @@ def test_an_unbalanced_quote_is_an_error_not_a_swallowed_file(tmp_path):
     p.write_text('id,title\n1,a\n2,"Quote starts, never ends\n3,Third\n4,Fourth\n')
     with pytest.raises(ExtractError, match=r"items.csv: line 3: a quoted field opened here is never closed"):
         read_items(p)
-    # Closed by a later quote: the record spans lines, which an item never does.
-    p.write_text('id,title\n1,"Multi\nline\ntitle"\n2,ok\n3\n')
-    with pytest.raises(ExtractError, match=r"line 2: a quoted field runs over lines 2-4"):
+    # Closed by a later quote, across lines that start like items: those items would be lost.
+    p.write_text('id,title\n1,a\n2,"Quote starts\n3,Third\n4,Fourth"\n5,e\n')
+    with pytest.raises(ExtractError, match=r"line 3: a quoted field runs over lines 3-5, across line 4 that starts"):
         read_items(p)
+    # A quoted title holding newlines is valid CSV (pandas writes them so): one item, line numbers still physical.
+    for header in ("id,title\n", ""):
+        p.write_text(f'{header}1,"Multi\nline title"\n2,ok\n')
+        items = read_items(p)
+        assert [(i.item_id, i.title, i.line) for i in items] == [
+            ("1", "Multi\nline title", 1 + bool(header)),
+            ("2", "ok", 3 + bool(header)),
+        ]
     p.write_text('id,title\n1,"a"b\n')
     with pytest.raises(ExtractError, match=r"line 2: malformed CSV"):
         read_items(p)
