@@ -226,10 +226,17 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     return report
 
 
-def _check_records(out_dir: Path, cfg: dict, where: dict, known: set, shapes: set, dtypes: set) -> None:
-    unknown = sorted(set(where) - known)
+def check_known_ids(out_dir: Path, written, known: set, what: str = "the item list", advice: str = "") -> None:
+    """Refuses records of ids `known` lacks: the folder holds another item list's items (merge, and a resume)."""
+    unknown = sorted(set(written) - known)
     if unknown:
-        raise ExtractError(f"{out_dir}: {len(unknown)} written item(s) are not in the item list, e.g. {unknown[:3]}")
+        raise ExtractError(
+            f"{out_dir}: holds {len(unknown)} written item(s) not in {what} (e.g. {unknown[:3]}){advice}"
+        )
+
+
+def _check_records(out_dir: Path, cfg: dict, where: dict, known: set, shapes: set, dtypes: set) -> None:
+    check_known_ids(out_dir, where, known)
     if len(shapes) > 1 or len(dtypes) > 1:
         raise ExtractError(f"{out_dir}: shards disagree on shape {sorted(shapes)} or dtype {sorted(dtypes)}")
     check_shard_configs(out_dir, cfg)

@@ -643,6 +643,12 @@ class TextBackend:
         self.settings = {}
 
     def inputs(self, samples: list[Sample]):
+        """Tokenised, left-padded prompts on the model's device; refused (`check_fits`) past the context."""
+        x = self._tokenized(samples)
+        check_fits(x, self.context)
+        return x
+
+    def _tokenized(self, samples: list[Sample]):
         texts = [title_text(s.item, self.prompt) for s in samples]
         if getattr(self.tokenizer, "chat_template", None):
             texts = [
@@ -658,7 +664,6 @@ class TextBackend:
     @torch.inference_mode()
     def hidden_states(self, samples: list[Sample], pool: str) -> torch.Tensor:
         x = self.inputs(samples)
-        check_fits(x, self.context)
         positions = _left_padded_positions(x["attention_mask"])
         return self.pooler.run(
             lambda: self.model(**x, position_ids=positions, **self._kwargs), x["attention_mask"], None, pool
@@ -667,7 +672,6 @@ class TextBackend:
     @torch.inference_mode()
     def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
         x = self.inputs(samples)
-        check_fits(x, self.context)
         out = self.model.generate(
             **x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
         )
@@ -711,9 +715,10 @@ def is_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
 
 def storage_problem(vectors: torch.Tensor, dtype: str) -> str | None:
-    """Why `vectors` cannot be stored as features, or None: NaN/Inf (a diverging model, or float16 overflow) or
-    magnitudes the trainer refuses (dff_jax.features.MAX_ABS); recorded as the item's failure, since a finished
-    folder holding them would stop every training run on it (docs/protocol.md section 8)."""
+    """Why `vectors` cannot be stored as features in `dtype`, or None: NaN/Inf (a diverging model, or float16
+    overflow) or magnitudes the trainer refuses (dff_jax.features.MAX_ABS); recorded as the item's failure, since a
+    finished folder holding them would stop every training run on it (docs/protocol.md section 8). Vectors already
+    cast to `dtype` (as the run passes them, to cast once) are not copied."""
     from dff_jax.features import MAX_ABS
 
     stored = vectors.to(STORAGE_DTYPES[dtype]).float()

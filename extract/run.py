@@ -43,7 +43,9 @@ from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
 from extract.lock import ShardLock
 from extract.merge import (
+    PER_HOST_KEYS,
     RUN_CONFIG,
+    check_known_ids,
     check_run_config_object,
     failures_message,
     finalize,
@@ -251,7 +253,7 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
     except json.JSONDecodeError as e:
         raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     check_run_config_object(path, old)
-    keys = [k for k in cfg if k not in ("items", "items_format")]
+    keys = [k for k in cfg if k not in PER_HOST_KEYS]
     diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
     if diff:
         lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
@@ -274,20 +276,21 @@ def _create_exclusive(path: Path, cfg: dict) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def uses_media(opts: RunOptions) -> bool:
+    """Whether the run reads each item's media file (video, cover) rather than its text (title, title captions)."""
+    return opts.modality != "title" and not (opts.captions and opts.caption_source == "title")
+
+
 def check_texts(items: list[Item], opts: RunOptions) -> None:
     """Refuses items whose text a model would read (title modality, title captions) but that have none: an empty
     title gives every such item the same constant vector, which is not a feature of the item."""
-    if opts.modality != "title" and not (opts.captions and opts.caption_source == "title"):
+    if uses_media(opts):
         return
     empty = [it for it in items if not it.text.strip()]
     if empty:
         shown = ", ".join(f"{it.item_id!r} (line {it.line})" for it in empty[:5])
         more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
         raise ExtractError(f"{opts.items}: {len(empty)} item(s) have an empty title: {shown}{more}")
-
-
-def uses_media(opts: RunOptions) -> bool:
-    return opts.modality != "title" and not (opts.captions and opts.caption_source == "title")
 
 
 def check_media_names(items: list[Item], opts: RunOptions) -> None:
@@ -576,13 +579,13 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
 def check_same_items(out: Path, done: dict, all_items: list[Item], items_path: str) -> None:
     """A resume must extract the same item list: records of ids the list lacks mean another list (compared by id,
     not by path, since paths differ between hosts), and finishing the run would break the folder."""
-    known = {it.item_id for it in all_items}
-    unknown = [i for i in done if i not in known]
-    if unknown:
-        raise ExtractError(
-            f"{out}: holds {len(unknown)} written item(s) not in --items {items_path} (e.g. {unknown[:3]}); "
-            "this folder is another item list's: use another --out"
-        )
+    check_known_ids(
+        out,
+        done,
+        {it.item_id for it in all_items},
+        f"--items {items_path}",
+        "; this folder is another item list's: use another --out",
+    )
 
 
 def _shard_run_config(out: Path):
@@ -608,7 +611,7 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
 
     from tqdm import tqdm
 
-    from extract.models import storage_problem, to_storage_bytes
+    from extract.models import STORAGE_DTYPES, storage_problem, to_storage_bytes
 
     t0 = time.time()
     backend = None if (opts.captions and opts.caption_source == "title") else build_backend(opts)
@@ -679,11 +682,12 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
                 for sample, vectors in _vectors(
                     backend, encoder, samples, prepared, opts, captions_done, captions_path, fail, fallback, tokens
                 ):
-                    problem = storage_problem(vectors, opts.dtype)
+                    stored = vectors.to(STORAGE_DTYPES[opts.dtype])  # cast once: checked, then written
+                    problem = storage_problem(stored, opts.dtype)
                     if problem:
                         fail(sample.item, "model", problem)
                         continue
-                    buffer.append((sample.item.item_id, to_storage_bytes(vectors, opts.dtype), tuple(vectors.shape)))
+                    buffer.append((sample.item.item_id, to_storage_bytes(stored, opts.dtype), tuple(vectors.shape)))
                     manifest["extracted"] += 1
                     succeeded()
                     if len(buffer) >= opts.flush_every:

@@ -438,16 +438,13 @@ def read_image(path: str | Path) -> np.ndarray:
             if im.mode == "F":
                 raise MediaError(f"cannot decode image {path}: floating-point pixels (mode F); expected 8 or 16 bits")
             if im.mode.startswith("I"):  # 16-bit greyscale (PNG/TIFF): convert("RGB") would clip it to 255
-                return _grey_to_rgb(np.right_shift(np.clip(np.asarray(im, np.int64), 0, 65535), 8).astype(np.uint8))
+                grey = np.right_shift(np.clip(np.asarray(im, np.int64), 0, 65535), 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
             return np.asarray(im.convert("RGB"))
     # A decompression bomb (a few bytes claiming 20000 x 20000 pixels), a broken header (SyntaxError, ValueError):
     # this item's failure, not the run's.
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot decode image {path}: {e}") from None
-
-
-def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def write_test_video(
