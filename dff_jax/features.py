@@ -320,7 +320,8 @@ def load_features(
         try:
             for number, payload in enumerate(records.iter_records(shard)):
                 where = f"{shard}: record {number}"
-                content.update(len(payload).to_bytes(8, "little") + payload)
+                content.update(len(payload).to_bytes(8, "little"))
+                content.update(payload)  # not concatenated first: that copied every record once more
                 item_id, array = records.decode_item(payload, where)
                 if array.dtype != dtype:
                     raise FeatureError(f"{where}: item {item_id}: dtype {array.dtype}, schema says {schema.dtype}")
