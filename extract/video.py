@@ -297,7 +297,7 @@ def read_clip(
     method: str = "seek",
     max_pixels: int | None = None,
     size: SizeFn | None = None,
-    threads: int = 0,
+    threads: int = 1,
     decoder: str = CPU_DECODER,
     strict_device: bool = False,
 ) -> Clip:
@@ -311,7 +311,9 @@ def read_clip(
       size: `size(height, width, frames)` of the upright first frame and the number of sampled frames gives the
         (height, width) to convert every frame to (the model processor's own size, so it has nothing left to
         resize), or None to use `max_pixels`.
-      threads: FFmpeg decoding threads (0: FFmpeg's choice, 1: one core, as the benchmark measures).
+      threads: FFmpeg decoding threads. 1 (the default): one core, as the benchmark measures; the extractor
+        decodes clips in parallel instead (--decode-workers). With more, errors FFmpeg's own threads report
+        escape the damage check below (they are not said on this thread).
       decoder: "cpu", or a hardware device type of `hardware_decoders()` ("cuda": NVDEC). The same seek and
         skip logic applies (FFmpeg parses the stream on the CPU and hands the slices to the device); a file the
         device cannot decode (a profile it lacks) is decoded again on the CPU and says so in `Clip.decoder_fallback`.
@@ -320,7 +322,9 @@ def read_clip(
         was seen working: stopping the run for one file the device refuses would need a restart with the CPU.
 
     Raises:
-      MediaError: missing, empty, unreadable or frameless files, with the reason.
+      MediaError: missing, empty, unreadable or frameless files, with the reason; also a damaged stream, one
+        for which the decoder reported an error while it made the frames: FFmpeg conceals damage (patches the
+        broken blocks from neighbouring ones) and says so only in its log, which is read here.
       DecoderError: the hardware decoder cannot be opened at all (no device or driver).
     """
     path = Path(path)
@@ -337,7 +341,42 @@ def read_clip(
 
 
 def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decoder) -> Clip:
+    import av.logging
+
+    _log_decoder_errors()
+    with av.logging.Capture(local=True) as log:
+        clip = _decode_clip(path, num_frames, method, max_pixels, size, threads, decoder)
+    errors = _errors(log)
+    if errors:
+        # A hardware decoder's error goes the CPU fallback's way (read_clip), which then decides.
+        name, message = errors[0]
+        raise MediaError(
+            f"damaged video stream in {path}: FFmpeg ({name or 'decoder'}) reported {len(errors)} error(s) "
+            f"while decoding the sampled frames, the first: {message!r} (its frames would be concealed guesses)"
+        )
+    return clip
+
+
+def _errors(log: list) -> list[tuple[str, str]]:
+    """(name, message) of the error-level entries of an `av.logging.Capture` log."""
+    import av.logging
+
+    return [(name, message.strip()) for level, name, message in log if level <= av.logging.ERROR]
+
+
+def _log_decoder_errors() -> None:
+    """Turns on FFmpeg's error log, which PyAV keeps off: concealed damage is said only there (read_clip)."""
+    import av.logging
+
+    if av.logging.get_level() is None:
+        av.logging.set_level(av.logging.ERROR)
+    # PyAV drops a message identical to the one before it, from any thread: another clip's would be lost.
+    av.logging.set_skip_repeated(False)
+
+
+def _decode_clip(path: Path, num_frames, method, max_pixels, size, threads, decoder) -> Clip:
     import av
+    import av.logging
 
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -371,8 +410,12 @@ def _read_clip(path: Path, num_frames, method, max_pixels, size, threads, decode
         try:
             # Seeking pays off only for a sparse sample; half the frames or more are cheaper decoded in one pass.
             sparse = wanted and keys and 2 * len(wanted) < len(times)
-            got = _decode_seek(dec, wanted, keys) if method == "seek" and sparse else None
-            if got is None:
+            with av.logging.Capture(local=True) as seek_log:
+                got = _decode_seek(dec, wanted, keys) if method == "seek" and sparse else None
+            # An error on the seek path is damage or an artefact of seeking (leading frames of an open GOP refer
+            # to frames before the keyframe); the whole-file decode, which has no seek artefacts, tells them apart.
+            if got is None or _errors(seek_log):
+                got = None
                 used = "full"
                 got = _decode_all(dec, set(wanted) if wanted is not None else None)
         except av.FFmpegError as e:

@@ -119,3 +119,36 @@ def test_a_raw_stream_named_mp4_is_decoded_whole(tmp_path):
     got = read_clip(raw, 4)
     assert got.method == "full" and got.decoded_frames == 12 and got.frames.shape == (4, 32, 48, 3)
     np.testing.assert_array_equal(got.frames[0], read_clip(clip, 4).frames[0])
+
+
+def _noisy_frames(n, h=64, w=96, seed=0):
+    # Noise keeps every frame's slices long, so a damaged byte lands inside coded macroblocks, not in padding.
+    return np.random.default_rng(seed).integers(0, 255, (n, h, w, 3), np.uint8)
+
+
+def test_a_damaged_but_decodable_stream_is_a_media_error(tmp_path):
+    # FFmpeg conceals broken macroblocks and says so only in its log: the clip must fail, not decode to guesses.
+    import av
+
+    path = write_test_video(tmp_path / "v.mp4", _noisy_frames(24), gop=6)
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size and not p.is_keyframe]
+    data = bytearray(path.read_bytes())
+    for pos, size in packets[::3]:
+        data[pos + size // 2 : pos + size // 2 + 16] = bytes(range(0, 256, 16))  # mid-slice garbage
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(MediaError, match=r"damaged video stream in .*damaged\.mp4: FFmpeg \(h264\) reported"):
+        read_clip(damaged, 16)
+    assert read_clip(path, 16).frames.shape == (16, 64, 96, 3)  # the intact file decodes
+
+
+def test_an_open_gop_stream_seeks_without_a_false_damage_report(tmp_path):
+    # Leading B-frames of an open GOP refer to the GOP before the keyframe: a seek there makes FFmpeg log
+    # errors that are not damage. The whole-file decode decides, and gives the same frames as method="full".
+    path = write_test_video(
+        tmp_path / "open.mp4", _noisy_frames(120), gop=12, options={"x264-params": "open-gop=1:bframes=3"}
+    )
+    got, full = read_clip(path, 4), read_clip(path, 4, method="full")
+    assert got.indices == full.indices
+    np.testing.assert_array_equal(got.frames, full.frames)
