@@ -16,12 +16,17 @@ size, the default), on one core (one FFmpeg thread, one torch thread). It prints
 the frames decoded, and how far each path's processor output is from the full-decode path's (0-255 pixel units).
 `--video-decoder cuda` adds a fourth path, the default one decoded by NVDEC, with whether its frames are
 bit-identical to the CPU's (its CPU seconds include the driver's threads: `process_time` counts the whole process).
+
+`python -m extract.bench --damage 20 --size 360x640 --clip-seconds 4` measures the damaged-stream check of
+`video.read_clip` (extract/README.md, Failed items): per codec, 20 copies of one clip with random bytes written
+into packets, counted as refused (MediaError), decoded to the intact frames, or decoded to different frames.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -309,6 +314,47 @@ def pipeline(args) -> dict:
     return result
 
 
+def damage(args) -> dict:
+    """How often read_clip refuses a damaged stream: per codec, `--damage N` copies of one clip, each with 8 random
+    bytes written into 3 random non-key packets, decoded and compared with the intact clip's frames."""
+    import tempfile
+
+    import av
+
+    from extract.video import MediaError, read_clip
+
+    h, w = args.size
+    result = {"trials": args.damage, "size": [h, w], "clip_seconds": args.clip_seconds, "codecs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec in (args.codecs or "libx265,libx264").split(","):
+            path, _ = synth_clip(Path(tmp) / f"{codec}.mp4", args.clip_seconds, 30, h, w, args.gops[0], 0, codec)
+            intact = read_clip(path, args.frames).frames
+            with av.open(str(path)) as container:
+                packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size > 16 and not p.is_keyframe]
+            counts = {"refused": 0, "identical": 0, "different": 0}
+            first_reason = None
+            for trial in range(args.damage):
+                rng = np.random.default_rng(trial)
+                data = bytearray(path.read_bytes())
+                for i in rng.choice(len(packets), min(3, len(packets)), replace=False):
+                    pos, size = packets[i]
+                    at = pos + int(rng.integers(8, size - 8))
+                    data[at : at + 8] = rng.bytes(8)
+                damaged = Path(tmp) / "damaged.mp4"
+                damaged.write_bytes(bytes(data))
+                try:
+                    frames = read_clip(damaged, args.frames).frames
+                except MediaError as e:
+                    counts["refused"] += 1
+                    first_reason = first_reason or str(e).replace(str(damaged), "<clip>")
+                    continue
+                same = frames.shape == intact.shape and np.array_equal(frames, intact)
+                counts["identical" if same else "different"] += 1
+            result["codecs"][codec] = {**counts, "first_reason": first_reason}
+            print(json.dumps({"codec": codec, **counts}), flush=True)
+    return result
+
+
 def _positive_ints(parser, flag: str, text: str, sep: str = ",") -> list[int]:
     try:
         values = [int(v) for v in text.split(sep)]
@@ -347,7 +393,10 @@ def main(argv=None) -> None:
     p.add_argument("--clip-seconds", type=float, default=10.0, help="--pipeline: length of each clip (30 fps)")
     p.add_argument("--codecs", default=None, help="--pipeline: encoders, e.g. libx265,libx264 (default: HEVC if any)")
     p.add_argument("--video-decoder", default="cpu", help="--pipeline: also measure this hardware decoder (cuda)")
+    p.add_argument("--damage", type=int, default=0, help="N: damaged-stream detection over N damaged copies per codec")
     args = p.parse_args(argv)
+    if args.damage < 0:
+        p.error(f"--damage {args.damage}: expected an integer >= 0")
     for name in ("frames", "repeats", "clips"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
@@ -363,10 +412,13 @@ def main(argv=None) -> None:
     if len(size) != 2:
         p.error(f"--size {args.size!r}: expected HxW, e.g. 1080x1920")
     args.size = tuple(size)
-    if not args.pipeline and args.device.startswith("cuda") and not torch.cuda.is_available():
+    if not args.pipeline and not args.damage and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here (--pipeline measures the CPU side; --device cpu runs it)")
     if args.pipeline:
         print(json.dumps(pipeline(args), indent=1))
+        return
+    if args.damage:
+        print(json.dumps(damage(args), indent=1))
         return
     h, w = args.size
     t0 = time.time()

@@ -534,6 +534,15 @@ def test_pipeline_bench_prints_both_paths(capsys):
     assert all(p[k] >= 0 for p in (full, x2, seek) for k in ("index_s", "decode_s", "convert_s", "preprocess_s"))
 
 
+def test_damage_bench_counts_refused_h264_clips(capsys):
+    from extract import bench
+
+    bench.main(["--damage", "3", "--codecs", "libx264", "--gops", "6", "--clip-seconds", "1", "--size", "64x96"])
+    row = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith('{"codec"')))
+    assert row["codec"] == "libx264" and row["refused"] + row["identical"] + row["different"] == 3
+    assert row["refused"] >= 1  # H.264's decoder reports damaged slices (extract/README.md, Failed items)
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -542,6 +551,7 @@ def test_pipeline_bench_prints_both_paths(capsys):
         (["--pipeline", "--size", "1080"], "--size '1080': expected HxW"),
         (["--pipeline", "--clip-seconds", "0"], "--clip-seconds 0.0: expected a positive number"),
         (["--frames", "0"], "--frames 0: expected an integer >= 1"),
+        (["--damage", "-1"], "--damage -1: expected an integer >= 0"),
         (["--batch-sizes", "4,-1"], "--batch-sizes '4,-1'"),
         pytest.param(
             ["--device", "cuda"],
