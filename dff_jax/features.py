@@ -85,7 +85,7 @@ class FeatureTable:
     identical: list = dataclasses.field(default_factory=list)
     num_identical: int = 0
     missing_examples: list = dataclasses.field(default_factory=list)  # the first few ids of the `missing` items
-    content_digest: str | None = None  # sha256 of every shard's name and records, in order (run identity)
+    content_digest: str | None = None  # sha256 of the schema, every shard's name and records, in order (run identity)
 
     def report(self) -> str:
         """One line saying what was loaded, for logs."""
@@ -244,6 +244,27 @@ def _check_expected_schema(schema: records.Schema, expect: dict | None, where: s
         raise FeatureError(f"{where}: schema does not match the config: " + ", ".join(wrong))
 
 
+def _merged_shard_digests(schema: records.Schema, shards: Sequence[Path], where: Path) -> dict[str, str] | None:
+    """schema.json's shard_sha256 (None for folders merged before it existed), checked against the shard names."""
+    merged = schema.extra.get(records.SHARD_DIGESTS)
+    if merged is None:
+        return None
+    if not isinstance(merged, dict) or not all(isinstance(v, str) and len(v) == 64 for v in merged.values()):
+        raise FeatureError(f"{where}: extra.{records.SHARD_DIGESTS} must map shard file names to sha256 hex digests")
+    names = {shard.name for shard in shards}
+    if absent := sorted(set(merged) - names):
+        raise FeatureError(
+            f"{where}: lists shard(s) {absent[:3]} that are not in the folder ({len(absent)} missing; "
+            f"the merge saw {len(merged)} shards)"
+        )
+    if added := sorted(names - set(merged)):
+        raise FeatureError(
+            f"{where.parent / added[0]}: not one of the {len(merged)} shards {where.name} was merged from "
+            f"({len(added)} such): a shard added after `python -m extract.merge`; remove it, or rerun the merge"
+        )
+    return merged
+
+
 def load_features(
     directory: str | os.PathLike,
     item_ids: Sequence[str],
@@ -272,7 +293,8 @@ def load_features(
     Raises:
       FeatureError: naming the file (and record) on a missing folder or schema, a corrupted or truncated
         shard, a record whose dtype/shape disagrees with the schema, NaN/Inf values, an item id stored
-        twice, a record count different from `schema.num_items`, or dataset items without features.
+        twice, a record count different from `schema.num_items`, dataset items without features, or a shard
+        that is not one schema.json was merged from (its `shard_sha256`: replaced, added or missing).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -314,14 +336,17 @@ def load_features(
     num_records = unused = 0
     # The full content digest, computed while every record is read anyway: the run identity's check that the
     # features are those a run was trained on (`fingerprint` reads only each shard's ends; docs/protocol.md 8).
+    # A folder whose schema lists its shards' digests is hashed once per shard: the content digest is then taken
+    # over the schema (which holds them), the names and the digests the records give (as strong, not slower).
     content = hashlib.sha256((directory / records.SCHEMA_FILE).read_bytes())
+    merged = _merged_shard_digests(schema, shards, schema_path)
     for shard in shards:
         content.update(shard.name.encode() + b"\0")
+        shard_digest = hashlib.sha256() if merged is not None else content
         try:
             for number, payload in enumerate(records.iter_records(shard)):
                 where = f"{shard}: record {number}"
-                content.update(len(payload).to_bytes(8, "little"))
-                content.update(payload)  # not concatenated first: that copied every record once more
+                records.update_digest(shard_digest, payload)
                 item_id, array = records.decode_item(payload, where)
                 if array.dtype != dtype:
                     raise FeatureError(f"{where}: item {item_id}: dtype {array.dtype}, schema says {schema.dtype}")
@@ -354,6 +379,15 @@ def load_features(
                     identical.append((item_id, item_ids[first]))
         except records.RecordError as e:
             raise FeatureError(str(e)) from None
+        if merged is not None:
+            content.update(shard_digest.hexdigest().encode())
+        if merged is not None and shard_digest.hexdigest() != merged[shard.name]:
+            raise FeatureError(
+                f"{shard}: its records are not those {schema_path} was merged from (sha256 "
+                f"{shard_digest.hexdigest()[:16]}..., merged {merged[shard.name][:16]}...): the shard was replaced "
+                "or rewritten after `python -m extract.merge` (from another extraction?); restore it, or rerun "
+                "the extraction and the merge"
+            )
 
     if num_records != schema.num_items:
         raise FeatureError(

@@ -6,7 +6,9 @@ A feature set is a folder holding
   of the payload), one `tf.train.Example`-compatible record per item with the features
   `item_id` (bytes, the raw item id as UTF-8), `hidden` (bytes, the raw little-endian array),
   `dtype` (bytes: bfloat16 | float16 | float32) and `shape` (int64 list, `[layers, hidden]`);
-* `schema.json`: what produced the arrays (see `Schema`).
+* `schema.json`: what produced the arrays (see `Schema`); `extract.merge` also records each shard's
+  `shard_digest` under `extra["shard_sha256"]`, which the trainer's loader checks (a shard replaced after
+  the merge, or added to the folder, is then named instead of silently mixed in).
 
 Layer 0 is the embedding output and layers 1..L the decoder layers, so a decoder with L layers stores
 L + 1 rows; a caption-centric feature set stores one row.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -36,6 +39,7 @@ SCHEMA_FILE = "schema.json"
 SHARD_SUFFIX = ".tfrecord"
 FORMAT_VERSION = 1
 DTYPES = ("bfloat16", "float16", "float32")
+SHARD_DIGESTS = "shard_sha256"  # Schema.extra key: {shard file name: shard_digest} (written by extract.merge)
 
 
 class RecordError(UserError, ValueError):
@@ -102,6 +106,20 @@ def write_record(f: BinaryIO, data: bytes) -> None:
     """Appends one framed record to an open binary file."""
     header = struct.pack("<Q", len(data))
     f.write(header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data)))
+
+
+def update_digest(digest, payload: bytes) -> None:
+    """Feeds one record to a hash: its length (8 bytes, little-endian), then its bytes (two updates, no copy)."""
+    digest.update(len(payload).to_bytes(8, "little"))
+    digest.update(payload)
+
+
+def shard_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a shard's records, each fed by `update_digest`: what schema.json's shard_sha256 holds."""
+    digest = hashlib.sha256()
+    for payload in iter_records(path):
+        update_digest(digest, payload)
+    return digest.hexdigest()
 
 
 def iter_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[bytes]:

@@ -199,6 +199,8 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
             "failed_items": len(failures),
             "item_list": cfg.get("items"),
             **cfg.get("schema_extra", {}),
+            # Read once more here (every record): the trainer checks each shard against it (dff_jax.records).
+            records.SHARD_DIGESTS: {path.name: records.shard_digest(path) for path in records.shard_files(out_dir)},
         },
     )
     records.write_schema(out_dir, schema)

@@ -105,6 +105,8 @@ def test_cli_video_run_records_failures_and_loads_into_dff_jax(media, qwen, tmp_
     assert set(failures) == {"junk", "absent"}
     assert "cannot open" in failures["junk"]["reason"] and "missing file" in failures["absent"]["reason"]
     assert len(records.shard_files(out)) == 2  # 6 items, 4 per file
+    # The merge records each shard's digest; load_features below checks the shards against it.
+    assert schema.extra[records.SHARD_DIGESTS] == {p.name: records.shard_digest(p) for p in records.shard_files(out)}
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
         manifest["items_written"] == 6 and manifest["items_failed"] == 2 and manifest["shards"][0]["versions"]["torch"]

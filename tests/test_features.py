@@ -233,3 +233,43 @@ def test_layers_naming_one_row_twice_are_refused(tmp_path):
         with pytest.raises(FeatureError, match=rf"name stored row\(s\) \[{layers[1]}\] more than once"):
             load_features(tmp_path, ["", "i1"], layers=layers)
     assert features.model_rows("learned", -1, (0, -1), LAYERS, "x") == [0, LAYERS - 1]
+
+
+def _merged_folder(path, shards, arrays=None):
+    """A folder whose schema records each shard's digest, as extract.merge writes it."""
+    _make_folder(path, shards, arrays=arrays)
+    digests = {p.name: records.shard_digest(p) for p in records.shard_files(path)}
+    schema = records.read_schema(path)
+    schema.extra[records.SHARD_DIGESTS] = digests
+    records.write_schema(path, schema)
+
+
+def test_a_shard_swapped_in_after_the_merge_is_named(tmp_path):
+    # Same ids, shapes and dtype, other values (another extraction): only the merged digest tells them apart.
+    ids = [["i1", "i2"], ["i3", "i4"]]
+    _merged_folder(tmp_path / "a", ids)
+    other = {i: _item_array(int(i[1:]) + 100) for i in ("i3", "i4")}
+    _make_folder(tmp_path / "b", ids, arrays=other)
+    item_ids = ["", "i1", "i2", "i3", "i4"]
+    assert load_features(tmp_path / "a", item_ids).records == 4
+    (tmp_path / "a" / "part-1.tfrecord").write_bytes((tmp_path / "b" / "part-1.tfrecord").read_bytes())
+    with pytest.raises(FeatureError, match=r"part-1\.tfrecord: its records are not those .*schema\.json was merged"):
+        load_features(tmp_path / "a", item_ids)
+
+
+def test_shards_added_or_missing_after_the_merge_are_named(tmp_path):
+    _merged_folder(tmp_path, [["i1", "i2"], ["i3"]])
+    (tmp_path / "part-1.tfrecord").rename(tmp_path / "part-9.tfrecord")
+    with pytest.raises(FeatureError, match=r"lists shard\(s\) \['part-1.tfrecord'\] that are not in the folder"):
+        load_features(tmp_path, ["", "i1", "i2", "i3"])
+    (tmp_path / "part-9.tfrecord").rename(tmp_path / "part-1.tfrecord")
+    with records.ShardWriter(tmp_path / "part-2.tfrecord") as w:
+        w.write("i4", _item_array(4))
+    with pytest.raises(FeatureError, match=r"part-2\.tfrecord: not one of the 2 shards schema\.json was merged from"):
+        load_features(tmp_path, ["", "i1", "i2", "i3", "i4"])
+
+
+def test_a_malformed_shard_digest_map_is_refused(tmp_path):
+    _make_folder(tmp_path, [["i1"]], extra={records.SHARD_DIGESTS: {"part-0.tfrecord": "abc"}})
+    with pytest.raises(FeatureError, match=r"extra\.shard_sha256 must map shard file names to sha256 hex digests"):
+        load_features(tmp_path, ["", "i1"])
