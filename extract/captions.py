@@ -165,14 +165,9 @@ def read_captions(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        # Killed mid-write: only the unterminated tail is incomplete; drop it so appends stay valid.
-        cut = raw.rfind(b"\n") + 1
-        print(f"note: {path}: dropping an unterminated last line (interrupted run)")
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        raw = raw[:cut]
+    from extract.merge import drop_torn_tail
+
+    raw = drop_torn_tail(path)  # killed mid-write: only the unterminated tail is incomplete
     captions = {}
     for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
         if not line.strip():

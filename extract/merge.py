@@ -79,6 +79,19 @@ def scan_shards(out_dir: str | Path) -> tuple[dict[str, str], set, set]:
     return where, shapes, dtypes
 
 
+def drop_torn_tail(path: Path) -> bytes:
+    """The bytes of a jsonl file a killed run may have left with an unterminated last line; that line is cut off
+    the file (with a notice), so that the next append starts a line of its own instead of continuing it."""
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        cut = raw.rfind(b"\n") + 1
+        print(f"note: {path}: dropping an unterminated last line (interrupted run)")
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        raw = raw[:cut]
+    return raw
+
+
 def read_failures(out_dir: str | Path) -> dict[str, dict]:
     """The latest failure record per item over every `failures-part-*.jsonl`."""
     latest: dict[str, dict] = {}

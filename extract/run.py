@@ -47,6 +47,7 @@ from extract.merge import (
     RUN_CONFIG,
     check_known_ids,
     check_run_config_object,
+    drop_torn_tail,
     failures_message,
     finalize,
     nothing_written_message,
@@ -298,11 +299,21 @@ def check_media_names(items: list[Item], opts: RunOptions) -> None:
     if not uses_media(opts):
         return
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    try:
+        name_max = os.pathconf(opts.media, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder (refused later) or no pathconf
+        name_max = 255
     for it in items:
         if it.item_id in (".", "..") or any(c in it.item_id for c in seps):
             raise ExtractError(
                 f"{opts.items}: line {it.line}: item id {it.item_id!r} cannot name a file in --media "
                 "(a path separator, '.' or '..')"
+            )
+        # Else opening it raises ENAMETOOLONG, which would stop every run at this item.
+        if len(os.fsencode(it.item_id)) + len(".mp4") > name_max:
+            raise ExtractError(
+                f"{opts.items}: line {it.line}: item id {it.item_id[:40]!r}... ({len(os.fsencode(it.item_id))} "
+                f"bytes) cannot name a file in --media: <id>.mp4 exceeds the file system's {name_max}-byte name limit"
             )
 
 
@@ -494,6 +505,8 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
     ]
     next_seq = max(seqs, default=-1) + 1
     failures_path = out / f"failures-{prefix}.jsonl"
+    if failures_path.is_file():
+        drop_torn_tail(failures_path)  # else the first append below would continue a killed run's torn line
     captions_path = out / f"captions-{prefix}.jsonl"
     started = time.time()
     manifest = {

@@ -315,3 +315,18 @@ def test_every_item_failing_with_allow_failures_is_an_error(media, qwen, tmp_pat
     assert f"{out}: all 2 item(s) failed (j1 (decode: cannot open" in error and "nothing to finalise" in error
     assert not (out / records.SCHEMA_FILE).exists()
     nothing_half_written(out)
+
+
+def test_a_torn_failures_line_from_a_killed_run_is_cut_before_the_resume_appends(media, qwen, tmp_path, capsys):
+    # A kill -9 mid-write leaves an unterminated line; appending after it used to bury it mid-file, after which
+    # every run and merge refused the folder ("line 3: not a failure record").
+    out = tmp_path / "feat"
+    assert cli(media, qwen, out, items="mixed.csv") == 2
+    path = out / "failures-part-00000-of-00001.jsonl"
+    with open(path, "a") as f:
+        f.write('{"item_id": "j1", "sta')
+    capsys.readouterr()
+    assert cli(media, qwen, out, "--allow-failures", items="mixed.csv") == 0
+    assert "dropping an unterminated last line" in capsys.readouterr().out
+    assert set(failures(out)) == {"j1", "j2"} and path.read_text().endswith("\n")
+    assert written(out) == ["a1", "a2"] and records.read_schema(out).extra["failed_items"] == 2

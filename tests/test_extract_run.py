@@ -431,6 +431,12 @@ def test_ids_that_are_not_file_names_are_refused_with_media(media, qwen, tmp_pat
         args = ["--model", qwen, "--items", str(items), "--media", str(media), "--out", str(tmp_path / "o")]
         assert main([*args, "--device", "cpu", "--no-progress"]) == 2
         assert f"paths.csv: line 3: item id {bad!r} cannot name a file in --media" in capsys.readouterr().err
+    # Too long for a file name: opening it raised ENAMETOOLONG, which stopped every run (and resume) at it.
+    items.write_text(f"id,title\na1,ok\n{'x' * 300},b\n")
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "paths.csv: line 3: item id 'xxxx" in err and "(300 bytes) cannot name a file in --media" in err
+    assert "Traceback" not in err
 
 
 def text_cli(model, items, out, *extra):
