@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-pixels",
         type=int,
         default=None,
-        help="pixels per frame for Qwen-VL video processors (default: the family's budget, extract/README.md)",
+        help="pixels per frame (or cover) for Qwen-VL processors (default: the family's budget, extract/README.md)",
     )
     p.add_argument(
         "--attn-implementation", default=None, help="sdpa|eager|flash_attention_2|... (default: the model's)"

@@ -245,7 +245,7 @@ def _token_pixels(proc) -> int:
 
 
 def apply_token_budget(processor, model_type: str, num_frames: int, max_pixels: int | None, model: str) -> int | None:
-    """Sets the family's default visual-token budget (or `--max-pixels`, pixels per frame) on the processor.
+    """Sets the family's default visual-token budget (or `--max-pixels`, pixels per frame or cover) on the processor.
 
     Returns the pixels per frame the processor resizes a frame to (None when it keeps frames at their size or
     it is not known); decoding may shrink frames to a few times that before the processor sees them.
@@ -253,8 +253,16 @@ def apply_token_budget(processor, model_type: str, num_frames: int, max_pixels: 
     vp = getattr(processor, "video_processor", None)
     ip = getattr(processor, "image_processor", None)
     if model_type in QWEN_PIXEL_BUDGETS:
+        for proc in (vp, ip):
+            least = _token_pixels(proc) if proc is not None else 0
+            if max_pixels and max_pixels < least:  # the processor would fail on every item (a traceback before)
+                raise ExtractError(
+                    f"{model}: --max-pixels {max_pixels} is less than one visual token ({least} pixels: "
+                    f"(patch size x merge size) squared); expected at least {least}"
+                )
         if ip is not None and getattr(ip, "size", None) is not None and ip.size.longest_edge:
-            ip.size.longest_edge = COVER_TOKENS * _token_pixels(ip)
+            # --max-pixels is the cover's budget too (pixels of the image), else ~COVER_TOKENS tokens.
+            ip.size.longest_edge = int(max_pixels) if max_pixels else COVER_TOKENS * _token_pixels(ip)
             ip.size.shortest_edge = min(ip.size.shortest_edge or 0, ip.size.longest_edge)
         if vp is None or getattr(vp, "size", None) is None or vp.size.longest_edge is None:
             return None

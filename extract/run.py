@@ -258,7 +258,8 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
     diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
     if diff:
         lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-        raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out")
+        empty = "" if records.shard_files(out) else " (it holds no features yet: delete it to start over)"
+        raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out{empty}")
     if write and any(k not in old for k in cfg):
         records.write_json_atomic(path, {**old, **cfg})  # the first run after loading adds the processor settings
 
@@ -372,7 +373,10 @@ def preflight(backend, opts: RunOptions) -> dict | None:
         what = f"--frames {n} of a 1080p clip"
     else:
         sample, what = Sample(item, image=np.zeros((1080, 1920, 3), np.uint8)), "a 1080p cover"
-    return backend.check_context([sample], f"{opts.model}: {what}")
+    try:
+        return backend.check_context([sample], f"{opts.model}: {what}")
+    except ValueError as e:  # the processor refuses the settings themselves: every item would fail alike
+        raise ExtractError(f"{opts.model}: the processor refuses {what} with these settings: {e}") from None
 
 
 def check_video_decoder(opts: RunOptions, items: list[Item]) -> None:
@@ -643,8 +647,8 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
     if size is not None:
         # Frames resampled by FFmpeg instead of the processor: other pixels, so another extraction.
         cfg["decode_resize"] = "processor_size"
+    manifest["preflight"] = preflight(backend, opts)  # first: a run refused here leaves the folder undefined
     _check_run_config(out, cfg, write=True)
-    manifest["preflight"] = preflight(backend, opts)
     manifest["load_seconds"] = round(time.time() - t0, 3)
     manifest["batch_fallbacks"] = 0
     manifest["video_decoder"] = opts.video_decoder if opts.modality == "video" else None
