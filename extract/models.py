@@ -340,7 +340,14 @@ def load_weights(auto_class, location, what: str, ignore: tuple[str, ...] = (), 
     transformers would initialise those at random and only log it, and every feature would be computed through
     random layers (a partial download, a damaged shard, a folder of another architecture). `ignore`: prefixes of
     weights the caller never uses (a text encoder's pooler head)."""
-    model, info = auto_class.from_pretrained(location, output_loading_info=True, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_class.from_pretrained(location, output_loading_info=True, **kwargs)
+    except SafetensorError as e:  # a truncated or overwritten *.safetensors file: its header cannot be parsed
+        raise ExtractError(
+            f"{what}: cannot read the weights ({e}): a damaged or partial download? download the model again"
+        ) from None
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(ignore))
     if missing:
         raise ExtractError(

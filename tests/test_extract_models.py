@@ -263,3 +263,25 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path, tmp_path_factory, kin
             VisionLanguageBackend(
                 str(folder), modality="video", prompt=PROMPTS["rec"], device="cpu", compute_dtype="float32"
             )
+
+
+@pytest.mark.parametrize("kind", ["text_lm", "qwen2_5_vl", "text_encoder"])
+def test_a_truncated_weights_file_is_one_error(tmp_path, tmp_path_factory, kind):
+    # safetensors' own error escaped every loader as a traceback.
+    import shutil
+
+    from extract.captions import TextEncoder
+
+    folder = tmp_path / kind
+    shutil.copytree(tiny_checkpoint(tmp_path_factory, kind), folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ExtractError, match=r"cannot read the weights \(.*\): a damaged or partial download"):
+        if kind == "text_lm":
+            TextBackend(str(folder), prompt=PROMPTS["plain"], device="cpu", compute_dtype="float32")
+        elif kind == "text_encoder":
+            TextEncoder(str(folder), device="cpu")
+        else:
+            VisionLanguageBackend(
+                str(folder), modality="video", prompt=PROMPTS["rec"], device="cpu", compute_dtype="float32"
+            )
