@@ -13,6 +13,7 @@ the files. Exit status: 0 complete, 1 incomplete (items neither written nor fail
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ from dff_jax.errors import OneLineArgumentParser
 from extract import ExtractError, __version__
 
 RUN_CONFIG = "run_config.json"
+ITEM_TEXTS = "item_texts.json"
 # Keys every run_config.json this extractor wrote has (the merge reads them to write the schema).
 RUN_CONFIG_KEYS = ("model", "modality", "prompt_name", "prompt_text", "pool", "dtype", "num_frames", "items")
 # Keys that may differ between the shards of one run: paths differ between hosts.
@@ -241,6 +243,38 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     return report
 
 
+def reads_texts(cfg: dict) -> bool:
+    """Whether a run embeds its items' texts (title modality, title captions) rather than their media."""
+    return cfg.get("modality") == "title" or bool(cfg.get("captions") and cfg.get("caption_source") == "title")
+
+
+def check_item_texts(out_dir: Path, items: list, items_path, record: bool) -> None:
+    """For runs that embed the items' texts: each id's text must be the one the folder was extracted with, whatever
+    the list's path on this host (`items` is per host). `item_texts.json` holds {id: sha256 of its text} over every
+    list the folder's runs were given; `record`: a run's list that adds ids extends it (the merge only compares)."""
+    given = {it.item_id: hashlib.sha256(it.text.encode("utf-8")).hexdigest()[:32] for it in items}
+    path = Path(out_dir) / ITEM_TEXTS
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ExtractError(f"{path}: not valid JSON ({e}); it records the folder's item texts") from None
+        if not isinstance(recorded, dict):
+            raise ExtractError(f"{path}: expected an object {{item id: text digest}}")
+        changed = [it for it in items if recorded.get(it.item_id, given[it.item_id]) != given[it.item_id]]
+        if changed:
+            raise ExtractError(
+                f"{items_path}: line {changed[0].line}: item {changed[0].item_id!r} has another text than the one "
+                f"this folder was extracted with ({len(changed)} such item(s); {path}): this folder is another "
+                "item list's: use another --out"
+            )
+        if not record or given.keys() <= recorded.keys():
+            return
+        given = {**recorded, **given}
+    if record:
+        records.write_json_atomic(path, given)
+
+
 def check_known_ids(out_dir: Path, written, known: set, what: str = "the item list", advice: str = "") -> None:
     """Refuses records of ids `known` lacks: the folder holds another item list's items (merge, and a resume)."""
     unknown = sorted(set(written) - known)
@@ -334,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = read_run_config(args.out)
-        items = read_items(args.items or cfg["items"], args.items_format or cfg.get("items_format", "auto"))
+        items_path = args.items or cfg["items"]
+        items = read_items(items_path, args.items_format or cfg.get("items_format", "auto"))
+        if reads_texts(cfg):
+            check_item_texts(Path(args.out), items, items_path, record=False)
         report = finalize(args.out, [i.item_id for i in items], allow_failures=args.allow_failures)
     except (ExtractError, records.RecordError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ from extract.lock import ShardLock
 from extract.merge import (
     PER_HOST_KEYS,
     RUN_CONFIG,
+    check_item_texts,
     check_known_ids,
     check_run_config_object,
     drop_torn_tail,
@@ -501,6 +502,8 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
         stale.unlink()  # the open part of a killed run of this shard; its items are redone
     done, _, _ = scan_shards(out)
     check_same_items(out, done, all_items, opts.items)  # before the model loads, and before anything is written
+    if not uses_media(opts):  # title modality, title captions: the features are the list's texts
+        check_item_texts(out, all_items, opts.items, record=True)
     todo = [it for it in mine if it.item_id not in done]
     seqs = [
         int(p.name[len(prefix) + 1 : -len(records.SHARD_SUFFIX)])

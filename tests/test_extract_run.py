@@ -471,6 +471,27 @@ def test_a_resume_with_another_item_list_is_refused_before_loading(tmp_path, tmp
     assert records.read_schema(out).num_items == 2 and len(read_all(out)) == 2  # the folder is untouched
 
 
+def test_a_shard_or_resume_with_other_texts_for_the_same_ids_is_refused(tmp_path, tmp_path_factory, capsys):
+    # The list's path is per host, so only the ids were compared: two shards embedding different titles for the
+    # same ids made one "complete" folder of mixed features.
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    a, b, c, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv", tmp_path / "feat"
+    a.write_text("id,title\n1,Toy Story\n2,Heat\n3,Alien\n4,Brazil\n")
+    b.write_text("id,title\n1,Toy Story\n2,Heat\n3,Aliens\n4,Brazil\n")
+    c.write_text(a.read_text() + "5,Fargo\n")
+    assert text_cli(model, a, out, "--shard", "0/2") == 0
+    capsys.readouterr()
+    assert text_cli(model, b, out, "--shard", "1/2") == 2
+    err = capsys.readouterr().err
+    assert f"{b}: line 4: item '3' has another text than the one this folder was extracted with" in err
+    assert merge_main(["--out", str(out), "--items", str(b)]) == 2
+    assert "line 4: item '3' has another text" in capsys.readouterr().err
+    # The same texts from a copy elsewhere, or a list that adds items, go on.
+    assert text_cli(model, c, out, "--shard", "1/2") == 0
+    assert text_cli(model, c, out, "--shard", "0/2") == 0
+    assert records.read_schema(out).num_items == 5
+
+
 def test_merged_files_contradicting_the_records_go_when_finalize_refuses(tmp_path, tmp_path_factory):
     from extract.merge import finalize
 
