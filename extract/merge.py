@@ -29,6 +29,8 @@ ITEM_TEXTS = "item_texts.json"
 RUN_CONFIG_KEYS = ("model", "modality", "prompt_name", "prompt_text", "pool", "dtype", "num_frames", "items")
 # Keys that may differ between the shards of one run: paths differ between hosts.
 PER_HOST_KEYS = ("items", "items_format")
+# Keys added to the identity after folders were made without them: compared only where recorded.
+LATER_KEYS = ("model_files", "text_encoder_files")
 
 
 @dataclasses.dataclass

@@ -215,6 +215,38 @@ def check_location(flag: str, location: str) -> None:
         raise ExtractError(f"{flag} {location}: no such file or folder (and not a Hugging Face hub id 'org/name')")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def weights_fingerprint(location: str) -> str | None:
+    """A cheap identity of a model's files: sha256 over config.json and, per weights file, its name, size and first
+    and last MiB (weights edited in place, another snapshot of a hub id, a re-download of another revision). A hub
+    id is looked up in the local hub cache; None where no local files are found. Part of the run identity."""
+    import hashlib
+
+    path = Path(location)
+    if not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(location, local_files_only=True))
+        except Exception:  # not cached, or not a hub id: nothing local to identify
+            return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        if f.name != "config.json" and f.suffix not in WEIGHT_SUFFIXES:
+            continue
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)  # from the end
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
 def _gguf_location(model: str) -> tuple[str, dict]:
     path = Path(model)
     if path.suffix == ".gguf":

@@ -43,6 +43,7 @@ from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
 from extract.lock import ShardLock
 from extract.merge import (
+    LATER_KEYS,
     PER_HOST_KEYS,
     RUN_CONFIG,
     check_item_texts,
@@ -255,7 +256,8 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
     except json.JSONDecodeError as e:
         raise ExtractError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     check_run_config_object(path, old)
-    keys = [k for k in cfg if k not in PER_HOST_KEYS]
+    # A key added to the identity later is compared only with folders that recorded it.
+    keys = [k for k in cfg if k not in PER_HOST_KEYS and (k in old or k not in LATER_KEYS)]
     diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
     if diff:
         lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
@@ -631,7 +633,7 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
 
     from tqdm import tqdm
 
-    from extract.models import STORAGE_DTYPES, storage_problem, to_storage_bytes
+    from extract.models import STORAGE_DTYPES, storage_problem, to_storage_bytes, weights_fingerprint
 
     t0 = time.time()
     backend = None if (opts.captions and opts.caption_source == "title") else build_backend(opts)
@@ -646,6 +648,10 @@ def _extract(opts, out, cfg, todo, buffer, flush, fail, succeeded, manifest, cap
     pixels = decode_pixels(backend, opts) if opts.modality == "video" else None
     size = decode_size(backend, opts)
     cfg["processor"] = getattr(backend, "settings", None)
+    # Name or path alone: weights edited in place, or another snapshot of a hub id on another host, would mix in.
+    cfg["model_files"] = weights_fingerprint(opts.model) if backend is not None else None
+    if opts.captions:
+        cfg["text_encoder_files"] = weights_fingerprint(opts.text_encoder)
     cfg["decode_max_pixels"] = pixels
     if size is not None:
         # Frames resampled by FFmpeg instead of the processor: other pixels, so another extraction.

@@ -492,6 +492,23 @@ def test_a_shard_or_resume_with_other_texts_for_the_same_ids_is_refused(tmp_path
     assert records.read_schema(out).num_items == 5
 
 
+def test_a_shard_with_weights_changed_in_place_is_refused(tmp_path, tmp_path_factory, capsys):
+    # The model's identity was its path: weights rewritten there (or another snapshot of a hub id) mixed in.
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "lm"
+    shutil.copytree(tiny_checkpoint(tmp_path_factory, "text_lm"), model)
+    items, out = tmp_path / "a.csv", tmp_path / "feat"
+    items.write_text("id,title\n1,Toy Story\n2,Heat\n3,Alien\n")
+    assert text_cli(str(model), items, out, "--shard", "0/2") == 0
+    assert json.loads((out / "run_config.json").read_text())["model_files"]
+    save_file({k: v * 1.5 for k, v in load_file(model / "model.safetensors").items()}, model / "model.safetensors")
+    capsys.readouterr()
+    assert text_cli(str(model), items, out, "--shard", "1/2") == 2
+    err = capsys.readouterr().err
+    assert "this folder holds a different extraction (model_files: '" in err and "Traceback" not in err
+
+
 def test_merged_files_contradicting_the_records_go_when_finalize_refuses(tmp_path, tmp_path_factory):
     from extract.merge import finalize
 
