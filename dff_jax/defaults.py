@@ -219,6 +219,27 @@ READ_ONLY_WHEN = {
         "model.content='mean' or 'learned' (one layer: set config.model.layer)",
     ),
     "features.": (lambda c: c.model.item_encoder != "id", "a content item encoder (not model.item_encoder='id')"),
+    # The gate of the gated fusion (Eq. 3/6), the content path, DFF's layer weights (Eq. 5), the ID table.
+    "model.gate_hidden": (lambda c: c.model.item_encoder == "fusion", "model.item_encoder='fusion'"),
+    "model.gate_dim": (lambda c: c.model.item_encoder == "fusion", "model.item_encoder='fusion'"),
+    **{
+        f"model.{name}": (lambda c: c.model.item_encoder != "id", "a content item encoder (not 'id')")
+        for name in ("proj_hidden", "feature_norm", "content_init")
+    },
+    **{
+        name: (
+            lambda c: c.model.item_encoder != "id" and c.model.content == "learned",
+            "model.content='learned' (DFF's layer weights)",
+        )
+        for name in ("model.alpha_softmax", "optim.alpha_lr_mult")
+    },
+    "model.cold_id": (lambda c: c.model.item_encoder != "replace", "an ID table (model.item_encoder 'id' or 'fusion')"),
+    "loss.num_negatives": (lambda c: c.loss.name == "sampled_softmax", "loss.name='sampled_softmax'"),
+    "loss.proposal": (lambda c: c.loss.name == "sampled_softmax", "loss.name='sampled_softmax'"),
+    "loss.logq": (
+        lambda c: c.loss.name in ("inbatch_logq", "sampled_softmax"),
+        "loss.name 'inbatch_logq' or 'sampled_softmax'",
+    ),
 }
 
 
@@ -234,9 +255,13 @@ def check_overrides(config: ml_collections.ConfigDict, overridden: list[str]) ->
                 value = config
                 for part in path.split("."):
                     value = value[part]
+                chosen = (
+                    f"loss.name={config.loss.name!r}"
+                    if path.startswith("loss.")
+                    else f"model.item_encoder={m.item_encoder!r}, model.content={m.content!r}"
+                )
                 raise ConfigError(
-                    f"config.{path}={value!r}: not read by this variant (model.item_encoder={m.item_encoder!r}, "
-                    f"model.content={m.content!r}); it is read only with {when}"
+                    f"config.{path}={value!r}: not read by this variant ({chosen}); it is read only with {when}"
                 )
 
 

@@ -156,6 +156,14 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         if "config" in flag_values and flag_values.config is not None:
             # A config file that failed to load is an error object that raises on first use: use it here.
             flag_values.config.keys()
+        if len(rest) > 1:  # absl leaves them to main, which takes none: `--history a b` would use only `a`
+            shown = " ".join(repr(a) for a in rest[1:4]) + (" ..." if len(rest) > 4 else "")
+            print(
+                f"error: unexpected argument(s) {shown}: every flag takes one value (quote a value with spaces, "
+                'e.g. --history "a b c"; config overrides are --config.field=value)',
+                file=sys.stderr,
+            )
+            sys.exit(2)
         return rest
     except flags.Error as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)

@@ -358,6 +358,10 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         # refused before the (missing) run is looked at
         ("dff_jax.recommend", ["--workdir", "no-run", "--history", "a b", "--k", "0"], "--k 0: expected >= 1"),
         ("dff_jax.recommend", ["--workdir", "no-run", "--history", " "], "--history is empty"),
+        # positional leftovers were ignored: an unquoted history recommended from its first item only
+        ("dff_jax.recommend", ["--workdir", "no-run", "--history", "i1", "i2", "--k", "3"], "argument(s) 'i2'"),
+        ("dff_jax.evaluate", ["--workdir", "w", "valid"], "unexpected argument(s) 'valid'"),
+        ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "w", "config.seed=3"], "'config.seed=3'"),
         ("dff_jax.synthetic", ["--out", "README.md/data"], "README.md/data: cannot create the dataset folder"),
         ("dff_jax.synthetic", ["--out", "x", "--users", "many"], "argument --users: invalid int value"),
         ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir="], "--workdir is empty; expected a folder"),
@@ -372,6 +376,21 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ),
         ("dff_jax.train", ["--config", "configs/smoke.py:dff", "--workdir", "w", "--config.model.layer=2"], "layer=2"),
         ("dff_jax.train", ["--config", "configs/smoke.py:id", "--workdir", "w", "--config.features.dir=x"], "'id'"),
+        (
+            "dff_jax.train",
+            ["--config", "configs/smoke.py:id", "--workdir", "w", "--config.model.gate_hidden=999"],
+            "config.model.gate_hidden=999: not read by this variant (model.item_encoder='id', model.content=",
+        ),
+        (
+            "dff_jax.train",
+            ["--config", "configs/smoke.py:fusion_mean", "--workdir", "w", "--config.optim.alpha_lr_mult=0.0"],
+            "it is read only with model.content='learned'",
+        ),
+        (
+            "dff_jax.train",
+            ["--config", "configs/smoke.py", "--workdir", "w", "--config.loss.num_negatives=9"],
+            "config.loss.num_negatives=9: not read by this variant (loss.name='inbatch_logq')",
+        ),
     ],
 )
 def test_bad_command_lines_are_one_line(module, args, says):
