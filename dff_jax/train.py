@@ -29,7 +29,7 @@ import numpy as np
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, evaluate, parallel, records, synthetic, train_state
-from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, overridden_fields, parse_flags
+from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, one_line, overridden_fields, parse_flags
 
 __all__ = ["TrainError", "train_and_evaluate", "train_epoch"]
 
@@ -38,8 +38,15 @@ def finished_result(config: ml_collections.ConfigDict, workdir: Path, identity: 
     """results.json of a finished run in `workdir`, after checking that it is the run `config` describes, trained
     with the same epoch budget; TrainError naming what differs otherwise (never another run's numbers)."""
     train_state.check_identity(workdir, identity or train_state.run_identity(config))
-    result = json.loads((workdir / "results.json").read_text())
-    ran = {k: result["config"][k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+    path = workdir / "results.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        ran = {k: result["config"][k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:  # truncated, edited, not ours
+        raise TrainError(
+            f"{path}: not a results file of dff_jax ({type(e).__name__}: {one_line(str(e))}); delete it to evaluate "
+            "the run again from its checkpoints, or pass --restart"
+        ) from None
     asked = {k: config[k.split(".")[0]][k.split(".")[1]] for k in train_state.BUDGET}
     if ran != asked:
         raise TrainError(
@@ -47,6 +54,35 @@ def finished_result(config: ml_collections.ConfigDict, workdir: Path, identity: 
             "training it with the new budget (it resumes from its last checkpoint), or use a new --workdir"
         )
     return result
+
+
+def stop_epoch(history: list[dict], select_metric: str, num_epochs: int, patience: int) -> int:
+    """The epoch at which a run with this budget stops, replayed from its validation history (the rule of the loop
+    in `train_and_evaluate`); the last epoch of `history` where it would not have stopped yet."""
+    best, bad = -math.inf, 0
+    for entry in history:
+        if entry["epoch"] > num_epochs:
+            return num_epochs
+        if entry["valid"][select_metric] > best:
+            best, bad = entry["valid"][select_metric], 0
+        else:
+            bad += 1
+        if patience > 0 and bad >= patience:
+            return entry["epoch"]
+    return len(history)
+
+
+def check_budget(workdir: Path, meta: dict, train_cfg) -> None:
+    """A resume may raise the epoch budget (the run goes on as if given it from the start) but not cut it below
+    where the checkpoint already is: the result would be a model trained past the budget it is reported with."""
+    stop = stop_epoch(meta["history"], train_cfg.select_metric, train_cfg.num_epochs, train_cfg.patience)
+    if meta["epoch"] > stop:
+        raise TrainError(
+            f"{workdir}/checkpoints/latest: the run is at epoch {meta['epoch']}, but with train.num_epochs="
+            f"{train_cfg.num_epochs} and train.patience={train_cfg.patience} it would have stopped at epoch {stop}: "
+            "resuming would report a model trained past that budget; give the budget it ran with (or a larger "
+            "one), or pass --restart to train it again"
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, restart: bool = False) -> dict:
@@ -103,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         for s in best.all_steps():  # a best saved after the last "latest" belongs to an epoch that will be redone
             if s > meta["epoch"]:
                 best.delete(s)
+        check_budget(workdir, meta, config.train)
         if main:
             print(f"resumed from {workdir}/checkpoints/latest at epoch {meta['epoch']}", flush=True)
 

@@ -379,6 +379,11 @@ def check_identity(workdir: Path, identity: dict) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({e}); use a new --workdir, or pass --restart") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config", {}), dict):
+        raise TrainError(
+            f"{path}: not a run identity (expected an object with a 'config' object); use a new --workdir, or pass "
+            "--restart"
+        )
     reads = ["interactions"] + (["features"] if identity["config"].get("model.item_encoder") != "id" else [])
     gone = [what for what in reads if recorded.get(what) and identity.get(what) is None]
     if gone:  # moved or deleted inputs are not another run: --restart would throw a good run away

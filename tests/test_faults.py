@@ -283,6 +283,37 @@ def test_feature_records_with_a_non_utf8_id_or_a_negative_shape_name_the_record(
 # ---------------------------------------------------------------------------------------------------- I/O failures
 
 
+def test_a_smaller_budget_than_the_checkpoint_reached_is_refused(finished, tmp_path):
+    # The run resumed at its last epoch and reported that longer-trained model under the smaller budget.
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    with pytest.raises(TrainError, match=r"the run is at epoch 2, but with train.num_epochs=1 .* stopped at epoch 1"):
+        train.train_and_evaluate(smoke_config(root / "data", train__num_epochs=1), tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_stop_epoch_replays_early_stopping():
+    history = [{"epoch": e, "valid": {"m": v}} for e, v in enumerate([0.1, 0.3, 0.2, 0.2, 0.4, 0.1], start=1)]
+    assert train.stop_epoch(history, "m", 10, 0) == 6
+    assert train.stop_epoch(history, "m", 10, 2) == 4  # epochs 3 and 4 did not improve on 0.3
+    assert train.stop_epoch(history, "m", 10, 3) == 6
+    assert train.stop_epoch(history, "m", 3, 0) == 3
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"config": {}}', b"\xff\xfe", "[1, 2]"])
+def test_a_damaged_results_or_identity_file_is_one_error(finished, tmp_path, content):
+    root, _, _ = finished
+    for name in ("results.json", "identity.json"):
+        shutil.copytree(root / "run", tmp_path / name)
+        path = tmp_path / name / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        if name == "identity.json" and content == '{"config": {}}':
+            continue  # a readable identity of no fields: "a different run", tested elsewhere
+        with pytest.raises(TrainError, match=rf"{name}: (not a|unreadable)"):
+            train.train_and_evaluate(smoke_config(root / "data"), tmp_path / name)
+
+
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_the_rerun_resumes_to_the_same_result(finished, tmp_path):
     root, config, result = finished
