@@ -288,16 +288,24 @@ def _typed(kind, text: str):
     return kind(text)
 
 
+def read_grid(grid_file: Path) -> list[dict]:
+    """The grid points `grid_file` records ({"points": [{"name": ..., field: value, ...}, ...]})."""
+    try:
+        points = json.loads(grid_file.read_text())["points"]
+        if not isinstance(points, list) or not all(isinstance(p, dict) and isinstance(p["name"], str) for p in points):
+            raise TypeError("expected a list of points, each with a name")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudyError(f"{grid_file}: unreadable ({e}); delete it or use another --out") from None
+    return points
+
+
 def check_grid_kept(grid_file: Path, points: list[dict]) -> None:
     """Refuses a --grid that drops a point `grid_file` records: the report selects among the recorded points, so
     replacing them would silently change what a finished study selects. Adding points (widening the grid, as
     docs/ml100k-study.md did) keeps the recorded ones and is fine."""
     if not grid_file.is_file():
         return
-    try:
-        recorded = [p["name"] for p in json.loads(grid_file.read_text())["points"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StudyError(f"{grid_file}: unreadable ({e}); delete it or use another --out") from None
+    recorded = [p["name"] for p in read_grid(grid_file)]
     dropped = [name for name in recorded if name not in {p["name"] for p in points}]
     if dropped:
         raise StudyError(
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         points = parse_grid(args.grid, config)
     elif args.report_only and grid_file.is_file():
-        points = json.loads(grid_file.read_text())["points"]
+        points = read_grid(grid_file)
     else:
         points = []
     by_name = {p["name"]: p for p in points}

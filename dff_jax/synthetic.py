@@ -469,7 +469,14 @@ def check_generation(data_dir: Path, requested: dict) -> None:
     path = data_dir / GENERATION_FILE
     if not path.is_file():
         return  # files provided by hand: nothing to compare
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("args", {}), dict):
+            raise TypeError("expected an object with 'version' and 'args'")
+    except (ValueError, TypeError) as e:  # truncated or edited: the data's origin is unknown
+        raise TrainError(
+            f"{path}: unreadable ({e}); delete {data_dir} to regenerate it, or set --config.data.dir to a new folder"
+        ) from None
     wanted = {**DEFAULTS, **requested}
     differ = sorted(k for k in wanted if recorded.get("args", {}).get(k) != wanted[k])
     why = []

@@ -419,6 +419,12 @@ def test_a_failing_or_narrowing_grid_leaves_grid_json_as_it_was(tmp_path, monkey
         assert (out / "grid.json").read_text() == recorded
     assert study.main([*base, "--grid", "lr=3e-3,1e-3,8e-3"]) == 0  # widening keeps every recorded point
     assert len(json.loads((out / "grid.json").read_text())["points"]) == 3
+    for damaged in ('{"points": [', "[]", '{"points": [1]}'):  # --report-only read it unchecked: a traceback
+        (out / "grid.json").write_text(damaged)
+        with pytest.raises(SystemExit) as e:
+            study.main([*study_args(tmp_path / "data", out, "--runs", "id"), "--seeds", "1", "--report-only"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "grid.json: unreadable" in err and len(err.splitlines()) == 1, err
     with pytest.raises(SystemExit) as e:
         study.main([*study_args(tmp_path / "data", "", "--runs", "id")])
     assert e.value.code == 2 and "--out is empty" in capsys.readouterr().err

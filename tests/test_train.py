@@ -282,6 +282,10 @@ def test_synthetic_data_from_other_generator_arguments_is_refused(tmp_path):
     (tmp_path / synthetic.GENERATION_FILE).write_text(json.dumps({"version": "0", "args": args}))
     with pytest.raises(train.TrainError, match=r"generator version 0"):
         synthetic.check_generation(tmp_path, {})
+    for damaged in ('{"version": ', "[1]", '{"args": [1]}'):  # tracebacks before
+        (tmp_path / synthetic.GENERATION_FILE).write_text(damaged)
+        with pytest.raises(train.TrainError, match=r"generation.json: unreadable .*delete"):
+            synthetic.check_generation(tmp_path, {})
 
 
 def test_cold_id_zero_makes_unseen_items_content_only(tmp_path):
