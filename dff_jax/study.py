@@ -449,6 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     feats["hidden"] = hidden_dir
     num_layers = records.read_schema(hidden_dir).layers
+    caption_schema = feats["caption"] / records.SCHEMA_FILE if "caption" in feats else None
+    if caption_schema is not None and caption_schema.is_file():  # a report-only machine may lack the features
+        rows = records.read_schema(feats["caption"]).layers
+        if rows != 1:  # its row would silently be the last layer of a hidden-state set (the HC row's numbers)
+            raise StudyError(
+                f"--features caption={feats['caption']}: {caption_schema} stores {rows} rows per item; the "
+                "caption-centric row (Figure 2 CC) takes a one-row caption set (python -m extract --captions); "
+                "give a hidden-state set another NAME= to get its own DFF row"
+            )
     sweep = layer_list(num_layers, args.layers, args.layer_step)
     runs = plan_runs(num_layers, sweep, "caption" in feats, args.runs, extra_sets(feats))
     grid_file = out / GRID_FILE

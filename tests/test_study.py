@@ -428,3 +428,27 @@ def test_a_failing_or_narrowing_grid_leaves_grid_json_as_it_was(tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         study.main([*study_args(tmp_path / "data", "", "--runs", "id")])
     assert e.value.code == 2 and "--out is empty" in capsys.readouterr().err
+
+
+def test_a_multi_row_set_given_as_the_caption_set_is_refused(tmp_path, monkeypatch, capsys):
+    # Its caption row took the last layer (model.layer = -1): the CC and HC rows of Figure 2 were the same numbers.
+    monkeypatch.setattr(train, "train_and_evaluate", lambda cfg, wd: pytest.fail("a run was trained"))
+    from dff_jax import synthetic
+
+    data = tmp_path / "data"
+    feats = data / "features"
+    synthetic.ensure_synthetic_data(
+        study.load_config(study_args(data, tmp_path / "out")[:2] + [f"--config.data.dir={data}"])
+    )
+    with pytest.raises(SystemExit) as e:
+        study.main(
+            [
+                *study_args(data, tmp_path / "out", "--runs", "caption"),
+                "--features",
+                f"hidden={feats}",
+                f"caption={feats}",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"--features caption={feats}: " in err and "stores 4 rows per item" in err
