@@ -140,6 +140,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if s > meta["epoch"]:
                 best.delete(s)
         check_budget(workdir, meta, config.train)
+        if meta["best_epoch"] and meta["best_epoch"] not in best.all_steps():
+            # Deleted by hand: the run would train its whole budget and fail at the end, at every rerun.
+            if meta["best_epoch"] not in latest.all_steps():
+                raise TrainError(
+                    f"{workdir}/checkpoints/best: the best checkpoint (epoch {meta['best_epoch']}) is missing and "
+                    "checkpoints/latest no longer holds that epoch; pass --restart to train the run again"
+                )
+            kept, kept_meta = train_state.restore(latest, meta["best_epoch"], train_state.abstract_of(state))
+            train_state.save(best, meta["best_epoch"], kept, kept_meta)  # latest still holds it: copied back
+            if main:
+                print(f"{workdir}/checkpoints/best: epoch {meta['best_epoch']} was missing; restored from latest")
         if main:
             print(f"resumed from {workdir}/checkpoints/latest at epoch {meta['epoch']}", flush=True)
 

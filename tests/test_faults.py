@@ -483,3 +483,22 @@ def test_records_rewritten_in_the_middle_of_a_shard_are_another_run(finished, tm
     with pytest.raises(TrainError, match=r"different run \(differing: features records \(content digest"):
         train.train_and_evaluate(c, tmp_path / "run")
     assert recorded["features_content"] != features.load_features(fdir, [""]).content_digest
+
+
+def test_a_deleted_best_checkpoint_is_found_at_the_resume(finished, tmp_path):
+    # It trained the whole remaining budget, then failed at the end, at every rerun.
+    root, config, result = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    best = result["best_epoch"]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "best" / str(best))
+    # latest keeps the last epochs: the best one is copied back from there and the result is the same
+    again = train.train_and_evaluate(config, tmp_path / "run")
+    assert again["test"] == result["test"] and (tmp_path / "run" / "checkpoints" / "best" / str(best)).is_dir()
+    # A run whose best epoch (1: a learning rate too small to change the ranking) latest no longer keeps.
+    frozen = smoke_config(root / "data", optim__lr=1e-12, train__num_epochs=3, train__keep_checkpoints=1)
+    assert train.train_and_evaluate(frozen, tmp_path / "flat")["best_epoch"] == 1
+    (tmp_path / "flat" / "results.json").unlink()
+    shutil.rmtree(tmp_path / "flat" / "checkpoints" / "best" / "1")
+    with pytest.raises(TrainError, match=r"checkpoints/best: the best checkpoint \(epoch 1\) is missing"):
+        train.train_and_evaluate(frozen, tmp_path / "flat")
