@@ -185,7 +185,7 @@ RANGES = {
     "model.dropout": (0.0, "<1", "in [0, 1)"),
     "model.gate_hidden": (0, None, ">= 0 (0: one Linear)"),
     "model.proj_hidden": (0, None, ">= 0 (0: one Linear)"),
-    "loss.num_negatives": (1, None, ">= 1"),
+    "loss.num_negatives": (1, 1 << 24, ">= 1 (at most 2**24)"),  # 1e9 shared negatives: a 7 TB allocation
     "optim.lr": ("<0", None, "> 0"),
     "optim.weight_decay": (0.0, None, ">= 0"),
     "optim.b1": (0.0, "<1", "in [0, 1)"),
@@ -299,7 +299,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             fail(path, value, text)
         if hi is not None and (value >= float(hi[1:]) if isinstance(hi, str) else value > hi):
             fail(path, value, text)
-        if isinstance(lo, int) and not isinstance(lo, bool) and isinstance(value, float) and not value.is_integer():
+        # An int field holds ints (every one with an int lower bound is declared int): 64.0 from an edited
+        # config.json crashed where it sized an array.
+        if isinstance(lo, int) and not isinstance(lo, bool) and isinstance(value, float):
             fail(path, value, f"an integer {text}")
     m, e, t = config.model, config.eval, config.train
     if m.embed_dim % m.num_heads:

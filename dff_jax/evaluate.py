@@ -25,7 +25,7 @@ from flax import nnx
 
 from dff_jax import data as data_lib
 from dff_jax import defaults, metrics, parallel, records, train_state
-from dff_jax.errors import TrainError, exit_on_user_error, folder_arg, parse_flags
+from dff_jax.errors import ConfigError, TrainError, exit_on_user_error, folder_arg, parse_flags
 
 # ------------------------------------------------------------------------------------------------- device functions
 
@@ -246,7 +246,10 @@ def load_run(workdir: str | Path, step: int | None = None) -> dict:
     """
     workdir = Path(workdir)
     config = load_config(workdir)
-    defaults.validate(config)
+    try:
+        defaults.validate(config)
+    except ConfigError as e:  # an edited config.json: name it
+        raise TrainError(f"{workdir / 'config.json'}: {e}") from None
     parallel.initialize(config.parallel)
     # The data and features must still be what the run was trained on (an edited file re-indexes items silently).
     identity = train_state.run_identity(config)

@@ -83,6 +83,7 @@ def finished(tmp_path_factory):
         ("seed", 2**63, "at most 2**63 - 1"),  # an OverflowError traceback after the data and features were read
         ("train.batch_size", 10**12, "at most 2**24"),  # a 36 TiB allocation
         ("data.max_seq_len", 10**11, "at most 65536"),
+        ("loss.num_negatives", 10**9, "at most 2**24"),  # a 7 TB allocation after the workdir was written
     ],
 )
 def test_bad_config_values_are_refused_naming_field_value_and_what_is_allowed(tmp_path, field, value, says):
@@ -502,3 +503,16 @@ def test_a_deleted_best_checkpoint_is_found_at_the_resume(finished, tmp_path):
     shutil.rmtree(tmp_path / "flat" / "checkpoints" / "best" / "1")
     with pytest.raises(TrainError, match=r"checkpoints/best: the best checkpoint \(epoch 1\) is missing"):
         train.train_and_evaluate(frozen, tmp_path / "flat")
+
+
+def test_an_edited_config_json_is_named_by_evaluate(finished, tmp_path):
+    # 64.0 for an int field crashed evaluate where it sized arrays (a TypeError traceback).
+    from dff_jax import evaluate
+
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved["eval"]["batch_size"] = 64.0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(TrainError, match=r"run/config.json: config.eval.batch_size=64.0: expected an integer >= 1"):
+        evaluate.evaluate_checkpoint(tmp_path / "run")
