@@ -46,6 +46,19 @@ def _alive(pid: int, pid_start: int | None) -> bool:
     return pid_start is None or now is None or now == pid_start
 
 
+def live_holder(path: Path) -> dict | None:
+    """The holder of another lock file when its process may still run (another host, or alive here); None for a
+    stale, unreadable or vanished one (the run that takes that shard deals with it)."""
+    try:
+        holder = json.loads(Path(path).read_text())
+        pid = int(holder["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if holder.get("host") != socket.gethostname() or _alive(pid, holder.get("pid_start")):
+        return holder
+    return None
+
+
 class ShardLock:
     """Held from `acquire()` to `release()` (or the `with` block)."""
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from dff_jax import records
 from extract import ExtractError, __version__
 from extract.items import Item, read_items, select_shard
-from extract.lock import ShardLock
+from extract.lock import ShardLock, live_holder
 from extract.merge import (
     LATER_KEYS,
     PER_HOST_KEYS,
@@ -493,9 +493,25 @@ def run(opts: RunOptions, *, on_batch: Callable[[int], None] | None = None) -> d
     prefix = _prefix(index, count)
     lock = ShardLock(out / f"lock-{prefix}", (index, count)).acquire()  # before touching any of the shard's files
     try:
+        check_shard_count(out, count)
         return _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch)
     finally:
         lock.release()
+
+
+def check_shard_count(out: Path, count: int) -> None:
+    """Shards of another count split the list otherwise: run at the same time, both would extract the same items
+    (each then written twice, and the folder unmergeable). A resume with another N is fine once the other ended."""
+    for other in sorted(out.glob("lock-part-*-of-*")):
+        if other.name.endswith(f"-of-{count:05d}"):
+            continue
+        holder = live_holder(other)
+        if holder is not None:
+            raise ExtractError(
+                f"{other}: a process (pid {holder.get('pid')} on host {holder.get('host')!r}) runs this folder with "
+                f"another shard count than --shard I/{count}: both would extract the same items; wait for it to "
+                "finish (or stop it), or give the same N"
+            )
 
 
 def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:

@@ -228,6 +228,21 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_refused(media, qwen, tmp_p
     assert "not a shard lock this extractor wrote" in one_error(capsys)[0]
 
 
+def test_a_live_run_with_another_shard_count_is_refused(media, qwen, tmp_path, capsys):
+    # --shard 0/1 and 0/2 at once both extracted every item of the overlap: each written twice, folder unmergeable.
+    out = tmp_path / "feat"
+    out.mkdir()
+    (out / "lock-part-00001-of-00002").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    assert cli(media, qwen, out) == 2
+    error, _ = one_error(capsys)
+    assert "lock-part-00001-of-00002: a process" in error and "another shard count than --shard I/1" in error
+    assert written(out) == [] and not (out / LOCK).exists()  # refused before any item, its own lock released
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a stale lock of another count (a killed run) does not stand in the way
+    (out / "lock-part-00001-of-00002").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    assert cli(media, qwen, out) == 0 and written(out) == GOOD
+
+
 def test_the_lock_is_removed_on_sigterm(media, qwen, tmp_path):
     out = tmp_path / "feat"
 
