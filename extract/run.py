@@ -182,6 +182,12 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         if opts.caption_source == "generate" and opts.caption_tokens < 1:
             # Refused up front: it would fail every item and then be frozen into the folder's run_config.json.
             raise ExtractError(f"--caption-tokens must be >= 1, not {opts.caption_tokens}")
+        if opts.caption_source == "title":
+            # The features are the titles' embeddings: schema.json says modality "title", no frames, no VLM
+            # (it said "video" with --frames, and recorded a --model that is never loaded).
+            if opts.model:
+                print(f"note: --model {opts.model} is not used: --caption-source title embeds the titles directly")
+            opts.modality, opts.model = "title", None
     if not opts.model and not (opts.captions and opts.caption_source == "title"):
         raise ExtractError("--model is required (only --captions --caption-source title runs without one)")
     import torch

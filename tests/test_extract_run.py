@@ -327,6 +327,14 @@ def test_caption_centric_features(media, qwen, tmp_path, tmp_path_factory):
         == 0
     )
     assert records.read_schema(out2).num_items == 8
+    # Without --modality title (and with a --model it never loads), the schema said "video" with frames.
+    out3 = tmp_path / "text_default_modality"
+    args = ["--items", str(media / "items.csv"), "--out", str(out3), "--captions", "--caption-source", "title"]
+    assert main([*args, "--model", qwen, "--text-encoder", encoder, "--device", "cpu", "--no-progress"]) == 0
+    schema = records.read_schema(out3)
+    assert (schema.modality, schema.num_frames, schema.extra["caption_model"]) == ("title", 0, None)
+    assert read_all(out3).keys() == read_all(out2).keys()
+    assert all(np.array_equal(read_all(out3)[k], v) for k, v in read_all(out2).items())
 
 
 @pytest.mark.slow  # ~1 min, nearly all of it the trainer's JIT compile; the only test of the whole path
