@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from dff_jax import records
-from dff_jax.errors import OneLineArgumentParser
+from dff_jax.errors import OneLineArgumentParser, one_line
 from extract import ExtractError, __version__
 
 RUN_CONFIG = "run_config.json"
@@ -174,12 +174,12 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     """
     out_dir = Path(out_dir)
     cfg = read_run_config(out_dir)
-    where, shapes, dtypes = scan_shards(out_dir)
     try:
+        where, shapes, dtypes = scan_shards(out_dir)  # a damaged shard too: the merged files no longer describe it
         _check_records(out_dir, cfg, where, set(item_ids), shapes, dtypes)
-    except ExtractError:
+    except (ExtractError, records.RecordError):
         if write:  # merged files that contradict the records must not outlive the error
-            _remove_stale_merged(out_dir, len(where))
+            _remove_stale_merged(out_dir, None)
         raise
     known = set(item_ids)
     failures = {k: v for k, v in read_failures(out_dir).items() if k not in where and k in known}
@@ -293,7 +293,8 @@ def _check_records(out_dir: Path, cfg: dict, where: dict, known: set, shapes: se
     check_shard_configs(out_dir, cfg)
 
 
-def _remove_stale_merged(out_dir: Path, written: int) -> None:
+def _remove_stale_merged(out_dir: Path, written: int | None) -> None:
+    """Removes the merged files unless schema.json's item count is `written` (None: remove them regardless)."""
     try:
         num_items = json.loads((out_dir / records.SCHEMA_FILE).read_text()).get("num_items")
     except (OSError, ValueError, AttributeError):
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             check_item_texts(Path(args.out), items, items_path, record=False)
         report = finalize(args.out, [i.item_id for i in items], allow_failures=args.allow_failures)
     except (ExtractError, records.RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)

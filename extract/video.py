@@ -389,6 +389,10 @@ def _decode_clip(path: Path, num_frames, method, max_pixels, size, threads, deco
         if not container.streams.video:
             container.close()
             raise MediaError(f"no video stream in {path}")
+        fmt = container.format.name
+        if fmt == "image2" or fmt.endswith("_pipe"):  # a cover saved as <id>.mp4 would be a one-frame "video"
+            container.close()
+            raise MediaError(f"not a video: FFmpeg reads {path} as a still image ({fmt})")
         stream = container.streams.video[0]
         # Frame threading would apply the per-packet skip_frame of the seek path late; slice threading does not.
         stream.thread_type = "SLICE" if method == "seek" else "AUTO"

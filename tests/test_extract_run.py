@@ -530,6 +530,14 @@ def test_merged_files_contradicting_the_records_go_when_finalize_refuses(tmp_pat
     with pytest.raises(ExtractError, match="1 written item"):
         finalize(out, ["good", "good2"])
     assert not (out / records.SCHEMA_FILE).exists() and not (out / "manifest.json").exists()
+    # A damaged shard of a finalised folder: the merge's error came before the removal, the schema stayed.
+    (out / "part-00000-of-00001-000009.tfrecord").unlink()
+    assert finalize(out, ["good", "good2"]).complete and (out / records.SCHEMA_FILE).exists()
+    shard = records.shard_files(out)[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(records.RecordError, match="truncated"):
+        finalize(out, ["good", "good2"])
+    assert not (out / records.SCHEMA_FILE).exists() and not (out / "manifest.json").exists()
 
 
 def test_merge_refuses_a_shard_of_another_run(tmp_path, tmp_path_factory, capsys):

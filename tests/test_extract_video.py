@@ -65,6 +65,12 @@ def test_unreadable_files_raise_media_error_with_reason(tmp_path):
         read_clip(tmp_path / "junk.mp4")
     with pytest.raises(MediaError, match="missing file"):
         read_clip(tmp_path / "absent.mp4")
+    from PIL import Image
+
+    Image.fromarray(numbered_frames(1)[0]).save(tmp_path / "cover.jpg")
+    (tmp_path / "cover.mp4").write_bytes((tmp_path / "cover.jpg").read_bytes())  # was a one-frame "video"
+    with pytest.raises(MediaError, match=r"not a video: FFmpeg reads .*cover\.mp4 as a still image \(jpeg_pipe\)"):
+        read_clip(tmp_path / "cover.mp4")
 
 
 def test_real_archery_clip():
