@@ -182,9 +182,15 @@ HEADER_WORDS = ("title", "titles", "name", "text", "caption", "description", "ti
 def _header(path: Path, first: list[str]) -> tuple[int, int, int] | None:
     """(id, title, text) columns of a header row; None when the first row is data (headerless MicroLens)."""
     header = [h.strip().lower() for h in first]
-    id_col = next((header.index(c) for c in ID_COLUMNS if c in header), None)
+    ids = [c for c in header if c in ID_COLUMNS]
+    if len(ids) > 1 or (ids and len(set(header)) < len(header)):  # which one names the items would be a guess
+        raise ExtractError(
+            f"{path}: line 1: header {first} names {'more than one id column' if len(ids) > 1 else 'a column twice'}; "
+            f"expected one id column (one of {', '.join(ID_COLUMNS)}) and one 'title'"
+        )
+    id_col = header.index(ids[0]) if ids else None
     if id_col is None:
-        if len(header) >= 2 and header[1] in HEADER_WORDS:
+        if any(h in HEADER_WORDS for h in header[1:2] or header[:1]):
             raise ExtractError(
                 f"{path}: line 1: looks like a header ({','.join(first)}) but has no id column; "
                 f"expected one of {', '.join(ID_COLUMNS)}"

@@ -124,9 +124,14 @@ def test_line_numbers_are_physical_lines(tmp_path):
 
 def test_an_unknown_header_is_named_not_read_as_an_item(tmp_path):
     p = tmp_path / "items.csv"
-    for header in ("movie_id,title", "movieId,name"):
+    for header in ("movie_id,title", "movieId,name", "title"):  # "title" alone said "expected 2 fields" on line 2
         p.write_text(f"{header}\n1,Toy Story\n2,Heat\n")
         with pytest.raises(ExtractError, match=r"line 1: looks like a header .* expected one of id, item, item_id"):
+            read_items(p)
+    # Two id columns (or one named twice): one of them was used without a word.
+    for header in ("id,title,id", "item_id,video_id,title", "id,title,title"):
+        p.write_text(f"{header}\n1,Toy Story,3\n")
+        with pytest.raises(ExtractError, match=r"line 1: header .* names (more than one id column|a column twice)"):
             read_items(p)
 
 
