@@ -214,8 +214,15 @@ def _read_csv(path: Path, columns: str = ""):
     intern = {}.setdefault  # one shared str per distinct id (see _read_microlens_tsv)
     lines = _lines(path)
     reader = csv.reader(line for _, line in lines)
+    end = 0  # the line the previous row ended on
     for fields in reader:
-        number = reader.line_num
+        start, end = end + 1, reader.line_num
+        if end > start:  # the lines come without their ends: a quoted field over lines would join them silently
+            raise DataError(
+                f"{path}: line {start}: a quoted field runs on over {end - start + 1} lines (to line {end}); "
+                "expected one interaction per line (an unbalanced quote?)"
+            )
+        number = end
         if number == 1 and header is not None:
             continue
         if not fields or (len(fields) == 1 and not fields[0].strip()):

@@ -196,6 +196,14 @@ def test_real_movielens_100k():
         ("u.data", "1\t2\t5\t4\n1\t3\tnan\t5\n", "auto", r"u.data: line 2: expected a finite rating, got 'nan'"),
         ("A_pairs.tsv", "u1\ta b\nu2\ti1,i2,i3\n", "auto", r"line 2: item 'i1,i2,i3' holds a comma"),
         ("A_pairs.csv", "u,i 1,3\n", "auto", r"A_pairs.csv: line 1: item id 'i 1' holds whitespace"),
+        # a quoted field over two lines was joined into the id 'i3x'; an unbalanced quote named the file's end
+        ("A_pairs.csv", 'u,i1,1\nu,"i3\nx",2\nu,i4,3\n', "auto", r"line 2: a quoted field runs on over 2 lines"),
+        (
+            "A_pairs.csv",
+            'u,"i1,1\nu,i3,2\nu,i4,3\n',
+            "auto",
+            r"line 1: a quoted field runs on over 3 lines \(to line 3",
+        ),
         (
             "A_pairs.csv",
             "u,a,1\ru,b,2\r",
