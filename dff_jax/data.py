@@ -521,13 +521,17 @@ def build_dataset(data_cfg, *, verbose: bool = True) -> Dataset:
     if len(eval_rows) == 0:
         raise DataError(
             f"{path}: no user has 3 or more items after window={window}, so there is nothing to validate or test; "
-            "raise config.data.window or use 0 (all history)"
+            + (
+                "raise config.data.window or use 0 (all history)"
+                if window
+                else "the data is too sparse for the protocol"
+            )
         )
     if not (train_len >= 2).any():  # every position of a train sequence but the first is a target (protocol 2)
         raise DataError(
             f"{path}: no user has 2 or more training items after the split (window={window}, "
             f"min_seq_len={min_seq_len}; valid and test take each user's last 2), so there is nothing to train on; "
-            "raise config.data.window or use 0 (all history)"
+            + ("raise config.data.window or use 0 (all history)" if window else "each user needs 4 or more items")
         )
     es, el = starts_k[eval_rows], lengths_k[eval_rows]
 

@@ -253,9 +253,17 @@ def load_run(workdir: str | Path, step: int | None = None) -> dict:
     parallel.initialize(config.parallel)
     # The data and features must still be what the run was trained on (an edited file re-indexes items silently).
     identity = train_state.run_identity(config)
-    train_state.check_identity(workdir, identity)
-    dataset, state, static, frozen = train_state.build_run(config)
-    train_state.check_identity(workdir, train_state.with_content_digest(identity, static))  # every record
+    try:
+        train_state.check_identity(workdir, identity)
+        dataset, state, static, frozen = train_state.build_run(config)
+        train_state.check_identity(workdir, train_state.with_content_digest(identity, static))  # every record
+    except TrainError as e:  # train's advice; evaluate has no --restart
+        raise TrainError(
+            str(e).replace(
+                "use a new --workdir, or pass --restart to discard it and start over",
+                "retrain it (python -m dff_jax.train --restart) or point the config at the files it was trained on",
+            )
+        ) from None
     saved = data_lib.load_item_map(workdir / "item_map.json")
     if saved != dataset.item_ids:
         raise TrainError(

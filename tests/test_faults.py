@@ -187,8 +187,9 @@ def test_a_changed_interaction_file_is_refused_by_train_and_by_evaluate(finished
     (tmp_path / "run" / "config.json").write_text(config)
     with pytest.raises(TrainError, match="interactions file contents"):
         train.train_and_evaluate(smoke_config(tmp_path / "data"), tmp_path / "run")
-    with pytest.raises(TrainError, match="interactions file contents"):
+    with pytest.raises(TrainError, match="interactions file contents") as e:
         evaluate.load_run(tmp_path / "run")
+    assert "python -m dff_jax.train --restart" in str(e.value)  # evaluate itself has no --restart
 
 
 def test_a_moved_interaction_file_is_not_called_another_run(finished, tmp_path):
