@@ -155,7 +155,15 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         rest = flag_values(argv)
         if "config" in flag_values and flag_values.config is not None:
             # A config file that failed to load is an error object that raises on first use: use it here.
-            flag_values.config.keys()
+            loaded = flag_values.config
+            if isinstance(loaded, (int, float, str, bytes, list, tuple)):  # a file whose get_config is wrong
+                print(
+                    f"error: {_config_file(argv)}: get_config() returned {type(loaded).__name__} {loaded!r:.40}; "
+                    "expected an ml_collections.ConfigDict",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+            loaded.keys()
         if len(rest) > 1:  # absl leaves them to main, which takes none: `--history a b` would use only `a`
             shown = " ".join(repr(a) for a in rest[1:4]) + (" ..." if len(rest) > 4 else "")
             print(

@@ -401,6 +401,7 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ("dff_jax.evaluate", ["--workdir="], "--workdir is empty"),
         ("dff_jax.recommend", ["--workdir=", "--history", "a"], "--workdir is empty"),
         ("dff_jax.train", ["--config", "dff_jax/__init__.py", "--workdir", "w"], "__init__.py: defines no get_config"),
+        ("dff_jax.train", ["--config", "tests/data/int_config.py", "--workdir", "w"], "get_config() returned int 3"),
         # overrides the variant's model does not read (a layers/layer typo trained another model)
         (
             "dff_jax.train",
