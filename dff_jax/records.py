@@ -236,21 +236,31 @@ class ShardWriter:
     Use as a context manager; an exception inside the block deletes the temp file.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, digest: bool = False):
         self.path = Path(path)
         if self.path.suffix != SHARD_SUFFIX:
             raise ValueError(f"{self.path}: shard files must end in {SHARD_SUFFIX}")
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp_path, "wb")
         self.count = 0
+        # `digest`: keep the shard's `shard_digest` as it is written (the extractor attests its files with it).
+        self._digest = hashlib.sha256() if digest else None
 
     def write(self, item_id: str, array: np.ndarray) -> None:
-        write_record(self._file, encode_item(item_id, array))
-        self.count += 1
+        self._write(encode_item(item_id, array))
 
     def write_bytes(self, item_id: str, data: bytes, dtype: str, shape: tuple[int, ...]) -> None:
-        write_record(self._file, encode_item_bytes(item_id, data, dtype, shape))
+        self._write(encode_item_bytes(item_id, data, dtype, shape))
+
+    def _write(self, payload: bytes) -> None:
+        write_record(self._file, payload)
+        if self._digest is not None:
+            update_digest(self._digest, payload)
         self.count += 1
+
+    def hexdigest(self) -> str:
+        """`shard_digest` of the records written so far (with `digest=True`)."""
+        return self._digest.hexdigest()
 
     def close(self) -> Path:
         self._file.flush()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,49 @@ def drop_torn_tail(path: Path) -> bytes:
             f.truncate(cut)
         raw = raw[:cut]
     return raw
+
+
+def attest(out_dir: Path, prefix: str, name: str, digest: str) -> None:
+    """Records that this folder's run wrote part file `name` with these records (`files-<prefix>.jsonl`), before the
+    file is renamed into place: a part file without its line came from elsewhere (`check_attested`)."""
+    path = Path(out_dir) / f"files-{prefix}.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"file": name, "sha256": digest}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_attested(out_dir: Path) -> dict[str, str] | None:
+    """{part file: sha256} over every `files-part-*.jsonl`; None for a folder written before they existed."""
+    paths = sorted(Path(out_dir).glob("files-part-*.jsonl"))
+    if not paths:
+        return None
+    attested = {}
+    for path in paths:
+        lines = drop_torn_tail(path).decode("utf-8").splitlines()
+        for lineno, line in enumerate(lines, start=1):
+            try:
+                rec = json.loads(line)
+                attested[str(rec["file"])] = str(rec["sha256"])
+            except (ValueError, KeyError, TypeError):
+                raise ExtractError(f"{path}: line {lineno}: not a part-file record") from None
+    return attested
+
+
+def check_attested(out_dir: Path, digests: dict[str, str | None]) -> None:
+    """Refuses part files no run of this folder wrote ({name: sha256, or None to check the name only}): a shard
+    file copied in from another extraction (without its run config, which the merge would compare) was merged
+    as if it were this run's."""
+    attested = read_attested(out_dir)
+    if attested is None:
+        return
+    for name, digest in digests.items():
+        if name not in attested or (digest is not None and attested[name] != digest):
+            what = "is not one this folder's runs wrote" if name not in attested else "has other records than"
+            raise ExtractError(
+                f"{Path(out_dir) / name}: this part file {what} (files-part-*.jsonl lists what they wrote): copied "
+                "in from another extraction? remove it (its items are then extracted again)"
+            )
 
 
 def read_failures(out_dir: str | Path) -> dict[str, dict]:
@@ -191,6 +235,14 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
         _remove_stale_merged(out_dir, report.written)
     if not write or not report.complete or shape is None:
         return report
+    # Every record read once more: the trainer checks each shard against these (dff_jax.records), and each must be
+    # a file this folder's runs wrote.
+    digests = {path.name: records.shard_digest(path) for path in records.shard_files(out_dir)}
+    try:
+        check_attested(out_dir, digests)
+    except ExtractError:
+        _remove_stale_merged(out_dir, None)
+        raise
     if cfg.get("captions"):
         from extract.captions import merge_captions
 
@@ -216,8 +268,7 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
             "failed_items": len(failures),
             "item_list": cfg.get("items"),
             **cfg.get("schema_extra", {}),
-            # Read once more here (every record): the trainer checks each shard against it (dff_jax.records).
-            records.SHARD_DIGESTS: {path.name: records.shard_digest(path) for path in records.shard_files(out_dir)},
+            records.SHARD_DIGESTS: digests,
         },
     )
     records.write_schema(out_dir, schema)

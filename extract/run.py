@@ -46,6 +46,8 @@ from extract.merge import (
     LATER_KEYS,
     PER_HOST_KEYS,
     RUN_CONFIG,
+    attest,
+    check_attested,
     check_item_texts,
     check_known_ids,
     check_run_config_object,
@@ -53,6 +55,7 @@ from extract.merge import (
     failures_message,
     finalize,
     nothing_written_message,
+    read_attested,
     scan_shards,
 )
 from extract.video import CPU_DECODER, DecoderError, MediaError, read_clip, read_image, unknown_decoder
@@ -526,6 +529,12 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
         stale.unlink()  # the open part of a killed run of this shard; its items are redone
     done, _, _ = scan_shards(out)
     check_same_items(out, done, all_items, opts.items)  # before the model loads, and before anything is written
+    parts = [p.name for p in records.shard_files(out)]
+    if read_attested(out) is None and parts:
+        # A folder written before part files were listed: this run adopts what is there (checked like any resume).
+        for name in parts:
+            attest(out, prefix, name, records.shard_digest(out / name))
+    check_attested(out, dict.fromkeys(parts))  # names only here; the merge compares the records too
     if not uses_media(opts):  # title modality, title captions: the features are the list's texts
         check_item_texts(out, all_items, opts.items, record=True)
     todo = [it for it in mine if it.item_id not in done]
@@ -559,9 +568,10 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
         if not buffer:
             return
         path = out / f"{prefix}-{next_seq:06d}{records.SHARD_SUFFIX}"
-        with records.ShardWriter(path) as w:
+        with records.ShardWriter(path, digest=True) as w:
             for item_id, data, shape in buffer:
                 w.write_bytes(item_id, data, opts.dtype, shape)
+            attest(out, prefix, path.name, w.hexdigest())  # before the rename: no file here is ever unlisted
         next_seq += 1
         buffer.clear()
 

@@ -553,10 +553,21 @@ def test_merge_refuses_a_shard_of_another_run(tmp_path, tmp_path_factory, capsys
     err = capsys.readouterr().err
     assert "manifest-part-00001-of-00002.json: this shard was extracted by another run" in err
     assert "prompt_name 'plain' vs 'rec'" in err and not (rec / records.SCHEMA_FILE).exists()
-    # A manifest written before shards recorded their run config is not checked (old folders stay readable).
+    # Without its manifest's run config (or without its manifest: the audit's case, merged silently before), the
+    # part file is still not one this folder's runs wrote.
     path = rec / "manifest-part-00001-of-00002.json"
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "run_config"}))
-    assert merge_main(["--out", str(rec)]) == 0
+    assert merge_main(["--out", str(rec)]) == 2
+    err = capsys.readouterr().err
+    assert "part-00001-of-00002-000000.tfrecord: this part file is not one this folder's runs wrote" in err
+    path.unlink()
+    assert merge_main(["--out", str(rec)]) == 2 and "is not one this folder's runs wrote" in capsys.readouterr().err
+    # A resume refuses it too, before any item; removed, its items are extracted again under this run.
+    assert text_cli(model, items, rec, "--shard", "1/2") == 2
+    assert "is not one this folder's runs wrote" in capsys.readouterr().err
+    for p in rec.glob("part-00001-of-00002-*"):
+        p.unlink()
+    assert text_cli(model, items, rec, "--shard", "1/2") == 0 and records.read_schema(rec).num_items == 3
 
 
 @pytest.mark.parametrize("content, says", [("[1]", "found a list"), ("{}", "missing model, modality")])
@@ -605,3 +616,15 @@ def test_a_title_longer_than_the_context_is_the_items_failure(tmp_path, tmp_path
     assert "1 item(s) failed: long (model: ValueError:" in err and f"the model's context of {context}" in err
     written = {i for p in records.shard_files(out) for i, _ in map(records.decode_item, records.iter_records(p))}
     assert written == {"short", "last"}  # the batch was retried one by one: the others are kept
+
+
+def test_a_folder_written_before_part_files_were_listed_is_adopted(tmp_path, tmp_path_factory, capsys):
+    model = str(tiny_checkpoint(tmp_path_factory, "text_lm"))
+    items, out = tmp_path / "a.csv", tmp_path / "feat"
+    items.write_text("id,title\n1,Toy Story\n2,Heat\n3,Alien\n")
+    assert text_cli(model, items, out, "--shard", "0/2") == 0
+    for p in out.glob("files-part-*.jsonl"):
+        p.unlink()  # as an older extractor left it
+    assert text_cli(model, items, out, "--shard", "1/2") == 0 and records.read_schema(out).num_items == 3
+    listed = [json.loads(line)["file"] for p in out.glob("files-part-*.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(listed) == sorted(p.name for p in records.shard_files(out))
