@@ -487,7 +487,8 @@ def read_image(path: str | Path) -> np.ndarray:
             if im.mode.startswith("I"):  # 16-bit greyscale (PNG/TIFF): convert("RGB") would clip it to 255
                 grey = np.right_shift(np.clip(np.asarray(im, np.int64), 0, 65535), 8).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            # A copy: np.asarray of a PIL image is read-only, which torch warns about for every cover run.
+            return np.array(im.convert("RGB"))
     # A decompression bomb (a few bytes claiming 20000 x 20000 pixels), a broken header (SyntaxError, ValueError):
     # this item's failure, not the run's.
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:

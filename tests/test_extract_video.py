@@ -96,6 +96,14 @@ def test_a_16_bit_cover_is_scaled_not_clipped(tmp_path):
     assert (rgb[:, :3] == 20000 >> 8).all() and (rgb[:, 3:] == 40000 >> 8).all()  # convert("RGB") gave 255
 
 
+def test_a_cover_is_a_writable_array(tmp_path):
+    # A read-only one made torch warn ("The given NumPy array is not writable") on every cover run.
+    from PIL import Image
+
+    Image.fromarray(numbered_frames(1)[0]).save(tmp_path / "c.png")
+    assert video.read_image(tmp_path / "c.png").flags.writeable
+
+
 def test_undecodable_covers_are_the_items_failure(tmp_path, monkeypatch):
     from PIL import Image
 
