@@ -296,6 +296,21 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     return report
 
 
+def create_exclusive(path: Path, obj) -> bool:
+    """Writes a new JSON file unless one exists (False then). A hard link is created atomically or not at all, so
+    of two first runs with different options (run_config.json) or lists (item_texts.json) only one defines the
+    folder; the other then compares."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        records.write_json_atomic(tmp, obj)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def reads_texts(cfg: dict) -> bool:
     """Whether a run embeds its items' texts (title modality, title captions) rather than their media."""
     return cfg.get("modality") == "title" or bool(cfg.get("captions") and cfg.get("caption_source") == "title")
@@ -307,6 +322,8 @@ def check_item_texts(out_dir: Path, items: list, items_path, record: bool) -> No
     list the folder's runs were given; `record`: a run's list that adds ids extends it (the merge only compares)."""
     given = {it.item_id: hashlib.sha256(it.text.encode("utf-8")).hexdigest()[:32] for it in items}
     path = Path(out_dir) / ITEM_TEXTS
+    if record and not path.exists() and create_exclusive(path, given):
+        return
     if path.exists():
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))

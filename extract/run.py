@@ -51,6 +51,7 @@ from extract.merge import (
     check_item_texts,
     check_known_ids,
     check_run_config_object,
+    create_exclusive,
     drop_torn_tail,
     failures_message,
     finalize,
@@ -258,7 +259,7 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
     Called twice: before the model is loaded (what the options decide) and after (the processor settings).
     """
     path = out / RUN_CONFIG
-    if not path.exists() and (not write or _create_exclusive(path, cfg)):
+    if not path.exists() and (not write or create_exclusive(path, cfg)):
         return
     try:
         old = json.loads(path.read_text())
@@ -274,20 +275,6 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
         raise ExtractError(f"{path}: this folder holds a different extraction ({lines}); use another --out{empty}")
     if write and any(k not in old for k in cfg):
         records.write_json_atomic(path, {**old, **cfg})  # the first run after loading adds the processor settings
-
-
-def _create_exclusive(path: Path, cfg: dict) -> bool:
-    """Writes a new run_config.json unless one exists (False then). A hard link is created atomically or not at
-    all, so of two first runs with different options only one defines the folder; the other then compares."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        records.write_json_atomic(tmp, cfg)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def uses_media(opts: RunOptions) -> bool:
