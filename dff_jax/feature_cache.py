@@ -11,7 +11,7 @@ z-scored per (layer, dimension) when `standardize` is set. It goes in two steps:
    built once from the record shards by `features.load_features` (every check it makes: CRCs, schema, dtypes,
    NaN/Inf, duplicates, missing items) writing each record's row to the file with `os.pwrite`, so building holds
    one record in memory, not the table. The header records what it was made from (the schema, every shard's name,
-   size and mtime), a CRC32C per block of rows, and the standardisation statistics (`features.standardize_stats`
+   size, mtime and first and last MiB), a CRC32C per block of rows, its own checksum, and the standardisation statistics (`features.standardize_stats`
    read from the cache file: the same <= 1024-item sample and the same sums as from an in-memory table, so the
    numbers are those of the single-device path, computed in float64 pieces of at most 8 MB). A cache whose sources
    changed is stale and is rebuilt (one line says why); a header that cannot be read or a file of the wrong size is
@@ -55,7 +55,7 @@ from dff_jax import features as features_lib
 from dff_jax import models, records
 from dff_jax.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the header carries its own checksum, shards their first and last MiB
 DEFAULT_SUBDIR = "dff_cache"
 # Rows per checksum block and per placement read: about 4 MiB of stored values, so a 33 x 4096 bf16 row set reads
 # 15 items at a time and a 4 x 64 one 8,192 (the "bounded chunk" a loading process holds beyond its shards: a
@@ -190,13 +190,32 @@ def cache_key(features_dir: str | os.PathLike, item_ids: Sequence[str], rows: Se
 
 
 def sources(features_dir: Path) -> dict:
-    """What a cache was made from, compared on every open: the schema and every shard's name, size and mtime."""
+    """What a cache was made from, compared on every open: the schema and every shard's name, size, mtime and a
+    digest of its first and last MiB (what `features.fingerprint` reads: a rewrite that keeps size and mtime is
+    still seen unless it changes only the middle of a shard over 2 MiB; docs/protocol.md section 8)."""
     return {
         "schema": json.loads((features_dir / records.SCHEMA_FILE).read_text()),
         "shards": [
-            [shard.name, shard.stat().st_size, shard.stat().st_mtime_ns] for shard in records.shard_files(features_dir)
+            [shard.name, shard.stat().st_size, shard.stat().st_mtime_ns, _ends_digest(shard)]
+            for shard in records.shard_files(features_dir)
         ],
     }
+
+
+def _ends_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if path.stat().st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _header_digest(header: dict) -> str:
+    """The header's own checksum: its statistics and block checksums decide what a run computes."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
@@ -212,18 +231,20 @@ def open_cache(features_dir: Path, cache_dir: Path, key: str) -> tuple[Cache | N
         header = json.loads(header_path.read_text())
         shape, dtype = tuple(header["shape"]), records.numpy_dtype(header["dtype"])
         stats = np.asarray(header["stats"], np.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"its header {header_path} is unreadable ({e})"
     if header.get("version") != CACHE_VERSION or header.get("key") != key:
         return None, f"{header_path} is of another cache version or key"
+    if header.get("header_sha256") != _header_digest(header):  # edited or damaged: its stats would be trusted
+        return None, f"its header {header_path} does not match its checksum"
     now = sources(features_dir)
     if header.get("schema") != now["schema"]:
         return None, f"{features_dir / records.SCHEMA_FILE} changed"
     if header.get("shards") != now["shards"]:
-        old = {n: (s, t) for n, s, t in header.get("shards", [])}
-        new = {n: (s, t) for n, s, t in now["shards"]}
+        old = {n: rest for n, *rest in header.get("shards", [])}
+        new = {n: rest for n, *rest in now["shards"]}
         changed = sorted(set(old) ^ set(new)) + sorted(n for n in set(old) & set(new) if old[n] != new[n])
-        return None, f"shard {changed[0]} was added, removed or rewritten (size or mtime changed)"
+        return None, f"shard {changed[0]} was added, removed or rewritten (size, mtime or contents changed)"
     expected = int(np.prod(shape)) * dtype.itemsize
     if not bin_path.is_file() or bin_path.stat().st_size != expected:
         return None, f"{bin_path} is missing or not {expected} bytes"
@@ -335,6 +356,7 @@ def build(
             "num_identical": loaded.num_identical,
             "stats": [mean.tolist(), inv_std.tolist()],
         }
+        header["header_sha256"] = _header_digest(header)
         header_path.unlink(missing_ok=True)  # the old header must never describe the new file
         os.replace(tmp, bin_path)
         records.write_json_atomic(header_path, header)
@@ -344,7 +366,8 @@ def build(
         # table, if any, was stale: build runs only when open_cache refused it)
         raise CacheError(
             f"{cache_dir}: cannot build the feature cache: {e} (if the folder is read-only, set "
-            "--config.features.cache_dir to a writable one)"
+            "config.features.cache_dir to a writable one: --config.features.cache_dir for train and study, the "
+            "run's config.json for evaluate and recommend)"
         ) from None
     except BaseException:  # a bad record (FeatureError) or an interrupt: leave no partial file behind
         _discard(tmp)
@@ -382,7 +405,13 @@ def ensure(
     if multi:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("dff_jax feature cache")
+        try:
+            multihost_utils.sync_global_devices("dff_jax feature cache")
+        except Exception as e:  # process 0 stopped (its own error line says why) and never reached the barrier
+            raise CacheError(
+                f"process {jax.process_index()}: process 0 did not finish the feature cache in {cache_dir} (see its "
+                f"error line; {type(e).__name__} at the barrier)"
+            ) from None
         if cache is None:
             cache, why = open_cache(features_dir, cache_dir, key)
             if cache is None:  # a cache folder not shared with process 0

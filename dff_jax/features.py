@@ -381,7 +381,7 @@ def load_features(
             raise FeatureError(str(e)) from None
         if merged is not None:
             content.update(shard_digest.hexdigest().encode())
-        if merged is not None and shard_digest.hexdigest() != merged[shard.name]:
+        if merged is not None and shard_digest.hexdigest() != merged[shard.name].lower():
             raise FeatureError(
                 f"{shard}: its records are not those {schema_path} was merged from (sha256 "
                 f"{shard_digest.hexdigest()[:16]}..., merged {merged[shard.name][:16]}...): the shard was replaced "

@@ -206,7 +206,11 @@ def fill_rows(out, block, start, mean, inv_std, *, standardize: bool = True):
     expression of the standardised table, shared by `standardized_table` and the streamed placement
     (`feature_cache.place`), so both give the same bits."""
     if standardize:
-        block = ((block.astype(jnp.float32) - mean) * inv_std).astype(out.dtype)
+        z = (block.astype(jnp.float32) - mean) * inv_std
+        # A rare large value in a near-constant dimension gives z beyond float16's 65504: clipped, not an Inf
+        # table (bf16 and f32 hold it; for them the clip changes nothing).
+        limit = float(jnp.finfo(out.dtype).max)
+        block = jnp.clip(z, -limit, limit).astype(out.dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
 
 

@@ -312,6 +312,8 @@ class Schema:
             least = 0 if key == "num_items" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise RecordError(f"{where}: {key} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise RecordError(f"{where}: extra must be an object (JSON {{...}}), got {type(self.extra).__name__}")
         if self.format_version != FORMAT_VERSION:
             raise RecordError(
                 f"{where}: format_version {self.format_version}, this reader understands {FORMAT_VERSION}"

@@ -93,7 +93,7 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     shard = tmp_path / "f" / "part-1.tfrecord"  # re-extracted: same bytes, new mtime
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     _, said = load(tmp_path / "f", item_ids, [0, 1])
-    stale = "shard part-1.tfrecord was added, removed or rewritten (size or mtime changed)"
+    stale = "shard part-1.tfrecord was added, removed or rewritten (size, mtime or contents changed)"
     cache_dir = tmp_path / "f" / feature_cache.DEFAULT_SUBDIR
     assert said == [
         f"features: rebuilding the stale cache: {stale} in {cache_dir}",
@@ -120,6 +120,59 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tmp_path):
     header.write_text("{not json")
     fixed, said = load(tmp_path / "f", item_ids, [0, 1])
     assert "header" in said[0] and "unreadable" in said[0] and np.array_equal(fixed, first)
+    # Edited statistics were trusted (silently other numbers); a deleted field was a traceback.
+    import json
+
+    saved = json.loads(header.read_text())
+    for edit in ({"stats": [[[0.0]], [[1.0]]]}, {"block_rows": 0}):
+        header.write_text(json.dumps({**saved, **edit}))
+        fixed, said = load(tmp_path / "f", item_ids, [0, 1])
+        assert "does not match its checksum" in said[0] and np.array_equal(fixed, first)
+    header.write_text(json.dumps({k: v for k, v in saved.items() if k != "block_crc32c"}))
+    fixed, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert "does not match its checksum" in said[0] and np.array_equal(fixed, first)
+
+
+def test_a_shard_rewritten_with_its_size_and_mtime_kept_is_seen(tmp_path):
+    # Served from the stale cache before: the cache saw size and mtime only.
+    item_ids = write_folder(tmp_path / "f", 40, 2, 4)
+    first, _ = load(tmp_path / "f", item_ids, [0, 1])
+    shard = tmp_path / "f" / "part-1.tfrecord"
+    stat = shard.stat()
+    payloads = list(records.iter_records(shard))
+    item, array = records.decode_item(payloads[0])
+    with records.ShardWriter(shard) as w:  # one record's values changed, same size
+        w.write(item, (array.astype(np.float32) + 1).astype(array.dtype))
+        for payload in payloads[1:]:
+            w.write(*records.decode_item(payload))
+    assert shard.stat().st_size == stat.st_size
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again, said = load(tmp_path / "f", item_ids, [0, 1])
+    assert "shard part-1.tfrecord was added, removed or rewritten" in said[0] and not np.array_equal(again, first)
+
+
+def test_a_float16_table_whose_z_scores_exceed_its_range_stays_finite():
+    # One value of 100 in a dimension that is 0 elsewhere: z ~ 6e4-7e4, beyond float16's 65504 (an Inf table).
+    out = np.zeros((2, 1, 2), np.float16)
+    block = np.array([[[100.0, 1.0]], [[0.0, 1.0]]], np.float16)
+    filled = np.asarray(models.fill_rows(out, block, np.int32(0), np.zeros((1, 2)), np.full((1, 2), 700.0)))
+    assert np.isfinite(filled).all() and filled[0, 0, 0] == np.finfo(np.float16).max and filled[0, 0, 1] == 700
+
+
+def test_a_failed_cache_build_on_process_0_is_one_error_on_the_others(tmp_path, monkeypatch):
+    # Process 1 waited at the barrier, then died with a Gloo DEADLINE_EXCEEDED traceback.
+    from jax.experimental import multihost_utils
+
+    item_ids = write_folder(tmp_path / "f", 10, 1, 2)
+    monkeypatch.setattr(feature_cache.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(feature_cache.jax, "process_index", lambda: 1)
+
+    def barrier(name):
+        raise RuntimeError("DEADLINE_EXCEEDED")
+
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
+    with pytest.raises(feature_cache.CacheError, match=r"process 1: process 0 did not finish the feature cache"):
+        feature_cache.ensure(tmp_path / "f", item_ids, [0])
 
 
 def test_a_killed_build_leaves_no_table_sized_file_behind(tmp_path):

@@ -273,3 +273,17 @@ def test_a_malformed_shard_digest_map_is_refused(tmp_path):
     _make_folder(tmp_path, [["i1"]], extra={records.SHARD_DIGESTS: {"part-0.tfrecord": "abc"}})
     with pytest.raises(FeatureError, match=r"extra\.shard_sha256 must map shard file names to sha256 hex digests"):
         load_features(tmp_path, ["", "i1"])
+
+
+def test_a_non_object_extra_and_upper_case_digests(tmp_path):
+    _make_folder(tmp_path / "a", [["i1"]])
+    path = tmp_path / "a" / records.SCHEMA_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "extra": ["x"]}))  # was an AttributeError traceback
+    with pytest.raises(FeatureError, match=r"schema.json: extra must be an object"):
+        load_features(tmp_path / "a", ["", "i1"])
+    _make_folder(tmp_path / "b", [["i1"]])
+    digest = records.shard_digest(tmp_path / "b" / "part-0.tfrecord").upper()  # equal but for case
+    schema = records.read_schema(tmp_path / "b")
+    schema.extra[records.SHARD_DIGESTS] = {"part-0.tfrecord": digest}
+    records.write_schema(tmp_path / "b", schema)
+    assert load_features(tmp_path / "b", ["", "i1"]).records == 1
