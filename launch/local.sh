@@ -6,7 +6,8 @@
 #
 # Every copy gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>, JAX_NUM_PROCESSES and its own JAX_PROCESS_ID
 # (0..N-1), the contract dff_jax.parallel.initialize reads. Output lines are prefixed with "[pI]". The script
-# waits for all copies; when one fails it names it, stops the others and exits with that copy's status.
+# waits for all copies; when one fails it names it, stops the others (SIGTERM, then SIGKILL after STOP_GRACE
+# seconds) and exits with that copy's status; so does a SIGTERM or Ctrl-C to the script itself.
 # Only loopback is used. PYTHON (default python3) is used to pick the port.
 set -euo pipefail
 
@@ -35,9 +36,32 @@ for ((i = 0; i < num; i++)); do
   proc_of[$pid]=$i
 done
 
+running() { # a copy that has not exited (an exited, not yet reaped one is a zombie: Z)
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ $state != Z* ]]
+}
+
+# SIGTERM first (a run flushes and releases what it holds), then SIGKILL after STOP_GRACE seconds (default 10):
+# JAX's multi-process runtime catches SIGTERM for its preemption notice, so a copy may never stop on it alone.
 stop_all() {
+  local pid alive deadline=$((SECONDS + ${STOP_GRACE:-10}))
   for pid in "${!proc_of[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
+  done
+  while ((SECONDS < deadline)); do
+    alive=0
+    for pid in "${!proc_of[@]}"; do
+      running "$pid" && alive=1
+    done
+    ((alive)) || return 0
+    sleep 0.5
+  done
+  for pid in "${!proc_of[@]}"; do
+    if running "$pid"; then
+      echo "local.sh: process ${proc_of[$pid]} (pid $pid) did not stop ${STOP_GRACE:-10} s after SIGTERM; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
   done
 }
 trap 'stop_all; exit 130' INT TERM

@@ -176,6 +176,18 @@ def test_local_sh_sets_the_contract_and_propagates_the_first_failure(tmp_path):
     assert bad.returncode == 3
     assert time.time() - t0 < 20, "local.sh did not stop the surviving process"
     assert "process 1 (pid" in bad.stderr and "failed with exit status 3; stopping the others" in bad.stderr
+    # A copy that ignores SIGTERM (JAX's multi-process runtime catches it) was left running, as after a cancel.
+    t0 = time.time()
+    stubborn = subprocess.run(
+        [str(LOCAL), "2", "bash", "-c", 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; trap "" TERM; sleep 60'],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(STOP_GRACE="2"),
+        timeout=30,
+    )
+    assert stubborn.returncode == 3 and time.time() - t0 < 20, stubborn.stderr
+    assert "process 0 (pid" in stubborn.stderr and "did not stop 2 s after SIGTERM; killing it" in stubborn.stderr
     usage = subprocess.run([str(LOCAL), "x", "true"], check=False, capture_output=True, text=True, env=clean_env())
     assert usage.returncode == 2 and "NUM_PROCESSES must be a positive integer" in usage.stderr
 
