@@ -16,8 +16,12 @@ two count/id names are ours. Under Slurm or Open MPI jax detects all three itsel
 
 from __future__ import annotations
 
+import collections
+import errno
+import hashlib
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -126,6 +130,50 @@ def deterministic_gpu_ops() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
 
 
+def check_coordinator_port(args: dict) -> None:
+    """Process 0 runs the coordinator: a port already taken on this host made JAX's server crash the process
+    (a segmentation fault), with its peers waiting out the timeout."""
+    address = args.get("coordinator_address")
+    if args.get("process_id") != 0 or not address or ":" not in address:
+        return
+    port = address.rsplit(":", 1)[1]
+    if not port.isdigit():
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"coordinator {address}: port {port} is already in use on this host (process 0 serves it); "
+                    "pick a free port (launch/local.sh picks one itself)"
+                ) from None
+
+
+def check_processes_agree(what: str, value: str) -> None:
+    """Every process of a job must run the same thing: the processes compare `value` (e.g. the run's identity) and
+    their device counts, and all stop with one line when they differ. A seed given to one process only trained one
+    model from two configs and recorded process 0's (silently other numbers); unequal device counts failed deep
+    inside a collective with a traceback."""
+    if jax.process_count() == 1:
+        return
+    per_process = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(per_process.values())) > 1:
+        raise ConfigError(
+            f"process {jax.process_index()}: the processes have different device counts "
+            f"({dict(sorted(per_process.items()))} by process); every process needs the same "
+            "(config.parallel.cpu_devices, or the accelerators each one sees)"
+        )
+    mine = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ConfigError(
+            f"process {jax.process_index()}: process(es) {differ} were given another {what} than process 0; every "
+            "process of a job must get the same command line (config file, overrides and data)"
+        )
+
+
 def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     """Sets up devices and, for multi-process jobs, joins the job. Call once, before any other jax use.
 
@@ -164,7 +212,7 @@ def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
     def _watchdog() -> None:
         if not done.wait(timeout + _WATCHDOG_GRACE_S):
             print(
-                f"dff_jax: ERROR: {who}: distributed initialization did not complete within {timeout} s at {where}; "
+                f"error: dff_jax: {who}: distributed initialization did not complete within {timeout} s at {where}; "
                 "a peer process is missing, crashed, or cannot reach the coordinator "
                 "(check the coordinator address/port, process count and ids, firewalls)",
                 file=sys.stderr,
@@ -172,6 +220,7 @@ def initialize(parallel_cfg: ml_collections.ConfigDict) -> None:
             )
             os._exit(1)  # jax is blocked inside C++ and would abort with SIGABRT; exit cleanly with our message
 
+    check_coordinator_port(args)
     threading.Thread(target=_watchdog, name="dff_jax-init-watchdog", daemon=True).start()
     try:
         jax.distributed.initialize(initialization_timeout=timeout, **args)

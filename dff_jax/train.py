@@ -97,6 +97,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         raise TrainError(f"{workdir}: --workdir is a file; expected a folder (new or of this run)")
     parallel.initialize(config.parallel)  # before any jax use: joins a multi-process job, sets simulated devices
     main = parallel.is_main_process()
+    # Paths may differ between hosts (they are not part of the identity); what is trained may not.
+    agreed = json.dumps([train_state.identity_config(config), restart], sort_keys=True, default=str)
+    parallel.check_processes_agree("config", agreed)
     synthetic.ensure_synthetic_data(config)
     identity = train_state.run_identity(config)
     if restart:

@@ -496,3 +496,38 @@ def test_missing_peer_fails_within_the_timeout():
         assert f"process {pid} of 2 waiting for all processes at 127.0.0.1:" in err
         assert "distributed initialization did not complete within 5 s" in err and "a peer process is missing" in err
     assert time.time() - t0 < 5 + 25, "did not fail within the timeout (+ start-up)"
+
+
+@pytest.mark.slow
+def test_processes_given_different_configs_or_device_counts_all_stop_with_one_line(tmp_path):
+    # A seed given to one process only trained and recorded process 0's config: silently other numbers.
+    base = f"{sys.executable} -m dff_jax.train --config {REPO / 'configs' / 'smoke.py'} --workdir={tmp_path / 'w'}"
+    base += f" --config.data.dir={tmp_path / 'data'} --config.train.num_epochs=1"
+    for extra, says in (
+        ("--config.seed=$((42 + JAX_PROCESS_ID))", "process(es) [1] were given another config than process 0"),
+        ("--config.parallel.cpu_devices=$((1 + JAX_PROCESS_ID))", "the processes have different device counts"),
+    ):
+        proc = subprocess.run(
+            [str(LOCAL), "2", "bash", "-c", f"exec {base} {extra}"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=300,
+            cwd=REPO,
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 2 and all(says in line for line in errors), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "w" / "results.json").exists()
+
+
+def test_a_coordinator_port_in_use_is_one_error():
+    # JAX's coordinator crashed process 0 with a segmentation fault.
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(parallel.ConfigError, match=rf"coordinator 127.0.0.1:{port}: port {port} is already in use"):
+            parallel.check_coordinator_port({"coordinator_address": f"127.0.0.1:{port}", "process_id": 0})
+    parallel.check_coordinator_port({"coordinator_address": f"127.0.0.1:{port}", "process_id": 0})  # free again
