@@ -407,10 +407,10 @@ def ensure(
 
         try:
             multihost_utils.sync_global_devices("dff_jax feature cache")
-        except Exception as e:  # process 0 stopped (its own error line says why) and never reached the barrier
+        except Exception as e:  # a process stopped (its own error line says why) and never reached the barrier
             raise CacheError(
-                f"process {jax.process_index()}: process 0 did not finish the feature cache in {cache_dir} (see its "
-                f"error line; {type(e).__name__} at the barrier)"
+                f"process {jax.process_index()}: another process stopped before the feature cache in {cache_dir} was "
+                f"ready (see its error line; {type(e).__name__} at the barrier)"
             ) from None
         if cache is None:
             cache, why = open_cache(features_dir, cache_dir, key)
