@@ -961,7 +961,8 @@ USED_ARGUMENTS = {
 def check_used_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
     """Refuses an argument given on the command line that the chosen mode does not read (USED_ARGUMENTS)."""
     mode = args.what if args.what != "train" else ("sasrec" if args.preset == "sasrec" else "train")
-    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)}
+    # Only the flags themselves: a value such as `--shape layers=33` is not the flag --layers.
+    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv) if a[:2] == "--"}
     # --no-torch is accepted everywhere: scripts pass it to every mode, and it only ever skips work
     options = {action.dest for action in p._actions if action.option_strings} - {"help", "what", "preset", "no_torch"}
     ignored = sorted((given & options) - USED_ARGUMENTS[mode])

@@ -109,3 +109,16 @@ def test_the_catalogue_config_loads_without_the_configs_package_on_the_path(monk
     monkeypatch.chdir(tmp_path)
     c = bench.catalogue_config(tmp_path / "cat", 4, 2)
     assert c.model.embed_dim == 64 and c.parallel.model_axis == 2 and c.data.dir == str(tmp_path / "cat")
+
+
+def test_a_shape_value_is_not_taken_for_the_flag_of_the_same_name():
+    # docs/benchmarks.md's `--shape layers=33 --shape hidden=1024` was refused as "--what train does not use --layers".
+    import argparse
+
+    p = bench.OneLineArgumentParser(prog="python -m dff_jax.bench")
+    for flag in ("--what", "--preset", "--shape", "--layers", "--hidden"):
+        p.add_argument(flag, action="append" if flag == "--shape" else "store")
+    argv = ["--shape", "layers=33", "--shape=hidden=1024"]
+    bench.check_used_arguments(p, argparse.Namespace(what="train", preset="cpu"), argv)
+    with pytest.raises(SystemExit):
+        bench.check_used_arguments(p, argparse.Namespace(what="train", preset="cpu"), [*argv, "--layers", "3"])
