@@ -1015,6 +1015,17 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--devices {args.devices}: expected a multiple of --model-axis {args.model_axis}")
         if not (Path(args.out) / "pairs.tsv").is_file():
             print(json.dumps(write_catalogue(args.out, args.items, args.users, args.layers, args.hidden)))
+        else:  # measured as it is: it must be the catalogue asked for (another was measured silently)
+            schema = records.read_schema(Path(args.out) / "features")
+            with open(Path(args.out) / "pairs.tsv", "rb") as f:
+                users = sum(1 for _ in f)
+            held = {"items": schema.num_items, "users": users, "layers": schema.layers, "hidden": schema.hidden_size}
+            asked = {k: getattr(args, k) for k in held}
+            if held != asked:
+                p.error(
+                    f"--out {args.out} holds a catalogue of {held}, not {asked}: use another --out (or delete it to "
+                    "write this one)"
+                )
         config = catalogue_config(args.out, args.devices, args.model_axis)
         print(json.dumps(bench_catalogue(config), indent=2))
         return

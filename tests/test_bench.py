@@ -122,3 +122,14 @@ def test_a_shape_value_is_not_taken_for_the_flag_of_the_same_name():
     bench.check_used_arguments(p, argparse.Namespace(what="train", preset="cpu"), argv)
     with pytest.raises(SystemExit):
         bench.check_used_arguments(p, argparse.Namespace(what="train", preset="cpu"), [*argv, "--layers", "3"])
+
+
+def test_a_catalogue_folder_of_other_sizes_is_refused(tmp_path, capsys):
+    # The bench measured the older catalogue in --out and reported its sizes, without a word.
+    bench.write_catalogue(tmp_path / "cat", 40, 8, 2, 4)
+    capsys.readouterr()
+    args = ["--what", "catalogue", "--out", str(tmp_path / "cat"), "--items", "50", "--users", "8"]
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--layers", "2", "--hidden", "4", "--no-torch"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "holds a catalogue of {'items': 40, 'users': 8" in err[0], err
