@@ -354,6 +354,8 @@ def generate(out_dir: str | os.PathLike, **kwargs) -> dict:
         raise ConfigError(f"synthetic dataset: p_collab must be in [0, 1], got {args['p_collab']}")
     if args["dtype"] not in records.DTYPES:
         raise ConfigError(f"synthetic dataset: dtype {args['dtype']!r}, expected one of {records.DTYPES}")
+    if "seed" in args and not 0 <= int(args["seed"]) < 2**63:  # numpy's generator: a ValueError traceback
+        raise ConfigError(f"synthetic dataset: seed must be in [0, 2**63 - 1], got {args['seed']}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: already exists and is not empty; remove it to generate the synthetic dataset")

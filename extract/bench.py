@@ -314,6 +314,12 @@ def pipeline(args) -> dict:
     return result
 
 
+def av_codecs() -> set:
+    import av
+
+    return set(av.codecs_available)
+
+
 def damage(args) -> dict:
     """How often read_clip refuses a damaged stream: per codec, `--damage N` copies of one clip, each with 8 random
     bytes written into 3 random non-key packets, decoded and compared with the intact clip's frames."""
@@ -326,7 +332,8 @@ def damage(args) -> dict:
     h, w = args.size
     result = {"trials": args.damage, "size": [h, w], "clip_seconds": args.clip_seconds, "codecs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for codec in (args.codecs or "libx265,libx264").split(","):
+        default = ",".join(c for c in ("libx265", "libx264") if c in av_codecs())
+        for codec in (args.codecs or default).split(","):
             path, _ = synth_clip(Path(tmp) / f"{codec}.mp4", args.clip_seconds, 30, h, w, args.gops[0], 0, codec)
             intact = read_clip(path, args.frames).frames
             with av.open(str(path)) as container:
@@ -382,7 +389,11 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda")
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", default="240x320", help="HxW of the synthetic frames")
+    p.add_argument(
+        "--size",
+        default=None,
+        help="HxW of the synthetic frames (default 240x320; --pipeline 1080x1920; --damage 360x640)",
+    )
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (--pipeline: alternating, best kept)")
     p.add_argument("--max-pixels", type=int, default=None)
@@ -400,26 +411,38 @@ def main(argv=None) -> None:
     for name in ("frames", "repeats", "clips"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
-    if not args.clip_seconds > 0:
-        p.error(f"--clip-seconds {args.clip_seconds}: expected a positive number")
+    if not 0 < args.clip_seconds < 3600:  # inf: an OverflowError traceback
+        p.error(f"--clip-seconds {args.clip_seconds}: expected a positive number of seconds below 3600")
+    if args.pipeline and args.damage:
+        p.error("--pipeline and --damage measure different things; give one")
+    if args.files and not args.pipeline:
+        p.error("--files is read by --pipeline only")
+    for codec in (args.codecs or "").split(",") if args.codecs else ():
+        if codec not in av_codecs():
+            p.error(f"--codecs: this PyAV's FFmpeg has no {codec} encoder")
     args.gops, args.batch_sizes = (
         _positive_ints(p, "--gops", args.gops),
         _positive_ints(p, "--batch-sizes", args.batch_sizes),
     )
-    if args.pipeline and args.size == "240x320":
-        args.size = "1080x1920"
+    if args.size is None:  # an explicit 240x320 with --pipeline was replaced by this default
+        args.size = "1080x1920" if args.pipeline else "360x640" if args.damage else "240x320"
     size = _positive_ints(p, "--size", args.size, sep="x")
     if len(size) != 2:
         p.error(f"--size {args.size!r}: expected HxW, e.g. 1080x1920")
     args.size = tuple(size)
     if not args.pipeline and not args.damage and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here (--pipeline measures the CPU side; --device cpu runs it)")
-    if args.pipeline:
-        print(json.dumps(pipeline(args), indent=1))
-        return
-    if args.damage:
-        print(json.dumps(damage(args), indent=1))
-        return
+    from extract.video import MediaError
+
+    try:
+        if args.pipeline:
+            print(json.dumps(pipeline(args), indent=1))
+            return
+        if args.damage:
+            print(json.dumps(damage(args), indent=1))
+            return
+    except MediaError as e:  # a --files entry that is not a video
+        p.error(str(e))
     h, w = args.size
     t0 = time.time()
     be = build_backend(args.shape, args.device, args.max_pixels)

@@ -534,6 +534,16 @@ def test_pipeline_bench_prints_both_paths(capsys):
     assert all(p[k] >= 0 for p in (full, x2, seek) for k in ("index_s", "decode_s", "convert_s", "preprocess_s"))
 
 
+def test_pipeline_bench_on_a_file_that_is_not_a_video_is_one_error(tmp_path, capsys):
+    from extract import bench
+
+    (tmp_path / "a.mp4").write_bytes(b"not a video" * 100)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--pipeline", "--files", str(tmp_path / "a.mp4"), "--size", "64x96", "--clips", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "a.mp4" in err[0], err
+
+
 def test_damage_bench_counts_refused_h264_clips(capsys):
     from extract import bench
 
@@ -552,6 +562,11 @@ def test_damage_bench_counts_refused_h264_clips(capsys):
         (["--pipeline", "--clip-seconds", "0"], "--clip-seconds 0.0: expected a positive number"),
         (["--frames", "0"], "--frames 0: expected an integer >= 1"),
         (["--damage", "-1"], "--damage -1: expected an integer >= 0"),
+        # dropped or tracebacks before
+        (["--pipeline", "--damage", "2"], "--pipeline and --damage measure different things; give one"),
+        (["--damage", "2", "--files", "a.mp4"], "--files is read by --pipeline only"),
+        (["--damage", "2", "--codecs", "libx264,bogus"], "--codecs: this PyAV's FFmpeg has no bogus encoder"),
+        (["--pipeline", "--clip-seconds", "inf"], "--clip-seconds inf: expected a positive number of seconds"),
         (["--batch-sizes", "4,-1"], "--batch-sizes '4,-1'"),
         pytest.param(
             ["--device", "cuda"],

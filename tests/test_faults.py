@@ -397,6 +397,7 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(finished, tmp_path):
         ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir", "w", "config.seed=3"], "'config.seed=3'"),
         ("dff_jax.synthetic", ["--out", "README.md/data"], "README.md/data: cannot create the dataset folder"),
         ("dff_jax.synthetic", ["--out", "x", "--users", "many"], "argument --users: invalid int value"),
+        ("dff_jax.synthetic", ["--out", "x", "--seed", "-1"], "seed must be in [0, 2**63 - 1], got -1"),
         ("dff_jax.train", ["--config", "configs/smoke.py", "--workdir="], "--workdir is empty; expected a folder"),
         ("dff_jax.evaluate", ["--workdir="], "--workdir is empty"),
         ("dff_jax.recommend", ["--workdir=", "--history", "a"], "--workdir is empty"),
