@@ -531,3 +531,11 @@ def test_a_coordinator_port_in_use_is_one_error():
         with pytest.raises(parallel.ConfigError, match=rf"coordinator 127.0.0.1:{port}: port {port} is already in use"):
             parallel.check_coordinator_port({"coordinator_address": f"127.0.0.1:{port}", "process_id": 0})
     parallel.check_coordinator_port({"coordinator_address": f"127.0.0.1:{port}", "process_id": 0})  # free again
+
+
+def test_slurm_sbatch_outside_slurm_is_one_error():
+    # "srun: command not found", status 127, no error: line
+    env = clean_env(SLURM_GPUS_ON_NODE="8", PATH="/usr/bin:/bin")
+    script = str(REPO / "launch" / "slurm.sbatch")
+    proc = subprocess.run(["bash", script, "--config", "c.py"], check=False, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: slurm.sbatch: srun not found"), proc.stderr
