@@ -171,7 +171,9 @@ def test_a_failed_cache_build_on_process_0_is_one_error_on_the_others(tmp_path, 
         raise RuntimeError("DEADLINE_EXCEEDED")
 
     monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
-    with pytest.raises(feature_cache.CacheError, match=r"process 1: another process stopped before the feature cache in .* was ready"):
+    with pytest.raises(
+        feature_cache.CacheError, match=r"process 1: another process stopped before the feature cache in .* was ready"
+    ):
         feature_cache.ensure(tmp_path / "f", item_ids, [0])
 
 
