@@ -210,7 +210,9 @@ def resolve_layers(layers: Sequence[int] | None, stored: int, where: str) -> lis
         return list(range(stored))
     chosen = []
     for layer in layers:
-        if not isinstance(layer, (int, np.integer)) or not -stored <= int(layer) < stored:
+        # True is an int to Python: (True, 2) read as rows 1 and 2
+        bad_type = isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer))
+        if bad_type or not -stored <= int(layer) < stored:
             raise FeatureError(f"{where}: layer {layer!r} requested, but the feature set stores rows 0..{stored - 1}")
         chosen.append(int(layer) % stored)
     if not chosen:

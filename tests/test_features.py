@@ -78,6 +78,8 @@ def test_layer_out_of_range(tmp_path):
     _make_folder(tmp_path, [["i1"]])
     with pytest.raises(FeatureError, match=rf"layer {LAYERS} requested.*rows 0..{LAYERS - 1}"):
         load_features(tmp_path, ["", "i1"], layers=[LAYERS])
+    with pytest.raises(FeatureError, match=r"layer True requested"):  # was read as row 1
+        load_features(tmp_path, ["", "i1"], layers=[True, 2])
 
 
 def test_items_not_in_the_dataset_are_counted_not_loaded(tmp_path):
