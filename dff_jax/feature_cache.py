@@ -204,11 +204,7 @@ def sources(features_dir: Path) -> dict:
 
 def _ends_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        if path.stat().st_size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-        digest.update(f.read())
+    records.update_with_ends(digest, path)
     return digest.hexdigest()
 
 

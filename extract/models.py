@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dff_jax import records
 from extract import ExtractError
 from extract.items import Item
 from extract.video import Clip
@@ -237,13 +238,8 @@ def weights_fingerprint(location: str) -> str | None:
     for f in files:
         if f.name != "config.json" and f.suffix not in WEIGHT_SUFFIXES:
             continue
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}\0".encode())
-        with open(f, "rb") as fh:
-            digest.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)  # from the end
-                digest.update(fh.read())
+        digest.update(f"{f.relative_to(path) if f != path else f.name}:{f.stat().st_size}\0".encode())
+        records.update_with_ends(digest, f)
     return digest.hexdigest()
 
 
