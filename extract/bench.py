@@ -417,7 +417,7 @@ def main(argv=None) -> None:
         p.error("--pipeline and --damage measure different things; give one")
     if args.files and not args.pipeline:
         p.error("--files is read by --pipeline only")
-    for codec in (args.codecs or "").split(",") if args.codecs else ():
+    for codec in args.codecs.split(",") if args.codecs else ():
         if codec not in av_codecs():
             p.error(f"--codecs: this PyAV's FFmpeg has no {codec} encoder")
     args.gops, args.batch_sizes = (

@@ -124,11 +124,10 @@ def read_attested(out_dir: Path) -> dict[str, str] | None:
     return attested
 
 
-def check_attested(out_dir: Path, digests: dict[str, str | None]) -> None:
-    """Refuses part files no run of this folder wrote ({name: sha256, or None to check the name only}): a shard
-    file copied in from another extraction (without its run config, which the merge would compare) was merged
-    as if it were this run's."""
-    attested = read_attested(out_dir)
+def check_attested(out_dir: Path, digests: dict[str, str | None], attested: dict[str, str] | None) -> None:
+    """Refuses part files no run of this folder wrote ({name: sha256, or None to check the name only}, against
+    `read_attested`; None: a folder from before the lists, not checked): a shard file copied in from another
+    extraction (without its run config, which the merge would compare) was merged as if it were this run's."""
     if attested is None:
         return
     for name, digest in digests.items():
@@ -239,7 +238,7 @@ def finalize(out_dir: str | Path, item_ids: list[str], *, allow_failures: bool =
     # a file this folder's runs wrote.
     digests = {path.name: records.shard_digest(path) for path in records.shard_files(out_dir)}
     try:
-        check_attested(out_dir, digests)
+        check_attested(out_dir, digests, read_attested(out_dir))
     except ExtractError:
         _remove_stale_merged(out_dir, None)
         raise
@@ -311,8 +310,9 @@ def create_exclusive(path: Path, obj) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def reads_texts(cfg: dict) -> bool:
-    """Whether a run embeds its items' texts (title modality, title captions) rather than their media."""
+def reads_texts(cfg) -> bool:
+    """Whether a run embeds its items' texts (title modality, title captions) rather than their media: `cfg` is
+    a run_config.json or the run's options (`vars(opts)`)."""
     return cfg.get("modality") == "title" or bool(cfg.get("captions") and cfg.get("caption_source") == "title")
 
 

@@ -57,6 +57,7 @@ from extract.merge import (
     finalize,
     nothing_written_message,
     read_attested,
+    reads_texts,
     scan_shards,
 )
 from extract.video import CPU_DECODER, DecoderError, MediaError, read_clip, read_image, unknown_decoder
@@ -174,7 +175,7 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         )
     if problem := unknown_decoder(opts.video_decoder):
         raise ExtractError(problem)
-    if opts.modality != "title" and not opts.media and not (opts.captions and opts.caption_source == "title"):
+    if uses_media(opts) and not opts.media:
         raise ExtractError(f"--modality {opts.modality} needs --media DIR holding <id>.mp4 / <id>.jpg")
     if opts.media and not Path(opts.media).is_dir():
         raise ExtractError(f"--media {opts.media}: not a folder")
@@ -279,7 +280,7 @@ def _check_run_config(out: Path, cfg: dict, write: bool) -> None:
 
 def uses_media(opts: RunOptions) -> bool:
     """Whether the run reads each item's media file (video, cover) rather than its text (title, title captions)."""
-    return opts.modality != "title" and not (opts.captions and opts.caption_source == "title")
+    return not reads_texts(vars(opts))
 
 
 def check_texts(items: list[Item], opts: RunOptions) -> None:
@@ -517,11 +518,12 @@ def _run_locked(opts, out, cfg, all_items, mine, prefix, on_batch) -> dict:
     done, _, _ = scan_shards(out)
     check_same_items(out, done, all_items, opts.items)  # before the model loads, and before anything is written
     parts = [p.name for p in records.shard_files(out)]
-    if read_attested(out) is None and parts:
+    attested = read_attested(out)
+    if attested is None:
         # A folder written before part files were listed: this run adopts what is there (checked like any resume).
         for name in parts:
             attest(out, prefix, name, records.shard_digest(out / name))
-    check_attested(out, dict.fromkeys(parts))  # names only here; the merge compares the records too
+    check_attested(out, dict.fromkeys(parts), attested)  # names only here; the merge compares the records too
     if not uses_media(opts):  # title modality, title captions: the features are the list's texts
         check_item_texts(out, all_items, opts.items, record=True)
     todo = [it for it in mine if it.item_id not in done]
