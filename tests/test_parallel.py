@@ -43,6 +43,13 @@ def clean_env(**extra) -> dict:
     return env
 
 
+def run_in_repo(cmd: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """A command run from the repository root in `clean_env(**env)`, its output captured as text."""
+    return subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=clean_env(**env), timeout=timeout, cwd=REPO
+    )
+
+
 # ------------------------------------------------------------------------------------------- single-process units
 
 
@@ -165,26 +172,25 @@ def test_local_sh_sets_the_contract_and_propagates_the_first_failure(tmp_path):
     assert len({line.split("@")[1] for line in lines}) == 1
 
     t0 = time.time()
-    bad = subprocess.run(
-        [str(LOCAL), "2", "bash", "-c", 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; exec sleep 60'],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=30,
+    bad = run_in_repo(
+        [str(LOCAL), "2", "bash", "-c", 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; exec sleep 60'], timeout=30
     )
     assert bad.returncode == 3
     assert time.time() - t0 < 20, "local.sh did not stop the surviving process"
     assert "process 1 (pid" in bad.stderr and "failed with exit status 3; stopping the others" in bad.stderr
     # A copy that ignores SIGTERM (JAX's multi-process runtime catches it) was left running, as after a cancel.
     t0 = time.time()
-    stubborn = subprocess.run(
-        [str(LOCAL), "2", "bash", "-c", 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; trap "" TERM; sleep 60'],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=clean_env(STOP_GRACE="2"),
+    stubborn = run_in_repo(
+        # process 1 fails a second late, so that process 0 has set its trap before the SIGTERM comes
+        [
+            str(LOCAL),
+            "2",
+            "bash",
+            "-c",
+            'if [ "$JAX_PROCESS_ID" = 1 ]; then sleep 1; exit 3; fi; trap "" TERM; sleep 60',
+        ],
         timeout=30,
+        STOP_GRACE="2",
     )
     assert stubborn.returncode == 3 and time.time() - t0 < 20, stubborn.stderr
     assert "process 0 (pid" in stubborn.stderr and "did not stop 2 s after SIGTERM; killing it" in stubborn.stderr
@@ -438,15 +444,7 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run)
     cmd += ["--config.parallel.model_axis=2", "--config.parallel.shard_items=True"]
     logs = []
     for epochs in (1, 2):
-        proc = subprocess.run(
-            cmd + [f"--config.train.num_epochs={epochs}"],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=600,
-            cwd=REPO,
-        )
+        proc = run_in_repo(cmd + [f"--config.train.num_epochs={epochs}"], timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         logs.append(proc.stdout + proc.stderr)
         if epochs == 1:  # a finished 1-epoch run; drop its results so the next launch resumes instead of returning
@@ -461,15 +459,7 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(one_device_run)
     assert got["devices"] == 4 and got["processes"] == 2
     assert_same_run(got, ref)
     # The checkpoint written by 2 processes restores into 1 process (mesh data=1 x model=2): Orbax reshards on load.
-    proc = subprocess.run(
-        [sys.executable, "-m", "dff_jax.evaluate", f"--workdir={workdir}"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=300,
-        cwd=REPO,
-    )
+    proc = run_in_repo([sys.executable, "-m", "dff_jax.evaluate", f"--workdir={workdir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((workdir / f"eval-test-epoch{ref['best_epoch']}.json").read_text())
     for k in METRICS:
@@ -507,15 +497,7 @@ def test_processes_given_different_configs_or_device_counts_all_stop_with_one_li
         ("--config.seed=$((42 + JAX_PROCESS_ID))", "process(es) [1] were given another config than process 0"),
         ("--config.parallel.cpu_devices=$((1 + JAX_PROCESS_ID))", "the processes have different device counts"),
     ):
-        proc = subprocess.run(
-            [str(LOCAL), "2", "bash", "-c", f"exec {base} {extra}"],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=300,
-            cwd=REPO,
-        )
+        proc = run_in_repo([str(LOCAL), "2", "bash", "-c", f"exec {base} {extra}"])
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert len(errors) == 2 and all(says in line for line in errors), proc.stderr[-3000:]
